@@ -1,0 +1,108 @@
+"""The backend contract: the hooks a backend plugin implements.
+
+A backend is a module or object registered under the entry-point group ``infer.backends``::
+
+    [project.entry-points."infer.backends"]
+    mybackend = "infer_backend_mine.plugin"
+
+It implements :func:`infer_backend_info` and :func:`infer_load`, and :func:`infer_prefill` /
+:func:`infer_decode` for the handles it returns. The core routes prefill, decode and sample
+calls for a model only to the backend that loaded it (plus any ``wrapper=True`` hookimpls,
+which see every backend's calls: use them for timing, tracing or fault injection).
+
+Mark implementations with :data:`infer.hookimpl`. Import heavy runtimes (onnxruntime,
+coremltools...) inside :func:`infer_load`, never at module import: discovery imports every
+installed backend and must stay fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from infer.contract import BackendInfo, Batch, LoadSpec, ModelHandle
+    from infer.sampling import SamplerState, SamplingParams
+
+__all__ = ["hookimpl", "hookspec"]
+
+#: Marker for hook specifications (used by infer-core only).
+hookspec = pluggy.HookspecMarker("infer")
+#: Marker for hook implementations: decorate a backend's hook functions with it.
+hookimpl = pluggy.HookimplMarker("infer")
+
+
+@hookspec
+def infer_backend_info() -> BackendInfo:
+    """Describe the backend: name, version, contract version, devices, dtypes, capabilities.
+
+    Called once per process at discovery, for every installed backend. It must be cheap and
+    must not import the backend's runtime. A backend that cannot run on this machine still
+    answers, with :attr:`BackendInfo.unavailable_reason` saying why.
+
+    Every backend implements it; wrappers should not.
+    """
+
+
+@hookspec(firstresult=True)
+def infer_load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
+    """Load the model ``spec`` describes and return a handle, or ``None`` to decline.
+
+    Only the backend named by ``spec.backend`` is asked. Return ``None`` when the reference is
+    not something this backend can open (the core then reports that no backend could load it);
+    raise a typed :mod:`infer.errors` error when it is, but is broken. ``options`` holds the
+    backend-specific keyword arguments the user passed to :func:`infer.load`; reject unknown
+    keys with :class:`infer.errors.InvalidParameterError`.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def infer_prefill(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32]:
+    """Feed each row's tokens to its cache; return the last token's logits, ``[B, vocab]`` float32.
+
+    Rows may have different lengths. The core splits long prompts into chunks and calls this
+    once per chunk, so a row's cache may already hold earlier chunks: positions continue from
+    ``batch.sequences[i].length``. The core never passes more rows than ``max_batch_size``, nor
+    more tokens than a cache's capacity.
+
+    Called only for handles this backend returned (and on every wrapper). Stops at the first
+    non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def infer_decode(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32]:
+    """Feed exactly one token per row; return the next-token logits, ``[B, vocab]`` float32.
+
+    Each row's cache grows by one. The result must equal what :func:`infer_prefill` of the same
+    token would give, within the backend's declared ``logits_atol``.
+
+    Called only for handles this backend returned (and on every wrapper). Stops at the first
+    non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def infer_sample(
+    logits: npt.NDArray[np.float32],
+    params: Sequence[SamplingParams],
+    states: Sequence[SamplerState],
+) -> npt.NDArray[np.int64]:
+    """Choose one token per row of ``logits`` (``[B, vocab]``); return them as int64 ``[B]``.
+
+    ``params[i]`` and ``states[i]`` belong to row ``i``: ``states[i]`` holds the row's seeded
+    random generator and the tokens seen so far (for penalties). Implementations must draw
+    randomness only from ``states[i].rng`` so that a seed gives the same tokens whatever else
+    runs in the batch.
+
+    infer-core ships the default sampler as a ``trylast`` implementation. A backend may sample
+    on its device for its own models (declare :attr:`Capability.DEVICE_SAMPLING`); a plugin may
+    wrap it (``wrapper=True``) to constrain or trace choices. Stops at the first non-None result.
+    """
