@@ -92,7 +92,9 @@ class ArchSpec:
             "llama3",
         ):
             raise UnsupportedModelError(f"rope scaling {scaling!r} is not supported", path=path)
-        attention_bias = bool(config.get("attention_bias", model_type == "qwen2"))
+        # qwen2 always has q/k/v biases (its configs do not say so); llama-style configs set
+        # attention_bias for q/k/v and o together.
+        attention_bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=need_int("vocab_size"),

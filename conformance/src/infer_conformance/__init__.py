@@ -1,0 +1,1 @@
+"""infer-conformance: the shared backend suite, fixtures, goldens and the numpy reference forward."""

@@ -1,0 +1,25 @@
+"""Paths of the data shipped with infer-conformance: the tiny model bundle and the goldens.
+
+``TINY_LLAMA`` is a complete Hugging Face-layout bundle (2 layers, hidden 64, 384-token
+byte-level BPE, ChatML template) built by ``tools/make_tiny_fixture.py``; ``GOLDENS`` holds
+logits and greedy continuations produced by an independent implementation
+(``tools/py_ref/make_goldens.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+__all__ = ["DATA", "GOLDENS", "SMOLLM2_GOLDENS", "TINY_LLAMA", "TINY_LLAMA_GOLDENS"]
+
+#: Folder of the package data.
+DATA: Final = Path(__file__).resolve().parent / "data"
+#: The tiny Llama bundle.
+TINY_LLAMA: Final = DATA / "tiny-llama"
+#: Folder of the golden outputs.
+GOLDENS: Final = DATA / "goldens"
+#: Logits (``.npz``) and greedy continuations (``.json``) of the tiny bundle.
+TINY_LLAMA_GOLDENS: Final = GOLDENS / "tiny-llama"
+#: Greedy continuations of SmolLM2-135M-Instruct (fp32), prompts and ids included.
+SMOLLM2_GOLDENS: Final = GOLDENS / "smollm2.json"

@@ -1,0 +1,185 @@
+"""A plain numpy forward pass of the Llama family: the oracle every backend is checked against.
+
+The model is written for clarity, not speed: weights are held as float32 (as a bundle ships
+them) and every product is computed in float64, so the reference's own rounding is far below
+any backend tolerance. It covers what :class:`infer.bundle.ArchSpec` describes: RMSNorm,
+rotary embeddings (plain, ``linear`` and ``llama3`` scaling), grouped-query attention,
+SwiGLU, tied or separate output head and the q/k/v biases of qwen2.
+
+Two ways in: :meth:`ReferenceModel.forward` runs a whole sequence at once, and
+:meth:`ReferenceModel.step` feeds tokens into a :class:`ReferenceCache` (prefill, then one
+token per decode step), which is what a KV-cached backend does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
+
+if TYPE_CHECKING:
+    from infer.bundle import ArchSpec, Bundle
+
+__all__ = ["ReferenceCache", "ReferenceModel", "rope_inv_freq"]
+
+F64 = npt.NDArray[np.float64]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> F64:
+    """Rotary inverse frequencies for one head, ``[head_dim // 2]``, with optional scaling.
+
+    ``linear`` divides every frequency by ``factor`` (positions stretched uniformly);
+    ``llama3`` leaves high frequencies alone, divides low ones by ``factor`` and blends the
+    band in between, as the Llama 3.1 configuration describes.
+    """
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        original = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        # Fraction of the way from the low-frequency band (0) to the high-frequency band (1).
+        smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+        return (1 - smooth) * inv / factor + smooth * inv
+    if kind == "default":
+        return inv
+    raise ValueError(f"rope scaling type {kind!r} is not supported by the reference")
+
+
+@dataclass
+class ReferenceCache:
+    """Keys (already rotated) and values per layer, each ``[kv_heads, length, head_dim]``."""
+
+    keys: list[F64] = field(default_factory=list)
+    values: list[F64] = field(default_factory=list)
+    length: int = 0
+
+
+class ReferenceModel:
+    """The numpy oracle for a Llama-family :class:`~infer.bundle.Bundle`."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.spec: ArchSpec = bundle.spec
+        # float32 like the bundle: float64 copies of a 135M model would cost a gigabyte, and the
+        # per-product upcast below keeps the arithmetic in float64 anyway.
+        self.weights: dict[str, npt.NDArray[np.float32]] = {
+            name: np.asarray(bundle.weights[name], dtype=np.float32) for name in self.spec.expected_shapes()
+        }
+        self._inv_freq = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output head."""
+        return self.spec.vocab_size
+
+    def new_cache(self) -> ReferenceCache:
+        """An empty KV cache for one sequence."""
+        n = self.spec.num_hidden_layers
+        empty = np.zeros((self.spec.num_key_value_heads, 0, self.spec.head_dim))
+        return ReferenceCache(keys=[empty] * n, values=[empty] * n)
+
+    def forward(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Logits ``[len(ids), vocab]`` of a causal forward over ``ids`` from position 0."""
+        return self.step(self.new_cache(), ids)
+
+    def step(self, cache: ReferenceCache, ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Feed ``ids`` after the tokens already in ``cache``; return their logits ``[len(ids), vocab]``.
+
+        The cache is extended in place by ``len(ids)`` positions.
+        """
+        tokens = self._check(cache, ids)
+        s, w = self.spec, self.weights
+        x = w["model.embed_tokens.weight"][tokens].astype(np.float64)
+        positions = np.arange(cache.length, cache.length + len(tokens))
+        cos, sin = self._rope(positions)
+        for n in range(s.num_hidden_layers):
+            p = f"model.layers.{n}."
+            x = x + self._attention(n, p, _rms_norm(x, w[p + "input_layernorm.weight"], s.rms_norm_eps), cache, cos, sin)
+            h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], s.rms_norm_eps)
+            gate = self._linear(h, p + "mlp.gate_proj")
+            up = self._linear(h, p + "mlp.up_proj")
+            x = x + self._linear(gate / (1.0 + np.exp(-gate)) * up, p + "mlp.down_proj")
+        cache.length += len(tokens)
+        x = _rms_norm(x, w["model.norm.weight"], s.rms_norm_eps)
+        head = w["model.embed_tokens.weight"] if s.tie_word_embeddings else w["lm_head.weight"]
+        return (x @ head.T.astype(np.float64)).astype(np.float32)
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of ``ids`` (prefill then one decode step per token), stopping at an eos id."""
+        cache = self.new_cache()
+        logits = self.step(cache, ids)[-1]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            out.append(token)
+            if token in eos_token_ids:
+                break
+            logits = self.step(cache, [token])[-1]
+        return out
+
+    def _check(self, cache: ReferenceCache, ids: Sequence[int]) -> npt.NDArray[np.int64]:
+        tokens = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            raise EmptyPromptError("no token ids given; pass at least one id")
+        bad = np.flatnonzero((tokens < 0) | (tokens >= self.spec.vocab_size))
+        if bad.size:
+            raise InvalidTokenError(int(tokens[bad[0]]), self.spec.vocab_size, position=int(bad[0]))
+        if cache.length + tokens.size > self.spec.max_position_embeddings:
+            raise ContextLengthError(cache.length + int(tokens.size), self.spec.max_position_embeddings)
+        return tokens
+
+    def _rope(self, positions: npt.NDArray[np.int64]) -> tuple[F64, F64]:
+        angles = positions[:, None].astype(np.float64) * self._inv_freq[None, :]
+        # Half-split layout (the Hugging Face one): dimension i pairs with i + head_dim/2.
+        angles = np.concatenate([angles, angles], axis=-1)
+        return np.cos(angles), np.sin(angles)
+
+    def _linear(self, x: F64, prefix: str) -> F64:
+        y = x @ self.weights[prefix + ".weight"].T.astype(np.float64)
+        bias = self.weights.get(prefix + ".bias")
+        return y if bias is None else y + bias
+
+    def _attention(self, n: int, p: str, h: F64, cache: ReferenceCache, cos: F64, sin: F64) -> F64:
+        s = self.spec
+        t, d = h.shape[0], s.head_dim
+        q = self._linear(h, p + "self_attn.q_proj").reshape(t, s.num_attention_heads, d).transpose(1, 0, 2)
+        k = self._linear(h, p + "self_attn.k_proj").reshape(t, s.num_key_value_heads, d).transpose(1, 0, 2)
+        v = self._linear(h, p + "self_attn.v_proj").reshape(t, s.num_key_value_heads, d).transpose(1, 0, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys = np.concatenate([cache.keys[n], k], axis=1)
+        values = np.concatenate([cache.values[n], v], axis=1)
+        cache.keys[n], cache.values[n] = keys, values
+        group = s.num_attention_heads // s.num_key_value_heads
+        keys, values = np.repeat(keys, group, axis=0), np.repeat(values, group, axis=0)
+        scores = q @ keys.transpose(0, 2, 1) / math.sqrt(d)
+        past = cache.length
+        # Query i (absolute position past + i) sees keys 0 .. past + i.
+        visible = np.arange(past + t)[None, :] <= (past + np.arange(t))[:, None]
+        scores = np.where(visible[None], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = (probs @ values).transpose(1, 0, 2).reshape(t, s.num_attention_heads * d)
+        return self._linear(out, p + "self_attn.o_proj")
+
+
+def _rms_norm(x: F64, weight: npt.NDArray[np.float32], eps: float) -> F64:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def _rotate(x: F64, cos: F64, sin: F64) -> F64:
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin

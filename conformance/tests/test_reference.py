@@ -1,0 +1,188 @@
+"""The numpy reference forward: self-consistency, input checks, variants, and the goldens."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from infer.bundle import Bundle
+from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
+from infer_conformance.fixtures import SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
+from infer_conformance.reference import ReferenceModel, rope_inv_freq
+
+pytestmark = pytest.mark.unit
+
+IDS = [5, 77, 300, 12, 12, 250, 3, 99, 180, 41, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ReferenceModel:
+    return ReferenceModel(Bundle.open(TINY_LLAMA))
+
+
+def variant(
+    tmp_path: Path, config: dict[str, object], edit: Callable[[dict[str, np.ndarray]], None] | None = None
+) -> Bundle:
+    """A copy of the tiny bundle with ``config`` merged into config.json and weights edited in place."""
+    out = tmp_path / "variant"
+    shutil.copytree(TINY_LLAMA, out)
+    cfg = json.loads((out / "config.json").read_text()) | config
+    (out / "config.json").write_text(json.dumps(cfg))
+    if edit is not None:
+        weights = load_file(out / "model.safetensors")
+        edit(weights)
+        save_file(weights, out / "model.safetensors")
+    return Bundle.open(out)
+
+
+def test_forward_returns_float32_logits_for_every_position(tiny: ReferenceModel) -> None:
+    logits = tiny.forward(IDS)
+    assert logits.shape == (len(IDS), tiny.vocab_size)
+    assert logits.dtype == np.float32
+    assert np.isfinite(logits).all()
+
+
+def test_prefill_then_decode_steps_match_the_full_forward(tiny: ReferenceModel) -> None:
+    full = tiny.forward(IDS)
+    cache = tiny.new_cache()
+    parts = [tiny.step(cache, IDS[:4])] + [tiny.step(cache, [t]) for t in IDS[4:]]
+    assert cache.length == len(IDS)
+    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-5, rtol=0)
+
+
+def test_a_later_token_does_not_change_earlier_logits(tiny: ReferenceModel) -> None:
+    np.testing.assert_allclose(tiny.forward(IDS)[:5], tiny.forward(IDS[:5]), atol=1e-5, rtol=0)
+
+
+def test_out_of_vocabulary_id_raises_invalid_token_error_with_its_position(tiny: ReferenceModel) -> None:
+    with pytest.raises(InvalidTokenError) as info:
+        tiny.forward([1, 2, tiny.vocab_size])
+    assert info.value.position == 2
+
+
+def test_no_ids_raise_empty_prompt_error(tiny: ReferenceModel) -> None:
+    with pytest.raises(EmptyPromptError):
+        tiny.forward([])
+
+
+def test_running_past_max_positions_raises_context_length_error(tiny: ReferenceModel) -> None:
+    cache = tiny.new_cache()
+    tiny.step(cache, [3] * tiny.spec.max_position_embeddings)
+    with pytest.raises(ContextLengthError):
+        tiny.step(cache, [3])
+
+
+def test_linear_rope_scaling_divides_every_frequency_by_the_factor() -> None:
+    plain = rope_inv_freq(16, 10000.0)
+    np.testing.assert_allclose(rope_inv_freq(16, 10000.0, {"rope_type": "linear", "factor": 4.0}), plain / 4)
+
+
+def test_llama3_rope_scaling_keeps_high_and_divides_low_frequencies() -> None:
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    plain = rope_inv_freq(16, 10000.0)
+    scaled = rope_inv_freq(16, 10000.0, scaling)
+    wavelen = 2 * np.pi / plain
+    high, low = wavelen < 64 / 4, wavelen > 64 / 1
+    assert high.any() and low.any() and (~high & ~low).any()
+    np.testing.assert_allclose(scaled[high], plain[high])
+    np.testing.assert_allclose(scaled[low], plain[low] / 8)
+    mid = ~high & ~low
+    assert ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8)).all()
+
+
+def test_rope_scaling_changes_logits_after_the_first_position(tiny: ReferenceModel, tmp_path: Path) -> None:
+    scaled = ReferenceModel(variant(tmp_path, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    a, b = tiny.forward(IDS), scaled.forward(IDS)
+    # Position 0 has angle 0 whatever the scaling.
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5, rtol=0)
+    assert np.abs(a[1:] - b[1:]).max() > 1e-3
+
+
+def test_tied_head_uses_the_embedding_matrix(tmp_path: Path) -> None:
+    def drop_head(w: dict[str, np.ndarray]) -> None:
+        del w["lm_head.weight"]
+
+    def copy_embedding_to_head(w: dict[str, np.ndarray]) -> None:
+        w["lm_head.weight"] = w["model.embed_tokens.weight"].copy()
+
+    tied = ReferenceModel(variant(tmp_path / "tied", {"tie_word_embeddings": True}, drop_head))
+    copied = ReferenceModel(variant(tmp_path / "copied", {}, copy_embedding_to_head))
+    assert "lm_head.weight" not in tied.weights
+    np.testing.assert_allclose(tied.forward(IDS), copied.forward(IDS), atol=1e-6, rtol=0)
+
+
+def test_qwen2_qkv_bias_is_added(tiny: ReferenceModel, tmp_path: Path) -> None:
+    spec = tiny.spec
+    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+    rng = np.random.default_rng(0)
+
+    def add_bias(scale: float) -> Callable[[dict[str, np.ndarray]], None]:
+        def edit(w: dict[str, np.ndarray]) -> None:
+            for n in range(spec.num_hidden_layers):
+                p = f"model.layers.{n}.self_attn."
+                for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                    w[p + name + ".bias"] = (scale * rng.standard_normal(size)).astype(np.float32)
+
+        return edit
+
+    zero = ReferenceModel(variant(tmp_path / "zero", {"model_type": "qwen2"}, add_bias(0.0)))
+    np.testing.assert_allclose(zero.forward(IDS), tiny.forward(IDS), atol=1e-5, rtol=0)
+    biased = ReferenceModel(variant(tmp_path / "biased", {"model_type": "qwen2"}, add_bias(0.5)))
+    assert np.abs(biased.forward(IDS) - tiny.forward(IDS)).max() > 1e-2
+
+
+def _tiny_goldens() -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    npz, meta = TINY_LLAMA_GOLDENS.with_suffix(".npz"), TINY_LLAMA_GOLDENS.with_suffix(".json")
+    if not npz.is_file():
+        pytest.skip(f"{npz} not generated yet (tools/py_ref/make_goldens.py)")
+    with np.load(npz) as data:
+        arrays = dict(data)
+    return arrays, json.loads(meta.read_text())
+
+
+def test_full_forward_matches_the_transformers_goldens(tiny: ReferenceModel) -> None:
+    arrays, meta = _tiny_goldens()
+    for n, prompt in enumerate(meta["prompts"]):  # type: ignore[arg-type]
+        np.testing.assert_allclose(tiny.forward(prompt["ids"]), arrays[f"full_{n}"], atol=1e-5, rtol=0)
+
+
+def test_prefill_and_decode_match_the_transformers_goldens(tiny: ReferenceModel) -> None:
+    arrays, meta = _tiny_goldens()
+    for n, prompt in enumerate(meta["prompts"]):  # type: ignore[arg-type]
+        ids = prompt["ids"]
+        cache = tiny.new_cache()
+        got = [tiny.step(cache, ids[:-1]), *(tiny.step(cache, [t]) for t in [ids[-1], *prompt["greedy"][:-1]])]
+        np.testing.assert_allclose(got[0], arrays[f"prefill_{n}"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.concatenate(got[1:]), arrays[f"decode_{n}"], atol=1e-5, rtol=0)
+
+
+def test_greedy_continuations_match_the_transformers_goldens(tiny: ReferenceModel) -> None:
+    _, meta = _tiny_goldens()
+    for prompt in meta["prompts"]:  # type: ignore[attr-defined]
+        assert tiny.greedy(prompt["ids"], len(prompt["greedy"])) == prompt["greedy"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_smollm2_greedy_matches_the_transformers_golden(tmp_path: Path) -> None:
+    gguf = os.environ.get("INFER_SMOLLM2_GGUF")
+    if not gguf:
+        pytest.skip("set INFER_SMOLLM2_GGUF to the SmolLM2-135M-Instruct GGUF file to run")
+    from infer.gguf_import import import_gguf
+
+    golden = json.loads(SMOLLM2_GOLDENS.read_text())["cases"][0]
+    model = ReferenceModel(Bundle.open(import_gguf(gguf, tmp_path / "smollm2")))
+    assert model.greedy(golden["prompt_ids"], 8) == golden["greedy_ids"][:8]
