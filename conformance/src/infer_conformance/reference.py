@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-
 from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
 
 if TYPE_CHECKING:
@@ -103,10 +102,10 @@ class ReferenceModel:
         s, w = self.spec, self.weights
         x = w["model.embed_tokens.weight"][tokens].astype(np.float64)
         positions = np.arange(cache.length, cache.length + len(tokens))
-        cos, sin = self._rope(positions)
+        rope = self._rope(positions)
         for n in range(s.num_hidden_layers):
             p = f"model.layers.{n}."
-            x = x + self._attention(n, p, _rms_norm(x, w[p + "input_layernorm.weight"], s.rms_norm_eps), cache, cos, sin)
+            x = x + self._attention(n, _rms_norm(x, w[p + "input_layernorm.weight"], s.rms_norm_eps), cache, rope)
             h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], s.rms_norm_eps)
             gate = self._linear(h, p + "mlp.gate_proj")
             up = self._linear(h, p + "mlp.up_proj")
@@ -151,7 +150,9 @@ class ReferenceModel:
         bias = self.weights.get(prefix + ".bias")
         return y if bias is None else y + bias
 
-    def _attention(self, n: int, p: str, h: F64, cache: ReferenceCache, cos: F64, sin: F64) -> F64:
+    def _attention(self, n: int, h: F64, cache: ReferenceCache, rope: tuple[F64, F64]) -> F64:
+        cos, sin = rope
+        p = f"model.layers.{n}."
         s = self.spec
         t, d = h.shape[0], s.head_dim
         q = self._linear(h, p + "self_attn.q_proj").reshape(t, s.num_attention_heads, d).transpose(1, 0, 2)
@@ -176,7 +177,8 @@ class ReferenceModel:
 
 
 def _rms_norm(x: F64, weight: npt.NDArray[np.float32], eps: float) -> F64:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+    scale: F64 = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * scale * weight
 
 
 def _rotate(x: F64, cos: F64, sin: F64) -> F64:
