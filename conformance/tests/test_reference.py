@@ -13,7 +13,7 @@ import pytest
 from infer.bundle import Bundle
 from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
 from infer_conformance.fixtures import SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
-from infer_conformance.reference import ReferenceModel, rope_inv_freq
+from infer_conformance.reference import ReferenceModel
 from safetensors.numpy import load_file, save_file
 
 pytestmark = pytest.mark.unit
@@ -76,30 +76,6 @@ def test_running_past_max_positions_raises_context_length_error(tiny: ReferenceM
     tiny.step(cache, [3] * tiny.spec.max_position_embeddings)
     with pytest.raises(ContextLengthError):
         tiny.step(cache, [3])
-
-
-def test_linear_rope_scaling_divides_every_frequency_by_the_factor() -> None:
-    plain = rope_inv_freq(16, 10000.0)
-    np.testing.assert_allclose(rope_inv_freq(16, 10000.0, {"rope_type": "linear", "factor": 4.0}), plain / 4)
-
-
-def test_llama3_rope_scaling_keeps_high_and_divides_low_frequencies() -> None:
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
-    plain = rope_inv_freq(16, 10000.0)
-    scaled = rope_inv_freq(16, 10000.0, scaling)
-    wavelen = 2 * np.pi / plain
-    high, low = wavelen < 64 / 4, wavelen > 64 / 1
-    assert high.any() and low.any() and (~high & ~low).any()
-    np.testing.assert_allclose(scaled[high], plain[high])
-    np.testing.assert_allclose(scaled[low], plain[low] / 8)
-    mid = ~high & ~low
-    assert ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8)).all()
 
 
 def test_rope_scaling_changes_logits_after_the_first_position(tiny: ReferenceModel, tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ token per decode step), which is what a KV-cached backend does.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -25,36 +25,9 @@ from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
 if TYPE_CHECKING:
     from infer.bundle import ArchSpec, Bundle
 
-__all__ = ["ReferenceCache", "ReferenceModel", "rope_inv_freq"]
+__all__ = ["ReferenceCache", "ReferenceModel"]
 
 F64 = npt.NDArray[np.float64]
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> F64:
-    """Rotary inverse frequencies for one head, ``[head_dim // 2]``, with optional scaling.
-
-    ``linear`` divides every frequency by ``factor`` (positions stretched uniformly);
-    ``llama3`` leaves high frequencies alone, divides low ones by ``factor`` and blends the
-    band in between, as the Llama 3.1 configuration describes.
-    """
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if not scaling:
-        return inv
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    factor = float(scaling.get("factor", 1.0))
-    if kind == "linear":
-        return inv / factor
-    if kind == "llama3":
-        low = float(scaling.get("low_freq_factor", 1.0))
-        high = float(scaling.get("high_freq_factor", 4.0))
-        original = float(scaling.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv
-        # Fraction of the way from the low-frequency band (0) to the high-frequency band (1).
-        smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
-        return (1 - smooth) * inv / factor + smooth * inv
-    if kind == "default":
-        return inv
-    raise ValueError(f"rope scaling type {kind!r} is not supported by the reference")
 
 
 @dataclass
@@ -76,7 +49,7 @@ class ReferenceModel:
         self.weights: dict[str, npt.NDArray[np.float32]] = {
             name: np.asarray(bundle.weights[name], dtype=np.float32) for name in self.spec.expected_shapes()
         }
-        self._inv_freq = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
+        self._inv_freq = self.spec.rope_inv_freq()
 
     @property
     def vocab_size(self) -> int:

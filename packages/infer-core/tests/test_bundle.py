@@ -243,3 +243,36 @@ def test_qwen2_requires_qkv_biases_even_when_config_is_silent() -> None:
     shapes = ArchSpec.from_config(config).expected_shapes()
     assert shapes["model.layers.0.self_attn.q_proj.bias"] == (64,)
     assert "model.layers.0.self_attn.o_proj.bias" not in shapes
+
+
+def _spec_with_scaling(scaling: dict[str, object] | None) -> ArchSpec:
+    config = json.loads((TINY / "config.json").read_text()) | {"rope_scaling": scaling}
+    return ArchSpec.from_config(config)
+
+
+def test_linear_rope_scaling_divides_every_frequency_by_the_factor() -> None:
+    plain = _spec_with_scaling(None).rope_inv_freq()
+    np.testing.assert_allclose(_spec_with_scaling({"rope_type": "linear", "factor": 4.0}).rope_inv_freq(), plain / 4)
+
+
+def test_llama3_rope_scaling_keeps_high_divides_low_and_blends_between() -> None:
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    plain = _spec_with_scaling(None).rope_inv_freq()
+    scaled = _spec_with_scaling(scaling).rope_inv_freq()
+    wavelen = 2 * np.pi / plain
+    high, low = wavelen < 64 / 4, wavelen > 64 / 1
+    mid = ~high & ~low
+    assert high.any() and low.any() and mid.any()
+    np.testing.assert_allclose(scaled[high], plain[high])
+    np.testing.assert_allclose(scaled[low], plain[low] / 8)
+    assert ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / 8)).all()
+
+
+def test_default_rope_type_means_no_scaling() -> None:
+    assert _spec_with_scaling({"rope_type": "default"}).rope_scaling is None

@@ -147,6 +147,29 @@ class ArchSpec:
             mlp_bias=bool(config.get("mlp_bias", False)),
         )
 
+    def rope_inv_freq(self) -> npt.NDArray[np.float64]:
+        """Rotary inverse frequencies of one head, ``[head_dim // 2]``, with the configured scaling.
+
+        ``linear`` divides every frequency by ``factor``; ``llama3`` keeps the high frequencies,
+        divides the low ones by ``factor`` and blends the band between the two cut-offs.
+        Backends and the reference forward share this one definition.
+        """
+        d = self.head_dim
+        inv: npt.NDArray[np.float64] = 1.0 / self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        factor = float(scaling.get("factor", 1.0))
+        if kind == "linear":
+            return inv / factor
+        if kind == "llama3":
+            low = float(scaling.get("low_freq_factor", 1.0))
+            high = float(scaling.get("high_freq_factor", 4.0))
+            original = float(scaling.get("original_max_position_embeddings", 8192))
+            # 0 in the low-frequency band (fully scaled), 1 in the high-frequency band (kept).
+            keep = np.clip((original * inv / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
+            return (1 - keep) * inv / factor + keep * inv
+        return inv
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Hugging Face tensor names and shapes this spec requires."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
