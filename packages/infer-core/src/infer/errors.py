@@ -16,7 +16,8 @@ already catch, so ``except ValueError`` or ``except TimeoutError`` keeps working
     │   ├── InvalidParameterError
     │   ├── InvalidTokenError
     │   ├── EmptyPromptError
-    │   └── ContextLengthError
+    │   ├── ContextLengthError
+    │   └── ChatTemplateError
     ├── RequestCancelledError
     ├── DeadlineExceededError (TimeoutError)
     ├── BackendError (RuntimeError)
@@ -34,6 +35,7 @@ __all__ = [
     "BackendError",
     "BackendNotFoundError",
     "BackendUnavailableError",
+    "ChatTemplateError",
     "ContextLengthError",
     "ContractVersionError",
     "DeadlineExceededError",
@@ -76,7 +78,7 @@ class ContractVersionError(PluginError):
         super().__init__(
             f"backend plugin {plugin!r} ({version or 'unknown version'}) implements infer contract "
             f"{plugin_contract}, but this infer-core speaks contract {core_contract}; "
-            f"install a release of {plugin!r} built for contract {core_contract.split('.')[0]}.x",
+            f"install a release of {plugin!r} built for contract {core_contract.split('.', maxsplit=1)[0]}.x",
             plugin=plugin,
             version=version,
         )
@@ -161,6 +163,10 @@ class ContextLengthError(RequestError):
         self.context_length = context_length
 
 
+class ChatTemplateError(RequestError):
+    """Chat messages were given but the model has no chat template, or the template failed."""
+
+
 class RequestCancelledError(InferError):
     """The request was cancelled before it produced a result."""
 
@@ -169,9 +175,7 @@ class DeadlineExceededError(InferError, TimeoutError):
     """The request ran past its ``timeout``; the model stays usable for the next request."""
 
     def __init__(self, timeout: float, generated_tokens: int) -> None:
-        super().__init__(
-            f"request exceeded its timeout of {timeout:g} s after {generated_tokens} generated tokens"
-        )
+        super().__init__(f"request exceeded its timeout of {timeout:g} s after {generated_tokens} generated tokens")
         self.timeout = timeout
         self.generated_tokens = generated_tokens
 

@@ -1,0 +1,106 @@
+"""Wrapper plugins the suite uses to watch and disturb any backend through the contract itself.
+
+They are ``wrapper=True`` hookimpls: they see every backend's prefill and decode without the
+backend's cooperation, which is what lets the suite test cancellation and deadlines on
+backends that have no fault injection of their own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from infer import hookimpl
+
+__all__ = ["Gate", "StepRecorder", "StepStall", "installed"]
+
+
+class StepRecorder:
+    """Records every prefill/decode call on one model: kind, row count, and when."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.calls: list[tuple[str, int, float, tuple[int, ...]]] = []
+        self._lock = threading.Lock()
+
+    def _record(self, kind: str, model: Any, batch: Any) -> None:
+        if model is self._handle:
+            with self._lock:
+                self.calls.append((kind, batch.size, time.monotonic(), tuple(id(s) for s in batch.sequences)))
+
+    def count(self, kind: str | None = None) -> int:
+        """Calls recorded so far (of one kind, or all)."""
+        with self._lock:
+            return sum(1 for c in self.calls if kind is None or c[0] == kind)
+
+    def calls_touching(self, sequence: Any) -> int:
+        """Calls whose batch held ``sequence``."""
+        with self._lock:
+            return sum(1 for c in self.calls if id(sequence) in c[3])
+
+    @hookimpl(wrapper=True)
+    def infer_prefill(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
+        self._record("prefill", model, batch)
+        return (yield)
+
+    @hookimpl(wrapper=True)
+    def infer_decode(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
+        self._record("decode", model, batch)
+        return (yield)
+
+
+class StepStall:
+    """Makes the ``at``-th decode call on one model block for ``seconds`` (an injected hang)."""
+
+    def __init__(self, handle: Any, *, at: int, seconds: float) -> None:
+        self._handle = handle
+        self._at = at
+        self._seconds = seconds
+        self._seen = 0
+        self.release = threading.Event()
+
+    @hookimpl(wrapper=True)
+    def infer_decode(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
+        if model is self._handle:
+            self._seen += 1
+            if self._seen == self._at:
+                self.release.wait(self._seconds)
+        return (yield)
+
+
+class Gate:
+    """Holds the first prefill call on one model until :meth:`open` (to act between chunks)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.entered = threading.Event()
+        self._open = threading.Event()
+        self._used = False
+
+    def open(self) -> None:
+        """Let the held call go on."""
+        self._open.set()
+
+    @hookimpl(wrapper=True)
+    def infer_prefill(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
+        if model is self._handle and not self._used:
+            self._used = True
+            self.entered.set()
+            self._open.wait(30)
+        return (yield)
+
+
+@contextmanager
+def installed(plugin: object) -> Iterator[Any]:
+    """Register a wrapper plugin for the duration of a ``with`` block."""
+    from infer.plugins import get_registry
+
+    pm = get_registry().pm
+    pm.register(plugin, name=f"infer-conformance-probe-{id(plugin)}")
+    try:
+        yield plugin
+    finally:
+        pm.unregister(plugin)

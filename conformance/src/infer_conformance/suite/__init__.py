@@ -1,0 +1,1 @@
+"""The conformance test modules (collected by ``pytest --pyargs infer_conformance``)."""

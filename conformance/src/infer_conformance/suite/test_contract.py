@@ -1,0 +1,59 @@
+"""The shape of the contract: what the backend declares and what its steps return."""
+
+from __future__ import annotations
+
+import infer
+import numpy as np
+import pytest
+from infer.contract import contract_compatible
+
+pytestmark = pytest.mark.conformance
+
+
+def test_backend_info_is_complete_and_speaks_this_contract(info):
+    assert isinstance(info, infer.BackendInfo)
+    assert info.name and info.version
+    assert contract_compatible(info.contract_version)
+    assert info.devices and info.dtypes
+    assert info.max_batch_size >= 1
+    assert info.logits_atol >= 0
+    assert info.available
+
+
+def test_prefill_returns_float32_logits_of_shape_rows_by_vocab(model):
+    seqs = [model.new_sequence(16), model.new_sequence(16)]
+    logits = model.run_prefill(seqs, [[1, 2, 3], [4, 5]])
+    assert logits.dtype == np.float32
+    assert logits.shape == (2, model.vocab_size)
+    assert np.isfinite(logits).all()
+    for s in seqs:
+        s.release()
+
+
+def test_decode_returns_float32_logits_of_shape_rows_by_vocab(model):
+    seq = model.new_sequence(8)
+    model.run_prefill([seq], [[1, 2]])
+    logits = model.run_decode([seq], [3])
+    assert logits.dtype == np.float32
+    assert logits.shape == (1, model.vocab_size)
+    assert np.isfinite(logits).all()
+    seq.release()
+
+
+def test_vocab_covers_the_tokenizer(model):
+    assert model.vocab_size >= model.tokenizer.vocab_size - 64  # models may pad or trim added tokens
+    ids = model.encode("hello world")
+    assert all(0 <= i < model.vocab_size for i in ids)
+
+
+def test_vocab_matches_the_bundle_config(suite, model):
+    from pathlib import Path
+
+    from infer.bundle import is_bundle
+
+    path = Path(suite.model)
+    if not is_bundle(path):
+        pytest.skip("the model under test is not a bundle folder: no config.json to compare with")
+    import json
+
+    assert model.vocab_size == json.loads((path / "config.json").read_text())["vocab_size"]

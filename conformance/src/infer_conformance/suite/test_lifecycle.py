@@ -1,0 +1,147 @@
+"""Cancellation and deadlines: no backend work after a stream ends, typed timeouts, no hang."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import infer
+import pytest
+
+from infer_conformance.probes import Gate, StepRecorder, StepStall, installed
+
+pytestmark = pytest.mark.conformance
+
+PROMPT = [5, 17, 42, 8, 99, 3, 61]
+
+
+def _wait_idle(model, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while model.active_requests and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert model.active_requests == 0, "the request is still running after it was cancelled"
+
+
+def _track_caches(model):
+    made = []
+    original = model.handle.new_sequence
+
+    def tracking(capacity):
+        made.append(original(capacity))
+        return made[-1]
+
+    model.handle.new_sequence = tracking
+    return made
+
+
+def _assert_stopped(model, recorder, made):
+    _wait_idle(model)
+    settled = recorder.count()
+    time.sleep(0.05)
+    assert recorder.count() == settled, "the backend kept stepping after the stream was cancelled"
+    assert made and all(seq.released for seq in made), "a cancelled request's cache was not released"
+
+
+@pytest.mark.parametrize("how", ["close", "break", "drop", "context-exit"])
+def test_ending_a_stream_stops_backend_work_within_one_step(fresh_model, how):
+    made = _track_caches(fresh_model)
+    with installed(StepRecorder(fresh_model.handle)) as recorder:
+        stream = fresh_model.stream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True)
+        if how == "close":
+            next(stream)
+            stream.close()
+        elif how == "break":
+            for _ in stream:
+                break
+        elif how == "drop":
+            next(stream)
+            del stream
+            gc.collect()
+        else:
+            with stream:
+                next(stream)
+        _assert_stopped(fresh_model, recorder, made)
+        assert recorder.count("decode") < 10_000 - 1
+
+
+def test_cancelling_an_asyncio_task_stops_backend_work(fresh_model):
+    made = _track_caches(fresh_model)
+
+    async def consume(started):
+        async for _ in fresh_model.astream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True):
+            started.set()
+
+    async def main():
+        started = asyncio.Event()
+        task = asyncio.create_task(consume(started))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with installed(StepRecorder(fresh_model.handle)) as recorder:
+        asyncio.run(main())
+        _assert_stopped(fresh_model, recorder, made)
+
+
+def test_closing_a_stream_during_prefill_stops_before_the_next_chunk(suite):
+    model = infer.load(
+        suite.model,
+        backend=suite.backend,
+        device=suite.device,
+        dtype=suite.dtype,
+        prefill_chunk_size=4,
+        **suite.options,
+    )
+    try:
+        gate = Gate(model.handle)
+        with installed(gate), installed(StepRecorder(model.handle)) as recorder:
+            stream = model.stream(PROMPT * 4, max_tokens=5, temperature=0)
+            assert gate.entered.wait(10)
+            stream.close()
+            gate.open()
+            _wait_idle(model)
+            assert recorder.count("prefill") == 1
+            assert recorder.count("decode") == 0
+    finally:
+        model.close()
+
+
+def test_a_hanging_step_surfaces_as_a_typed_timeout_and_the_model_stays_usable(fresh_model):
+    baseline = fresh_model.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True).token_ids
+    stall = StepStall(fresh_model.handle, at=3, seconds=3.0)
+    with installed(stall):
+        started = time.monotonic()
+        with pytest.raises(infer.DeadlineExceededError) as raised:
+            fresh_model.generate(PROMPT, max_tokens=50, temperature=0, ignore_eos=True, timeout=0.3)
+        waited = time.monotonic() - started
+        stall.release.set()
+    assert isinstance(raised.value, TimeoutError)
+    assert waited < 1.5, f"the timeout fired {waited:.2f} s after the request started, not ~0.3 s"
+    _wait_idle(fresh_model)
+    assert fresh_model.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True).token_ids == baseline
+
+
+def test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end(fresh_model):
+    stream = fresh_model.stream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(infer.DeadlineExceededError):
+        for _ in stream:
+            time.sleep(0.001)
+    assert time.monotonic() - started < 2.0
+    _wait_idle(fresh_model)
+
+
+def test_async_streams_honour_the_deadline(fresh_model):
+    stall = StepStall(fresh_model.handle, at=2, seconds=3.0)
+
+    async def main():
+        async for _ in fresh_model.astream(PROMPT, max_tokens=50, temperature=0, ignore_eos=True, timeout=0.3):
+            pass
+
+    with installed(stall):
+        with pytest.raises(infer.DeadlineExceededError):
+            asyncio.run(main())
+        stall.release.set()
+    _wait_idle(fresh_model)

@@ -1,0 +1,461 @@
+"""The engine loop: one scheduler thread per model drives every request on it.
+
+Each iteration of :meth:`Engine._iterate` retires cancelled and expired requests, runs one
+prefill chunk for the requests still reading their prompt, and one decode step for all
+requests that are generating, batched (continuous batching: requests join and leave the
+batch between steps). Sampled tokens are detokenized, checked against the stop rules and
+pushed to the request's bounded :class:`Channel`; a request whose consumer has fallen behind
+is simply not stepped until it catches up, so memory never grows without bound.
+
+Consumers (sync or async streams) run in their own threads or event loops and only read
+channels, which is what lets a deadline fire even while a backend step hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, final
+
+import numpy as np
+import numpy.typing as npt
+
+from infer.contract import Batch, KVCache, ModelHandle, check_logits, token_rows
+from infer.errors import BackendError, DeadlineExceededError, InferError, ModelClosedError
+from infer.log import get_logger
+from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
+from infer.sampling import SamplerState, SamplingParams, logprobs
+from infer.stops import StopMatcher
+
+if TYPE_CHECKING:
+    from infer.plugins import RoutedHooks
+    from infer.tokenizer import Tokenizer
+
+__all__ = ["Channel", "Engine", "Request"]
+
+_request_ids = itertools.count(1)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Terminal channel item: the request finished normally."""
+
+    completion: Completion
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Terminal channel item: the request ended with an error."""
+
+    error: BaseException
+
+
+@final
+class Channel:
+    """A bounded queue from the scheduler thread to one consumer, sync or async.
+
+    Only the scheduler puts; it checks :meth:`has_room` first, so token events never exceed
+    ``maxsize`` (a terminal item may add one more).
+    """
+
+    __slots__ = ("_cond", "_items", "_maxsize", "_on_room", "_waiter")
+
+    def __init__(self, maxsize: int, on_room: Callable[[], None]) -> None:
+        self._items: deque[object] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._maxsize = maxsize
+        self._on_room = on_room
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def has_room(self) -> bool:
+        """Whether another token event fits."""
+        return len(self._items) < self._maxsize
+
+    def put(self, item: object) -> None:
+        """Append an item and wake the consumer."""
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, future = waiter
+            loop.call_soon_threadsafe(_resolve, future)
+
+    def _pop(self) -> object:
+        was_full = len(self._items) >= self._maxsize
+        item = self._items.popleft()
+        if was_full:
+            self._on_room()
+        return item
+
+    def get(self, timeout: float | None) -> object:
+        """Next item; raise :class:`queue.Empty` after ``timeout`` seconds without one."""
+        with self._cond:
+            if not self._items and not self._cond.wait_for(lambda: self._items, timeout):
+                raise queue.Empty
+            return self._pop()
+
+    async def aget(self, timeout: float | None) -> object:
+        """Next item, awaited; raise :class:`TimeoutError` after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._pop()
+                future: asyncio.Future[None] = loop.create_future()
+                self._waiter = (loop, future)
+            try:
+                await asyncio.wait_for(future, timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise TimeoutError from None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@final
+class Request:
+    """One generation request as the scheduler sees it."""
+
+    __slots__ = (
+        "cancelled",
+        "channel",
+        "deadline",
+        "decoder",
+        "eos_ids",
+        "events",
+        "generated",
+        "id",
+        "kv",
+        "max_new",
+        "next_token",
+        "params",
+        "pos",
+        "prompt",
+        "sampler",
+        "stops",
+        "t_first",
+        "t_prefilled",
+        "t_submit",
+        "text",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        prompt: npt.NDArray[np.int32],
+        params: SamplingParams,
+        *,
+        vocab_size: int,
+        max_new: int,
+        eos_ids: frozenset[int],
+        tokenizer: Tokenizer,
+        timeout: float | None,
+        channel: Channel,
+    ) -> None:
+        self.id = f"req-{next(_request_ids)}"
+        self.prompt = prompt
+        self.params = params
+        self.sampler = SamplerState(params, prompt, vocab_size)
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopMatcher(params.stop) if params.stop else None
+        self.eos_ids = eos_ids
+        self.max_new = max_new
+        self.channel = channel
+        self.timeout = timeout
+        self.t_submit = time.perf_counter()
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.cancelled = False
+        self.kv: KVCache | None = None
+        self.pos = 0
+        self.next_token: int | None = None
+        self.generated: list[int] = []
+        self.text: list[str] = []
+        self.events: list[TokenEvent] | None = [] if params.logprobs else None
+        self.t_first = 0.0
+        self.t_prefilled = 0.0
+
+
+class Engine:
+    """Schedules every request of one model on one thread and batches their steps."""
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        hooks: RoutedHooks,
+        *,
+        max_batch_size: int,
+        prefill_chunk_size: int,
+    ) -> None:
+        self.handle = handle
+        self.hooks = hooks
+        self.max_batch_size = max(1, max_batch_size)
+        self.prefill_chunk_size = prefill_chunk_size
+        #: Serialises backend calls between the scheduler and the low-level API.
+        self.step_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pending: deque[Request] = deque()
+        self._active: list[Request] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._log = get_logger()
+
+    # -- called from consumer threads ------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; the scheduler picks it up before its next step."""
+        with self._cond:
+            if self._closed:
+                raise ModelClosedError("the model is closed; load it again to generate")
+            self._pending.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"infer-{self.handle.backend}", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        self._log.info(
+            "request.started", request_id=request.id, backend=self.handle.backend, prompt_tokens=len(request.prompt)
+        )
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request before its next step and release its cache."""
+        request.cancelled = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the scheduler look at its requests again."""
+        with self._cond:
+            self._cond.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Fail every request with :class:`ModelClosedError` and stop the scheduler thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._cond:
+            leftovers = [*self._pending, *self._active]
+            self._pending.clear()
+            self._active.clear()
+        for request in leftovers:
+            self._end(request, Failed(ModelClosedError("the model was closed while the request ran")))
+
+    @property
+    def active_requests(self) -> int:
+        """Requests admitted and not yet finished (queued ones included)."""
+        with self._cond:
+            return len(self._pending) + len(self._active)
+
+    # -- backend steps, shared with the low-level API ---------------------------------------
+
+    def step(self, kind: str, batch: Batch) -> npt.NDArray[np.float32]:
+        """Run prefill or decode on ``batch``, split to the backend's max batch size."""
+        hook = self.hooks.prefill if kind == "prefill" else self.hooks.decode
+        backend = self.handle.backend
+        outputs = []
+        with self.step_lock:
+            for start in range(0, batch.size, self.max_batch_size):
+                rows = batch if batch.size <= self.max_batch_size else batch.rows(start, start + self.max_batch_size)
+                try:
+                    out = hook(model=self.handle, batch=rows)
+                except InferError:
+                    raise
+                except Exception as exc:
+                    raise BackendError(
+                        f"backend {backend!r} failed during {kind}: {type(exc).__name__}: {exc}", backend=backend
+                    ) from exc
+                if out is None:
+                    raise BackendError(f"backend {backend!r} did not implement infer_{kind}", backend=backend)
+                outputs.append(check_logits(out, rows.size, self.handle.vocab_size, backend))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    # -- the scheduler thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._has_work():
+                    self._cond.wait(self._wait_time())
+                if self._closed:
+                    return
+                while self._pending:
+                    self._active.append(self._pending.popleft())
+            try:
+                self._iterate()
+            except Exception as exc:  # noqa: BLE001 - keep the model usable whatever happened
+                self._log.error("engine.error", error=f"{type(exc).__name__}: {exc}")
+                with self._cond:
+                    failed, self._active = self._active, []
+                for request in failed:
+                    self._end(request, Failed(exc))
+
+    def _has_work(self) -> bool:
+        now = time.monotonic()
+        return any(
+            r.cancelled or (r.deadline is not None and now >= r.deadline) or r.channel.has_room() for r in self._active
+        )
+
+    def _wait_time(self) -> float | None:
+        deadlines = [r.deadline for r in self._active if r.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _iterate(self) -> None:
+        now = time.monotonic()
+        for request in list(self._active):
+            if request.cancelled:
+                self._retire(request, None)
+            elif request.deadline is not None and now >= request.deadline:
+                assert request.timeout is not None
+                self._retire(request, Failed(DeadlineExceededError(request.timeout, len(request.generated))))
+        prefill = [r for r in self._active if r.next_token is None and r.channel.has_room()][: self.max_batch_size]
+        if prefill:
+            self._prefill(prefill)
+        decode = [r for r in self._active if r.next_token is not None and not r.cancelled and r.channel.has_room()]
+        if decode:
+            tokens = [np.array((r.next_token,), dtype=np.int32) for r in decode]
+            logits = self._run_step("decode", decode, tokens)
+            if logits is not None:
+                self._sample(decode, logits)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        for request in requests:
+            if request.kv is None:
+                try:
+                    request.kv = self.handle.new_sequence(len(request.prompt) + request.max_new)
+                except Exception as exc:  # noqa: BLE001
+                    self._retire(request, Failed(_as_typed(exc, self.handle.backend, "new_sequence")))
+        requests = [r for r in requests if r.kv is not None]
+        if not requests:
+            return
+        chunks = [r.prompt[r.pos : r.pos + self.prefill_chunk_size] for r in requests]
+        logits = self._run_step("prefill", requests, chunks)
+        if logits is None:
+            return
+        done, rows = [], []
+        for i, (request, chunk) in enumerate(zip(requests, chunks, strict=True)):
+            request.pos += len(chunk)
+            if request.pos == len(request.prompt):
+                request.t_prefilled = time.perf_counter()
+                done.append(request)
+                rows.append(i)
+        if done:
+            self._sample(done, logits[rows] if len(rows) != len(requests) else logits)
+
+    def _run_step(
+        self, kind: str, requests: list[Request], tokens: Sequence[npt.NDArray[np.int32]]
+    ) -> npt.NDArray[np.float32] | None:
+        batch = Batch(tuple(r.kv for r in requests), token_rows(tokens))  # type: ignore[arg-type]
+        try:
+            return self.step(kind, batch)
+        except InferError as exc:
+            for request in requests:
+                self._retire(request, Failed(exc))
+            return None
+
+    def _sample(self, requests: list[Request], logits: npt.NDArray[np.float32]) -> None:
+        params = [r.params for r in requests]
+        states = [r.sampler for r in requests]
+        try:
+            chosen = self.hooks.sample(logits=logits, params=params, states=states)
+        except Exception as exc:  # noqa: BLE001
+            for request in requests:
+                self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
+            return
+        for i, request in enumerate(requests):
+            self._accept(request, int(chosen[i]), logits[i])
+
+    def _accept(self, request: Request, token: int, row: npt.NDArray[np.float32]) -> None:
+        now = time.perf_counter()
+        request.sampler.append(token)
+        params = request.params
+        lp, top = (logprobs(row, token, params.top_logprobs)) if params.logprobs else (None, ())
+        first = not request.generated
+        request.generated.append(token)
+        if first:
+            request.t_first = now
+            self._log.info("request.first_token", request_id=request.id, ttft_s=round(now - request.t_submit, 6))
+        finish: FinishReason | None = None
+        if (token in request.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            finish = "stop"
+        delta = request.decoder.step(token)
+        if request.stops is not None:
+            delta, hit = request.stops.feed(delta)
+            if hit:
+                finish = "stop"
+        if finish is None and len(request.generated) >= request.max_new:
+            finish = "length"
+        if finish is not None and request.stops is not None:
+            delta += request.stops.flush()
+        request.text.append(delta)
+        event = TokenEvent(len(request.generated) - 1, token, delta, lp, top)
+        if request.events is not None:
+            request.events.append(event)
+        request.channel.put(event)
+        if finish is None:
+            request.next_token = token
+        else:
+            self._retire(request, Done(self._completion(request, finish, now)))
+
+    def _completion(self, request: Request, finish: FinishReason, now: float) -> Completion:
+        n = len(request.generated)
+        prefill_s = max(request.t_prefilled - request.t_submit, 1e-9)
+        decode_s = now - request.t_first
+        return Completion(
+            id=request.id,
+            text="".join(request.text),
+            token_ids=tuple(request.generated),
+            finish_reason=finish,
+            usage=Usage(len(request.prompt), n),
+            timings=Timings(
+                time_to_first_token=request.t_first - request.t_submit,
+                prefill_tokens_per_s=len(request.prompt) / prefill_s,
+                decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+                total=now - request.t_submit,
+            ),
+            logprobs=tuple(request.events) if request.events is not None else None,
+        )
+
+    def _retire(self, request: Request, outcome: Done | Failed | None) -> None:
+        with self._cond:
+            if request in self._active:
+                self._active.remove(request)
+        self._end(request, outcome)
+
+    def _end(self, request: Request, outcome: Done | Failed | None) -> None:
+        if request.kv is not None:
+            request.kv.release()
+        request.next_token = None
+        if outcome is not None:
+            request.channel.put(outcome)
+        fields: dict[str, Any] = {"request_id": request.id, "completion_tokens": len(request.generated)}
+        if isinstance(outcome, Done):
+            timings = outcome.completion.timings
+            fields |= {
+                "finish_reason": outcome.completion.finish_reason,
+                "ttft_s": round(timings.time_to_first_token, 6),
+                "decode_tok_s": round(timings.decode_tokens_per_s, 2),
+            }
+        elif isinstance(outcome, Failed):
+            fields["error"] = type(outcome.error).__name__
+        else:
+            fields["finish_reason"] = "cancelled"
+        self._log.info("request.finished", **fields)
+
+
+def _as_typed(exc: BaseException, backend: str, what: str) -> InferError:
+    if isinstance(exc, InferError):
+        return exc
+    error = BackendError(f"backend {backend!r} failed in {what}: {type(exc).__name__}: {exc}", backend=backend)
+    error.__cause__ = exc
+    return error

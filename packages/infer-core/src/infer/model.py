@@ -1,0 +1,538 @@
+"""The public face: :func:`load` returns a :class:`Model`; models generate and stream."""
+
+from __future__ import annotations
+
+import queue
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, final
+
+import numpy as np
+import numpy.typing as npt
+
+from infer.contract import BackendInfo, Batch, KVCache, LoadSpec, ModelHandle, token_rows
+from infer.engine import Channel, Done, Engine, Failed, Request
+from infer.errors import (
+    BackendNotFoundError,
+    BackendUnavailableError,
+    ContextLengthError,
+    DeadlineExceededError,
+    EmptyPromptError,
+    InvalidParameterError,
+    InvalidTokenError,
+    ModelError,
+    RequestCancelledError,
+)
+from infer.log import get_logger
+from infer.results import Completion, TokenEvent
+from infer.sampling import SamplingParams
+from infer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from infer.bundle import Bundle
+    from infer.plugins import Backend, Registry
+
+__all__ = ["AsyncTokenStream", "Model", "TokenStream", "load"]
+
+_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+#: Token events buffered per stream before the scheduler pauses that request.
+STREAM_BUFFER = 64
+
+
+def load(
+    ref: str | Path,
+    *,
+    backend: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    context_length: int | None = None,
+    prefill_chunk_size: int = 256,
+    registry: Registry | None = None,
+    **options: Any,
+) -> Model:
+    """Load a model and return it ready to generate.
+
+    ``ref`` is a Hugging Face-layout model folder, a ``.gguf`` file (converted into the cache on
+    first use), a model name known to ``infer pull`` (e.g. ``"smollm2-135m-instruct"``), an
+    ``hf:ORG/NAME`` reference found in the local Hugging Face cache, or a backend-specific
+    reference. ``backend=None`` picks the most preferred installed backend that can load it.
+    Remaining keyword arguments are backend options (see the backend's documentation).
+    """
+    from infer.bundle import Bundle, is_bundle
+    from infer.plugins import get_registry
+    from infer.resolve import resolve_model
+
+    if not isinstance(prefill_chunk_size, int) or isinstance(prefill_chunk_size, bool) or prefill_chunk_size < 1:
+        raise InvalidParameterError("prefill_chunk_size", prefill_chunk_size, "a positive integer")
+    if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
+        raise InvalidParameterError("context_length", context_length, "an integer >= 2 or None")
+    reg = registry or get_registry()
+    started = time.perf_counter()
+    path = resolve_model(str(ref))
+    bundle = Bundle.open(path) if path is not None and is_bundle(path) else None
+    if backend is not None:
+        chosen = reg.backend(backend)
+        if not chosen.info.available:
+            raise BackendUnavailableError(
+                f"backend {backend!r} cannot run here: {chosen.info.unavailable_reason}", backend=backend, device=device
+            )
+        candidates = [chosen]
+    else:
+        candidates = reg.ranked()
+        if not candidates:
+            raise BackendNotFoundError("no backend is installed; pip install 'infer-core[onnx]'", plugin="")
+    for candidate in candidates:
+        spec = LoadSpec(
+            backend=candidate.name,
+            ref=str(ref),
+            path=path,
+            bundle=bundle,
+            device=device,
+            dtype=dtype,
+            context_length=context_length,
+        )
+        handle = candidate.hooks.load(spec=spec, options=dict(options))
+        if handle is not None:
+            break
+    else:
+        tried = ", ".join(c.name for c in candidates)
+        raise ModelError(f"no installed backend could load {str(ref)!r} (tried: {tried})", path=path)
+    model = Model(
+        handle, candidate, bundle=bundle, prefill_chunk_size=prefill_chunk_size, context_length=context_length
+    )
+    get_logger().info(
+        "model.loaded",
+        ref=str(ref),
+        backend=candidate.name,
+        device=handle.device,
+        dtype=handle.dtype,
+        load_s=round(time.perf_counter() - started, 4),
+    )
+    return model
+
+
+class Model:
+    """A loaded model. Thread-safe: many streams may run on it at once, from threads or asyncio."""
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        backend: Backend,
+        *,
+        bundle: Bundle | None = None,
+        prefill_chunk_size: int = 256,
+        context_length: int | None = None,
+    ) -> None:
+        self._handle = handle
+        self._backend = backend
+        self._bundle = bundle
+        tok = handle.tokenizer
+        if tok is not None:
+            self.tokenizer = Tokenizer(tok)
+        elif bundle is not None:
+            self.tokenizer = Tokenizer.from_file(bundle.tokenizer_path)
+        else:
+            raise ModelError(f"backend {handle.backend!r} returned a model without a tokenizer, and there is no bundle")
+        eos = handle.eos_token_ids if handle.eos_token_ids is not None else (bundle.eos_token_ids if bundle else ())
+        #: Token ids that end generation.
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        #: The chat template, if the model has one.
+        self.chat_template: str | None = handle.chat_template or (bundle.chat_template if bundle else None)
+        #: Most tokens one sequence may hold.
+        self.context_length = min(context_length or handle.context_length, handle.context_length)
+        self._engine = Engine(
+            handle,
+            backend.hooks,
+            max_batch_size=backend.info.max_batch_size,
+            prefill_chunk_size=prefill_chunk_size,
+        )
+        self._closed = False
+
+    # -- facts --------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend running the model."""
+        return self._handle.backend
+
+    @property
+    def info(self) -> BackendInfo:
+        """What the backend declared about itself."""
+        return self._backend.info
+
+    @property
+    def device(self) -> str:
+        """Device the model runs on."""
+        return self._handle.device
+
+    @property
+    def dtype(self) -> str:
+        """Precision the model computes in."""
+        return self._handle.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of logits per token."""
+        return self._handle.vocab_size
+
+    @property
+    def handle(self) -> ModelHandle:
+        """The backend's handle (for conformance tests and backend-specific inspection)."""
+        return self._handle
+
+    @property
+    def active_requests(self) -> int:
+        """Requests queued or running."""
+        return self._engine.active_requests
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+        return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """Render chat ``messages`` into the prompt text the model was trained on."""
+        from infer.chat import render_chat
+
+        if self.chat_template is None:
+            from infer.errors import ChatTemplateError
+
+            raise ChatTemplateError("this model has no chat template; pass a plain prompt instead of messages")
+        special = self._bundle.tokenizer_config if self._bundle is not None else {}
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=_token_text(special.get("bos_token")),
+            eos_token=_token_text(special.get("eos_token")),
+        )
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> TokenStream:
+        """Start generating; iterate the returned stream for :class:`TokenEvent` objects.
+
+        Give exactly one of ``prompt`` (text or token ids) and ``messages`` (chat). Sampling
+        options come as ``params`` and/or keyword arguments (``max_tokens=``, ``temperature=``...).
+        ``timeout`` (seconds) bounds the whole request: past it the stream raises
+        :class:`DeadlineExceededError`. Closing, leaving or dropping the stream cancels the request.
+        """
+        return TokenStream(self, self._submit(prompt, messages, params, timeout, sampling))
+
+    def astream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> AsyncTokenStream:
+        """The asyncio twin of :meth:`stream`: ``async for event in model.astream(...)``."""
+        return AsyncTokenStream(self, self._submit(prompt, messages, params, timeout, sampling))
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Completion:
+        """Generate to the end and return the :class:`Completion`."""
+        stream = self.stream(prompt, messages=messages, params=params, timeout=timeout, **sampling)
+        return stream.result()
+
+    async def agenerate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Completion:
+        """The asyncio twin of :meth:`generate`."""
+        stream = self.astream(prompt, messages=messages, params=params, timeout=timeout, **sampling)
+        return await stream.result()
+
+    def _submit(
+        self,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Mapping[str, Any]] | None,
+        params: SamplingParams | None,
+        timeout: float | None,
+        sampling: Mapping[str, Any],
+    ) -> Request:
+        if self._closed:
+            from infer.errors import ModelClosedError
+
+            raise ModelClosedError("the model is closed; load it again to generate")
+        unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
+        if unknown:
+            raise InvalidParameterError(unknown[0], sampling[unknown[0]], f"one of {sorted(_SAMPLING_FIELDS)}")
+        params = replace(params or SamplingParams(), **sampling) if sampling else (params or SamplingParams())
+        params.validate(self.vocab_size)
+        if timeout is not None and (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not timeout > 0
+            or timeout == float("inf")
+        ):
+            raise InvalidParameterError("timeout", timeout, "a positive finite number of seconds or None")
+        ids = self._prompt_ids(prompt, messages)
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise ContextLengthError(len(ids), self.context_length)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(
+            ids,
+            params,
+            vocab_size=self.vocab_size,
+            max_new=max_new,
+            eos_ids=self.eos_token_ids,
+            tokenizer=self.tokenizer,
+            timeout=None if timeout is None else float(timeout),
+            channel=Channel(STREAM_BUFFER, self._engine.wake),
+        )
+        self._engine.submit(request)
+        return request
+
+    def _prompt_ids(
+        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None
+    ) -> npt.NDArray[np.int32]:
+        if (prompt is None) == (messages is None):
+            raise InvalidParameterError("prompt", prompt, "exactly one of prompt= and messages=")
+        if messages is not None:
+            ids = self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        elif isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            ids = _check_ids(prompt, self.vocab_size)
+        if len(ids) == 0:
+            raise EmptyPromptError("the prompt has no tokens; give non-empty text, messages or token ids")
+        return np.asarray(ids, dtype=np.int32)
+
+    # -- low-level access (conformance tests, backend authors) --------------------------------
+
+    def new_sequence(self, capacity: int) -> KVCache:
+        """A fresh backend cache for ``capacity`` tokens (low-level API)."""
+        if not isinstance(capacity, int) or not 1 <= capacity <= self.context_length:
+            raise InvalidParameterError("capacity", capacity, f"an integer in [1, {self.context_length}]")
+        with self._engine.step_lock:
+            return self._handle.new_sequence(capacity)
+
+    def run_prefill(self, sequences: Sequence[KVCache], tokens: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """Run the backend's prefill on raw token rows; return last-token logits ``[B, vocab]``."""
+        return self._engine.step("prefill", self._batch(sequences, tokens))
+
+    def run_decode(self, sequences: Sequence[KVCache], tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Run one decode step, one token per sequence; return logits ``[B, vocab]``."""
+        return self._engine.step("decode", self._batch(sequences, [[t] for t in tokens]))
+
+    def _batch(self, sequences: Sequence[KVCache], tokens: Sequence[Sequence[int]]) -> Batch:
+        rows = [_check_ids(row, self.vocab_size) for row in tokens]
+        for seq, row in zip(sequences, rows, strict=False):
+            if not row:
+                raise EmptyPromptError("every row of a batch needs at least one token")
+            if seq.released:
+                raise InvalidParameterError("sequences", seq, "caches that have not been released")
+            if seq.length + len(row) > seq.capacity:
+                raise ContextLengthError(seq.length + len(row), seq.capacity)
+        return Batch(tuple(sequences), token_rows(rows))
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Cancel running requests and free the backend's resources. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.close()
+        self._handle.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<infer.Model backend={self.backend!r} device={self.device!r} dtype={self.dtype!r}>"
+
+
+def _token_text(value: object) -> str:
+    if isinstance(value, Mapping):
+        value = value.get("content", "")
+    return value if isinstance(value, str) else ""
+
+
+def _check_ids(ids: object, vocab_size: int) -> list[int]:
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidParameterError("prompt", ids, "a 1-D array of integer token ids")
+        values = ids.tolist()
+    elif isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)):
+        values = list(ids)
+    else:
+        raise InvalidParameterError("prompt", ids, "text, or a sequence of integer token ids")
+    for position, token in enumerate(values):
+        if not isinstance(token, (int, np.integer)) or isinstance(token, bool):
+            raise InvalidParameterError("prompt", token, f"an integer token id at position {position}")
+        if not 0 <= token < vocab_size:
+            raise InvalidTokenError(int(token), vocab_size, position)
+    return [int(t) for t in values]
+
+
+class _StreamBase:
+    """What the sync and async streams share: the request, cancellation on drop, the result."""
+
+    def __init__(self, model: Model, request: Request) -> None:
+        self._model = model
+        self._request = request
+        self._engine = model._engine
+        self._finished = False
+        #: The final :class:`Completion`, once the stream is exhausted.
+        self.completion: Completion | None = None
+        # Dropping the stream without finishing it cancels the request (weakref: no cycle).
+        self._finalizer = weakref.finalize(self, self._engine.cancel, request)
+
+    @property
+    def request_id(self) -> str:
+        """The request's id (as in the log events)."""
+        return self._request.id
+
+    def _remaining(self) -> float | None:
+        deadline = self._request.deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _handle(self, item: object) -> TokenEvent:
+        if isinstance(item, TokenEvent):
+            return item
+        self._finished = True
+        self._finalizer.detach()
+        if isinstance(item, Done):
+            self.completion = item.completion
+            raise StopIteration
+        assert isinstance(item, Failed)
+        raise item.error
+
+    def _expire(self) -> DeadlineExceededError:
+        self._finished = True
+        self._finalizer()
+        timeout = self._request.timeout
+        assert timeout is not None
+        return DeadlineExceededError(timeout, len(self._request.generated))
+
+    def _cancel(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._finalizer()
+
+
+@final
+class TokenStream(_StreamBase):
+    """Iterator over a request's :class:`TokenEvent` objects; ``.completion`` once done.
+
+    ``close()`` it, leave the ``with`` block or the ``for`` loop, or drop it, and the request
+    stops before the backend's next step.
+    """
+
+    def __next__(self) -> TokenEvent:
+        if self._finished:
+            raise StopIteration
+        try:
+            item = self._request.channel.get(self._remaining())
+        except queue.Empty:
+            raise self._expire() from None
+        return self._handle(item)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while True:
+                try:
+                    event = next(self)
+                except StopIteration:
+                    return
+                yield event
+        finally:
+            self._cancel()
+
+    def result(self) -> Completion:
+        """Consume the rest of the stream and return the completion."""
+        for _ in self:
+            pass
+        if self.completion is None:
+            raise RequestCancelledError(f"request {self.request_id} was cancelled before it finished")
+        return self.completion
+
+    def close(self) -> None:
+        """Cancel the request if it is still running."""
+        self._cancel()
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@final
+class AsyncTokenStream(_StreamBase):
+    """Async iterator over a request's :class:`TokenEvent` objects; cancelling the task cancels it."""
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._request.channel.aget(self._remaining())
+        except TimeoutError:
+            raise self._expire() from None
+        except BaseException:
+            self._cancel()  # task cancelled (CancelledError) or interrupted
+            raise
+        try:
+            return self._handle(item)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def result(self) -> Completion:
+        """Consume the rest of the stream and return the completion."""
+        try:
+            async for _ in self:
+                pass
+        finally:
+            self._cancel()
+        if self.completion is None:
+            raise RequestCancelledError(f"request {self.request_id} was cancelled before it finished")
+        return self.completion
+
+    async def aclose(self) -> None:
+        """Cancel the request if it is still running."""
+        self._cancel()
+
+    async def __aenter__(self) -> AsyncTokenStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cancel()

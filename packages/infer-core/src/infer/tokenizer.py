@@ -1,0 +1,86 @@
+"""Text <-> token ids, through the ``tokenizers`` library.
+
+:class:`Tokenizer` wraps a ``tokenizers.Tokenizer`` and adds the incremental decoder the engine
+streams with: :meth:`Tokenizer.stream_decoder` never emits half a UTF-8 character (a
+character split over several byte tokens appears once all its bytes have arrived).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, final
+
+from infer.errors import ModelFormatError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+__all__ = ["StreamDecoder", "Tokenizer"]
+
+
+@final
+class StreamDecoder:
+    """Turns tokens into text deltas one at a time, holding back incomplete characters."""
+
+    __slots__ = ("_stream", "_tok")
+
+    def __init__(self, tok: tokenizers.Tokenizer) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._tok = tok
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        """The text that ``token_id`` completes ("" while a character is still partial)."""
+        return self._stream.step(self._tok, token_id) or ""
+
+
+@final
+class Tokenizer:
+    """A model's tokenizer."""
+
+    __slots__ = ("_tok", "vocab_size")
+
+    def __init__(self, tok: tokenizers.Tokenizer) -> None:
+        self._tok = tok
+        #: Size of the tokenizer's vocabulary, added tokens included.
+        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load ``tokenizer.json``; raise a typed error naming the file when it is missing or bad."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = Path(path)
+        if not file.is_file():
+            raise ModelNotFoundError(f"tokenizer file {str(file)!r} does not exist", path=file)
+        try:
+            return cls(HFTokenizer.from_file(str(file)))
+        except Exception as exc:
+            raise ModelFormatError(f"{file.name} is not a valid tokenizer: {exc}", path=file) from exc
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text are recognised."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # type: ignore[no-any-return]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)  # type: ignore[no-any-return]
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string (e.g. ``"<|im_end|>"``), or ``None``."""
+        return self._tok.token_to_id(token)  # type: ignore[no-any-return]
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """Token string of an id, or ``None``."""
+        return self._tok.id_to_token(token_id)  # type: ignore[no-any-return]
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A fresh incremental decoder for one generated sequence."""
+        return StreamDecoder(self._tok)
