@@ -1,0 +1,128 @@
+"""The on-disk cache of built graphs, keyed by bundle content, precision and builder version.
+
+An entry is a folder ``<root>/onnx/<key>/`` holding ``model.onnx``, ``model.onnx.data`` and
+``manifest.json``, which records each file's size and sha256. An entry is built in a temporary
+folder beside it and renamed into place only once complete, so a crash mid-build never leaves
+an entry that looks valid. A load checks the manifest against the files; a truncated or
+altered file makes the entry stale, and it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+__all__ = ["MANIFEST", "CacheEntry", "cache_root", "cached_build", "verify_entry"]
+
+MANIFEST: Final = "manifest.json"
+_CHUNK: Final = 8 << 20
+_log = structlog.get_logger("infer.backend.onnx")
+
+
+def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """Folder under which built graphs live: ``override``, else infer's home, else the user cache."""
+    if override is not None:
+        return Path(override).expanduser()
+    try:
+        from infer.store import infer_home  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        infer_home = None
+    if infer_home is not None:
+        return Path(infer_home()) / "cache"
+    env = os.environ.get("INFER_HOME")
+    if env:
+        return Path(env).expanduser() / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("infer"))
+
+
+class CacheEntry:
+    """A verified cache entry: its folder and whether this load built it."""
+
+    def __init__(self, path: Path, built: bool) -> None:
+        self.path = path
+        self.built = built
+
+    @property
+    def model_path(self) -> Path:
+        """Path of the entry's ``model.onnx``."""
+        return self.path / "model.onnx"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path, meta: dict[str, Any]) -> None:
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def verify_entry(folder: Path) -> str | None:
+    """``None`` when ``folder`` holds a complete, unaltered entry; else why it does not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"manifest unreadable ({exc})"
+    if not files:
+        return "manifest lists no files"
+    # Sizes first: a truncated file is caught without reading it.
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta.get("size"):
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta.get('size')}"
+    for name, meta in files.items():
+        if _sha256(folder / name) != meta.get("sha256"):
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def cached_build(root: Path, key: str, build: Callable[[Path], None], meta: dict[str, Any]) -> CacheEntry:
+    """Return the valid entry ``key`` under ``root``, building it with ``build(folder)`` if needed.
+
+    ``build`` writes the entry's files into the folder it is given; the manifest is added after.
+    """
+    base = root / "onnx"
+    entry = base / key
+    if entry.is_dir():
+        problem = verify_entry(entry)
+        if problem is None:
+            return CacheEntry(entry, built=False)
+        _log.warning("onnx.cache.stale", entry=str(entry), reason=problem)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=base))
+    try:
+        build(tmp)
+        _write_manifest(tmp, meta)
+        with contextlib.suppress(FileNotFoundError):
+            if verify_entry(entry) is None:
+                # Another process finished the same build meanwhile: keep theirs.
+                return CacheEntry(entry, built=False)
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _log.info("onnx.cache.built", entry=str(entry))
+    return CacheEntry(entry, built=True)

@@ -1,0 +1,348 @@
+"""Build an ONNX decoder graph with an in-place KV cache from a Llama-family bundle.
+
+The graph is written with :mod:`onnx.helper` straight from the bundle's safetensors; no
+framework export is involved. One graph serves prefill and decode:
+
+inputs
+    ``input_ids`` int64 ``[batch, sequence]``; ``seqlens_k`` int32 ``[batch]`` (tokens each row
+    will hold after this step, minus one); ``total_sequence_length`` int32 scalar (the largest
+    of those, plus one); ``last_token_index`` int64 ``[batch]`` (flat index into
+    ``batch * sequence`` of each row's last real token); ``past_key_values.N.key/value``
+    ``[batch, kv_heads, kv_capacity, head_dim]``.
+outputs
+    ``logits`` float32 ``[batch, vocab]`` of each row's last token only (the output head is the
+    largest matrix of a small model: running it over the whole prompt would dominate prefill);
+    ``present.N.key/value``, the same buffers as the past ones.
+
+Attention is ONNX Runtime's ``GroupQueryAttention`` contrib op with rotary embedding fused in:
+when ``present`` is bound to the very buffer bound as ``past``, it writes the new keys and
+values in place, so a decode step costs no copy of the cache. Positions come from
+``seqlens_k``, which is why the graph needs no position input.
+
+Precisions: ``fp32`` (the default, exact to the reference), ``fp16`` (weights, activations
+and cache in half precision; logits cast back to float32), ``int4`` (every projection and the
+output head as ``MatMulNBits`` with asymmetric 4-bit blocks, activations and cache in
+float32; the embedding table stays float32 since a lookup reads one row per token).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
+
+import numpy as np
+import numpy.typing as npt
+from infer.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import onnx
+    from infer.bundle import ArchSpec, Bundle
+
+__all__ = [
+    "BUILDER_VERSION",
+    "DATA_FILE",
+    "DTYPES",
+    "MODEL_FILE",
+    "GraphConfig",
+    "build_decoder",
+    "past_names",
+    "present_names",
+]
+
+#: Bumped whenever the graph this module writes changes, so cached builds are rebuilt.
+BUILDER_VERSION: Final = "1"
+#: Precisions :func:`build_decoder` can write, default first.
+DTYPES: Final = ("fp32", "fp16", "int4")
+#: File names of a build inside its folder.
+MODEL_FILE: Final = "model.onnx"
+DATA_FILE: Final = "model.onnx.data"
+
+#: Standard opset: 23 brings ``RMSNormalization``, which the checker knows.
+_OPSET: Final = 23
+_IR_VERSION: Final = 10
+_MS: Final = "com.microsoft"
+#: External tensors start on 64-byte boundaries so the runtime can map them aligned.
+_ALIGN: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class GraphConfig:
+    """How to build the graph: precision and, for int4, the quantisation block."""
+
+    #: One of :data:`DTYPES`.
+    dtype: str = "fp32"
+    #: Weights per int4 block (32 or 64... any power of two from 16 up).
+    block_size: int = 32
+    #: ``MatMulNBits`` accuracy level: 4 computes with int8 activations (fast on CPUs with
+    #: VNNI or AVX-512), 0 lets the runtime pick; only used for int4.
+    accuracy_level: int = 4
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidParameterError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InvalidParameterError("block_size", self.block_size, "a power of two, at least 16")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InvalidParameterError("accuracy_level", self.accuracy_level, "an integer from 0 to 4")
+
+    @property
+    def key(self) -> str:
+        """A short string naming this configuration (part of the build cache key)."""
+        if self.dtype == "int4":
+            return f"int4-b{self.block_size}-a{self.accuracy_level}"
+        return self.dtype
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """Input names of layer ``layer``'s past keys and values."""
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """Output names of layer ``layer``'s present keys and values."""
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def build_decoder(bundle: Bundle, config: GraphConfig, out_dir: Path) -> Path:
+    """Write the decoder graph of ``bundle`` into ``out_dir``; return the path of ``model.onnx``.
+
+    Weights go to ``model.onnx.data`` beside it as external data, written tensor by tensor so
+    the build never holds more than one layer's weights in memory.
+    """
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / DATA_FILE).open("wb") as data:
+        builder = _GraphBuilder(bundle.spec, config, _ExternalData(data, DATA_FILE))
+        model = builder.build(bundle)
+    onnx.save_model(model, str(out_dir / MODEL_FILE))
+    return out_dir / MODEL_FILE
+
+
+class _ExternalData:
+    """Appends tensors to one external-data file and makes the protos that point at them."""
+
+    def __init__(self, file: BinaryIO, location: str) -> None:
+        self._file = file
+        self._location = location
+        self._offset = 0
+
+    def tensor(self, name: str, array: npt.NDArray[Any]) -> onnx.TensorProto:
+        from onnx import TensorProto, helper
+
+        array = np.ascontiguousarray(array)
+        pad = -self._offset % _ALIGN
+        if pad:
+            self._file.write(b"\0" * pad)
+            self._offset += pad
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        proto.dims.extend(array.shape)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self._location), ("offset", self._offset), ("length", array.nbytes)):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self._file.write(array.tobytes())
+        self._offset += array.nbytes
+        return proto
+
+
+class _GraphBuilder:
+    """Accumulates nodes and initializers; one method per block of the decoder."""
+
+    def __init__(self, spec: ArchSpec, config: GraphConfig, data: _ExternalData) -> None:
+        self.spec = spec
+        self.config = config
+        self.data = data
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self.act_dtype = np.float16 if config.dtype == "fp16" else np.float32
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
+        from onnx import helper
+
+        self._count += 1
+        outs = [f"{op_type.lower()}_{self._count}_{i}" for i in range(n_out)]
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self._count}", domain=domain, **attrs)
+        )
+        return outs
+
+    def const(self, name: str, array: npt.NDArray[Any], *, external: bool = True) -> str:
+        from onnx import numpy_helper
+
+        if external and array.nbytes >= 1024:
+            self.initializers.append(self.data.tensor(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, bundle: Bundle, name: str) -> npt.NDArray[np.float32]:
+        return np.asarray(bundle.weights[name], dtype=np.float32)
+
+    # -- blocks -----------------------------------------------------------------------------
+    def linear(self, x: str, name: str, w: npt.NDArray[np.float32], bias: npt.NDArray[np.float32] | None) -> str:
+        """``x @ w.T + bias`` with ``w`` in Hugging Face layout ``[out, in]``."""
+        if self.config.dtype == "int4":
+            from infer_backend_onnx.quantize import quantize_int4
+
+            q = quantize_int4(w, self.config.block_size)
+            inputs = [
+                x,
+                self.const(name + ".qweight", q.packed),
+                self.const(name + ".scales", q.scales),
+                self.const(name + ".zero_points", q.zero_points),
+            ]
+            if bias is not None:
+                inputs += ["", "", self.const(name + ".bias", bias.astype(np.float32))]
+            (y,) = self.op(
+                "MatMulNBits",
+                inputs,
+                domain=_MS,
+                K=w.shape[1],
+                N=w.shape[0],
+                bits=4,
+                block_size=self.config.block_size,
+                accuracy_level=self.config.accuracy_level,
+            )
+            return y
+        (y,) = self.op("MatMul", [x, self.const(name + ".weight", w.T.astype(self.act_dtype))])
+        if bias is not None:
+            (y,) = self.op("Add", [y, self.const(name + ".bias", bias.astype(self.act_dtype))])
+        return y
+
+    def attention(self, bundle: Bundle, layer: int, x: str, cos: str, sin: str) -> str:
+        s = self.spec
+        p = f"model.layers.{layer}.self_attn."
+        # One projection for q, k and v: GroupQueryAttention takes them packed.
+        w = np.concatenate([self.weight(bundle, p + f"{n}_proj.weight") for n in "qkv"], axis=0)
+        bias = None
+        if s.attention_bias:
+            bias = np.concatenate([self.weight(bundle, p + f"{n}_proj.bias") for n in "qkv"], axis=0)
+        qkv = self.linear(x, p + "qkv_proj", w, bias)
+        past_k, past_v = past_names(layer)
+        out, _, _ = self.op(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+            n_out=3,
+            domain=_MS,
+            num_heads=s.num_attention_heads,
+            kv_num_heads=s.num_key_value_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+            scale=1.0 / math.sqrt(s.head_dim),
+        )
+        # Name the KV outputs as the I/O contract says.
+        node = self.nodes[-1]
+        node.output[1], node.output[2] = present_names(layer)
+        o_bias = self.weight(bundle, p + "o_proj.bias") if s.o_bias else None
+        return self.linear(out, p + "o_proj", self.weight(bundle, p + "o_proj.weight"), o_bias)
+
+    def mlp(self, bundle: Bundle, layer: int, x: str) -> str:
+        s = self.spec
+        p = f"model.layers.{layer}.mlp."
+        # Gate and up share their input: one matrix product, then a split.
+        w = np.concatenate([self.weight(bundle, p + "gate_proj.weight"), self.weight(bundle, p + "up_proj.weight")])
+        bias = None
+        if s.mlp_bias:
+            bias = np.concatenate([self.weight(bundle, p + "gate_proj.bias"), self.weight(bundle, p + "up_proj.bias")])
+        gate_up = self.linear(x, p + "gate_up_proj", w, bias)
+        split = self.const(f"{p}split", np.array([s.intermediate_size] * 2, dtype=np.int64), external=False)
+        gate, up = self.op("Split", [gate_up, split], n_out=2, axis=-1)
+        (sig,) = self.op("Sigmoid", [gate])
+        (silu,) = self.op("Mul", [gate, sig])
+        (h,) = self.op("Mul", [silu, up])
+        down_bias = self.weight(bundle, p + "down_proj.bias") if s.mlp_bias else None
+        return self.linear(h, p + "down_proj", self.weight(bundle, p + "down_proj.weight"), down_bias)
+
+    def skip_norm(self, x: str, residual: str, weight: str) -> tuple[str, str]:
+        """``(rmsnorm(x + residual), x + residual)`` in one fused op."""
+        normed, _, _, total = self.op(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, weight],
+            n_out=4,
+            domain=_MS,
+            epsilon=self.spec.rms_norm_eps,
+        )
+        # Mean and inverse std are not needed: drop them so the kernel skips writing them.
+        node = self.nodes[-1]
+        node.output[1] = node.output[2] = ""
+        return normed, total
+
+    def rope_tables(self) -> tuple[str, str]:
+        s = self.spec
+        inv = s.rope_inv_freq()
+        angles = np.arange(s.max_position_embeddings, dtype=np.float64)[:, None] * inv[None, :]
+        cos = self.const("rope.cos_cache", np.cos(angles).astype(self.act_dtype))
+        sin = self.const("rope.sin_cache", np.sin(angles).astype(self.act_dtype))
+        return cos, sin
+
+    def build(self, bundle: Bundle) -> onnx.ModelProto:
+        from onnx import TensorProto, helper
+
+        s, dt = self.spec, self.act_dtype
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
+        embed_w = self.weight(bundle, "model.embed_tokens.weight")
+        embed = self.const("model.embed_tokens.weight", embed_w.astype(dt))
+        cos, sin = self.rope_tables()
+        (x,) = self.op("Gather", [embed, "input_ids"])
+
+        def norm_weight(name: str) -> str:
+            return self.const(name, self.weight(bundle, name).astype(dt), external=False)
+
+        (h,) = self.op(
+            "RMSNormalization",
+            [x, norm_weight("model.layers.0.input_layernorm.weight")],
+            axis=-1,
+            epsilon=s.rms_norm_eps,
+        )
+        residual = x
+        for layer in range(s.num_hidden_layers):
+            p = f"model.layers.{layer}."
+            attn = self.attention(bundle, layer, h, cos, sin)
+            h, residual = self.skip_norm(attn, residual, norm_weight(p + "post_attention_layernorm.weight"))
+            mlp = self.mlp(bundle, layer, h)
+            nxt = f"model.layers.{layer + 1}.input_layernorm.weight"
+            h, residual = self.skip_norm(
+                mlp, residual, norm_weight(nxt if layer + 1 < s.num_hidden_layers else "model.norm.weight")
+            )
+        # Only the rows' last tokens reach the output head.
+        flat_shape = self.const("flat_shape", np.array([-1, s.hidden_size], dtype=np.int64), external=False)
+        (flat,) = self.op("Reshape", [h, flat_shape])
+        (last,) = self.op("Gather", [flat, "last_token_index"], axis=0)
+        head_name = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
+        if self.config.dtype == "int4":
+            head_w = embed_w if s.tie_word_embeddings else self.weight(bundle, head_name)
+            logits = self.linear(last, "lm_head", head_w, None)
+        else:
+            head = embed if s.tie_word_embeddings else self.const(head_name, self.weight(bundle, head_name).astype(dt))
+            # Gemm with transB reads the [vocab, hidden] table as stored: tied heads share it with the lookup.
+            (logits,) = self.op("Gemm", [last, head], transB=1)
+            if dt != np.float32:
+                (logits,) = self.op("Cast", [logits], to=TensorProto.FLOAT)
+        self.nodes[-1].output[0] = "logits"
+
+        kv_shape = ["batch", s.num_key_value_heads, "kv_capacity", s.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+            helper.make_tensor_value_info("last_token_index", TensorProto.INT64, ["batch"]),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
+        for layer in range(s.num_hidden_layers):
+            inputs += [helper.make_tensor_value_info(n, elem, kv_shape) for n in past_names(layer)]
+            outputs += [helper.make_tensor_value_info(n, elem, kv_shape) for n in present_names(layer)]
+        graph = helper.make_graph(self.nodes, "infer_decoder", inputs, outputs, self.initializers)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", _OPSET), helper.make_opsetid(_MS, 1)],
+            ir_version=_IR_VERSION,
+            producer_name="infer-backend-onnx",
+            producer_version=BUILDER_VERSION,
+        )
+        helper.set_model_props(model, {"infer.dtype": self.config.key, "infer.kv_dtype": np.dtype(dt).name})
+        return model

@@ -1,0 +1,117 @@
+"""From a :class:`~infer.contract.LoadSpec` to a loaded model: options, build cache, session."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+from infer.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from infer.bundle import Bundle
+    from infer.contract import LoadSpec, ModelHandle
+
+__all__ = ["LoadOptions", "load", "parse_options"]
+
+#: Options :func:`infer.load` may pass to this backend, with what each expects.
+OPTIONS: Final = {
+    "threads": "a positive integer (intra-op threads; default: the CPUs this process may use)",
+    "cache_dir": "a folder path for built graphs (default: infer's cache folder)",
+    "block_size": "32 or 64 (int4 quantisation block)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """Validated backend options."""
+
+    threads: int | None = None
+    cache_dir: Path | None = None
+    block_size: int = 32
+
+
+def parse_options(options: Mapping[str, Any]) -> LoadOptions:
+    """Validate ``options``; unknown keys and bad values raise :class:`InvalidParameterError`."""
+    for key in options:
+        if key not in OPTIONS:
+            raise InvalidParameterError(key, options[key], f"a known onnx backend option ({', '.join(OPTIONS)})")
+    threads = options.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise InvalidParameterError("threads", threads, OPTIONS["threads"])
+    cache_dir = options.get("cache_dir")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise InvalidParameterError("cache_dir", cache_dir, OPTIONS["cache_dir"])
+    block_size = options.get("block_size", 32)
+    if block_size not in (32, 64) or isinstance(block_size, bool):
+        raise InvalidParameterError("block_size", block_size, OPTIONS["block_size"])
+    return LoadOptions(
+        threads=threads,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        block_size=block_size,
+    )
+
+
+def load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
+    """Load what ``spec`` names: a bundle is built (or taken from the cache), an export opened."""
+    from infer_backend_onnx.devices import DEVICES, providers_for
+
+    opts = parse_options(options)
+    device = spec.device or DEVICES[0]
+    providers_for(device)  # fail early, before a build, when the device cannot run here
+    if spec.bundle is not None:
+        return _load_bundle(spec.bundle, spec, opts, device)
+    if spec.path is not None:
+        from infer_backend_onnx.exports import find_export, load_export
+
+        export = find_export(spec.path)
+        if export is not None:
+            return load_export(export, spec, opts, device)
+    return None
+
+
+def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str) -> ModelHandle:
+    from infer_backend_onnx.build_cache import cache_root, cached_build
+    from infer_backend_onnx.devices import make_session
+    from infer_backend_onnx.graph import BUILDER_VERSION, GraphConfig, build_decoder
+    from infer_backend_onnx.runtime import OnnxModel
+    from infer_backend_onnx.threads import cpu_budget
+
+    config = GraphConfig(dtype=spec.dtype or "fp32", block_size=opts.block_size)
+    content = bundle.content_hash()
+    key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"
+    started = time.perf_counter()
+    entry = cached_build(
+        cache_root(opts.cache_dir),
+        key,
+        lambda folder: build_decoder(bundle, config, folder),
+        {"bundle": str(bundle.path), "content_hash": content, "graph": config.key, "builder_version": BUILDER_VERSION},
+    )
+    prepared = time.perf_counter()
+    threads = opts.threads or cpu_budget()
+    session = make_session(entry.model_path, device, threads)
+    s = bundle.spec
+    context = min(spec.context_length or s.max_position_embeddings, s.max_position_embeddings)
+    return OnnxModel(
+        session,
+        vocab_size=s.vocab_size,
+        context_length=context,
+        layers=s.num_hidden_layers,
+        kv_heads=s.num_key_value_heads,
+        head_dim=s.head_dim,
+        kv_dtype=np.float16 if config.dtype == "fp16" else np.float32,
+        device=device,
+        dtype=config.dtype,
+        details={
+            "graph": str(entry.model_path),
+            "cache_hit": not entry.built,
+            "build_s": round(prepared - started, 3),
+            "session_s": round(time.perf_counter() - prepared, 3),
+            "threads": threads,
+            "providers": tuple(session.get_providers()),
+        },
+    )

@@ -1,0 +1,339 @@
+"""Running a built decoder graph: model handle, KV caches on the device, batched steps.
+
+KV memory lives in :class:`KVBlock` objects: per layer one key and one value tensor of shape
+``[rows, kv_heads, capacity, head_dim]`` on the session's device. The graph's
+``GroupQueryAttention`` gets the same tensor bound as past input and present output, so each
+step writes its new positions in place: nothing is copied per token, and nothing crosses to
+numpy except the inputs (a few ints) and the logits.
+
+A batch runs on one block whose rows are its sequences in order. A sequence starts without a
+block; its first step puts it in one sized to the request. When a batch groups sequences that
+live in different blocks (or in another order), they move into a new shared block once, and
+later steps with the same batch run without copying. A sequence that outgrows its block moves
+into one of twice the capacity (never past the model's context).
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from infer.contract import Batch, KVCache, ModelHandle
+from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+__all__ = ["KVBlock", "OnnxHandle", "OnnxKVCache", "OnnxModel"]
+
+_Logits = npt.NDArray[np.float32]
+
+
+class OnnxHandle(ModelHandle):
+    """Base of every handle this backend returns; the step hooks answer only for these."""
+
+    backend = "onnx"
+
+    @abc.abstractmethod
+    def prefill(self, batch: Batch) -> _Logits:
+        """Feed each row's tokens; logits of each row's last token, ``[B, vocab]``."""
+
+    @abc.abstractmethod
+    def decode(self, batch: Batch) -> _Logits:
+        """Feed one token per row; next-token logits ``[B, vocab]``."""
+
+
+class KVBlock:
+    """KV tensors for ``rows`` sequences of up to ``capacity`` tokens, on the model's device."""
+
+    def __init__(self, model: OnnxModel, rows: int, capacity: int) -> None:
+        import onnxruntime as ort
+
+        self.rows = rows
+        self.capacity = capacity
+        shape = (rows, model.kv_heads, capacity, model.head_dim)
+        self.host: list[np.ndarray[Any, Any]] | None = None
+        if model.ort_device == "cpu":
+            # Zeroed pages are mapped lazily by the OS: a large capacity costs only what is written.
+            self.host = [np.zeros(shape, model.kv_dtype) for _ in range(2 * model.layers)]
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.host]
+        else:
+            self.values = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype, model.ort_device, 0)
+                for _ in range(2 * model.layers)
+            ]
+        self.nbytes = 2 * model.layers * int(np.prod(shape)) * np.dtype(model.kv_dtype).itemsize
+        self.decode_io: _DecodeBinding | None = None
+
+    def arrays(self) -> list[np.ndarray[Any, Any]]:
+        """The KV tensors as host arrays (views on CPU, copies from a device)."""
+        return self.host if self.host is not None else [v.numpy() for v in self.values]
+
+
+class OnnxKVCache(KVCache):
+    """One sequence's cache: a row of a :class:`KVBlock`, allocated at the first step."""
+
+    __slots__ = ("_block", "_length", "_model", "_released", "_requested", "_row")
+
+    def __init__(self, model: OnnxModel, capacity: int) -> None:
+        self._model = model
+        self._requested = capacity
+        self._block: KVBlock | None = None
+        self._row = 0
+        self._length = 0
+        self._released = False
+
+    @property
+    def length(self) -> int:
+        """Tokens cached so far."""
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the cache holds without moving (it grows on demand up to the model's context)."""
+        return max(self._requested, self._block.capacity if self._block else 0)
+
+    @property
+    def nbytes(self) -> int:
+        """This sequence's share of its block's memory."""
+        if self._block is None:
+            return 0
+        return self._block.nbytes // self._block.rows
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released
+
+    def release(self) -> None:
+        """Drop this sequence's hold on its block; the block is freed with its last sequence."""
+        self._released = True
+        self._block = None
+        self._length = 0
+
+
+class _DecodeBinding:
+    """An IO binding for one-token steps on a block, bound once and reused every step.
+
+    Inputs and the logits output are numpy arrays wrapped without copy; a step writes the
+    new token ids and lengths into them and runs.
+    """
+
+    def __init__(self, model: OnnxModel, block: KVBlock) -> None:
+        import onnxruntime as ort
+
+        rows = block.rows
+        self.input_ids = np.zeros((rows, 1), np.int64)
+        self.seqlens = np.zeros(rows, np.int32)
+        self.total = np.zeros((), np.int32)
+        self.last = np.arange(rows, dtype=np.int64)
+        self.io = model.session.io_binding()
+        self._keep = [self.input_ids, self.seqlens, self.total, self.last]
+        for name, array in zip(
+            ("input_ids", "seqlens_k", "total_sequence_length", "last_token_index"), self._keep, strict=True
+        ):
+            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self.logits: np.ndarray[Any, Any] | None = None
+        if model.ort_device == "cpu":
+            self.logits = np.empty((rows, model.vocab_size), np.float32)
+            self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        else:
+            self.io.bind_output("logits", "cpu")
+        model.bind_kv(self.io, block)
+
+
+class OnnxModel(OnnxHandle):
+    """A decoder graph built by this backend, loaded in an ONNX Runtime session."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        vocab_size: int,
+        context_length: int,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        kv_dtype: type[np.floating[Any]],
+        device: str,
+        dtype: str,
+        details: Mapping[str, Any],
+    ) -> None:
+        from infer_backend_onnx.devices import ort_device
+
+        self.session = session
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.layers = layers
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.kv_dtype = kv_dtype
+        self.device = device
+        self.dtype = dtype
+        self.ort_device = ort_device(device)
+        self.details = MappingProxyType(dict(details))
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- contract ----------------------------------------------------------------------------
+    def new_sequence(self, capacity: int) -> OnnxKVCache:
+        """An empty cache for up to ``capacity`` tokens (memory is taken at the first step)."""
+        if capacity < 1:
+            raise BackendError(f"a sequence needs a capacity of at least 1 token, got {capacity}", backend="onnx")
+        return OnnxKVCache(self, min(capacity, self.context_length))
+
+    def close(self) -> None:
+        """Drop the session; caches made from this model must not be used afterwards."""
+        self._closed = True
+        self.session = None  # type: ignore[assignment]
+
+    def prefill(self, batch: Batch) -> _Logits:
+        """Feed each row's tokens; logits of each row's last token, ``[B, vocab]``."""
+        return self._forward(batch, decode=False)
+
+    def decode(self, batch: Batch) -> _Logits:
+        """Feed one token per row; next-token logits ``[B, vocab]``."""
+        return self._forward(batch, decode=True)
+
+    # -- steps -------------------------------------------------------------------------------
+    def bind_kv(self, io: ort.IOBinding, block: KVBlock) -> None:
+        """Bind ``block`` as both past input and present output of every layer."""
+        from infer_backend_onnx.graph import past_names, present_names
+
+        for layer in range(self.layers):
+            for past, present, value in zip(
+                past_names(layer), present_names(layer), block.values[2 * layer : 2 * layer + 2], strict=True
+            ):
+                io.bind_ortvalue_input(past, value)
+                io.bind_ortvalue_output(present, value)
+
+    def _check(self, batch: Batch, decode: bool) -> list[OnnxKVCache]:
+        if self._closed:
+            from infer.errors import ModelClosedError
+
+            raise ModelClosedError("this onnx model was closed; load it again")
+        seqs: list[OnnxKVCache] = []
+        for i, (seq, tokens) in enumerate(zip(batch.sequences, batch.tokens, strict=True)):
+            if not isinstance(seq, OnnxKVCache) or seq._model is not self:
+                raise BackendError(f"row {i}: the cache was not made by this onnx model", backend="onnx")
+            if seq.released:
+                raise BackendError(f"row {i}: the cache was released; start a new sequence", backend="onnx")
+            if tokens.size == 0:
+                raise EmptyPromptError(f"row {i} has no tokens; feed at least one")
+            if decode and tokens.size != 1:
+                raise BackendError(f"row {i}: decode takes one token per row, got {tokens.size}", backend="onnx")
+            bad = np.flatnonzero((tokens < 0) | (tokens >= self.vocab_size))
+            if bad.size:
+                raise InvalidTokenError(int(tokens[bad[0]]), self.vocab_size, position=seq.length + int(bad[0]))
+            if seq.length + tokens.size > self.context_length:
+                raise ContextLengthError(seq.length + int(tokens.size), self.context_length)
+            seqs.append(seq)
+        if len({id(s) for s in seqs}) != len(seqs):
+            raise BackendError("a sequence appears twice in one batch", backend="onnx")
+        return seqs
+
+    def _forward(self, batch: Batch, *, decode: bool) -> _Logits:
+        with self._lock:
+            seqs = self._check(batch, decode)
+            sizes = [t.size for t in batch.tokens]
+            out = np.empty((batch.size, self.vocab_size), np.float32)
+            for rows in _groups(seqs, sizes):
+                out[rows] = self._run([seqs[r] for r in rows], [batch.tokens[r] for r in rows])
+            return out
+
+    def _run(self, seqs: list[OnnxKVCache], tokens: list[npt.NDArray[np.int32]]) -> _Logits:
+        sizes = np.array([t.size for t in tokens])
+        lengths = np.array([s.length for s in seqs])
+        totals = lengths + sizes
+        block = self._place(seqs, int(totals.max()))
+        if sizes.max() == 1:
+            logits = self._run_decode(block, tokens, totals)
+        else:
+            logits = self._run_prefill(block, tokens, sizes, totals)
+        for seq, n in zip(seqs, sizes, strict=True):
+            seq._length += int(n)
+        return logits
+
+    def _run_decode(
+        self, block: KVBlock, tokens: list[npt.NDArray[np.int32]], totals: npt.NDArray[np.int64]
+    ) -> _Logits:
+        if block.decode_io is None:
+            block.decode_io = _DecodeBinding(self, block)
+        d = block.decode_io
+        d.input_ids[:, 0] = [int(t[0]) for t in tokens]
+        d.seqlens[:] = totals - 1
+        d.total[()] = totals.max()
+        self.session.run_with_iobinding(d.io)
+        if d.logits is not None:
+            return d.logits.copy()
+        return d.io.get_outputs()[0].numpy()
+
+    def _run_prefill(
+        self,
+        block: KVBlock,
+        tokens: list[npt.NDArray[np.int32]],
+        sizes: npt.NDArray[np.int64],
+        totals: npt.NDArray[np.int64],
+    ) -> _Logits:
+        rows, width = len(tokens), int(sizes.max())
+        # Rows shorter than the widest are right-padded: only first prompts are grouped that way
+        # (see _groups), and the attention masks each row to its own length.
+        ids = np.zeros((rows, width), np.int64)
+        for r, t in enumerate(tokens):
+            ids[r, : t.size] = t
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(totals.max(), np.int32))
+        io.bind_cpu_input("last_token_index", (np.arange(rows) * width + sizes - 1).astype(np.int64))
+        io.bind_output("logits", "cpu")
+        self.bind_kv(io, block)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+    def _place(self, seqs: list[OnnxKVCache], need: int) -> KVBlock:
+        """The block holding ``seqs`` as its rows in order, able to take ``need`` tokens per row."""
+        block = seqs[0]._block
+        if (
+            block is not None
+            and block.rows == len(seqs)
+            and block.capacity >= need
+            and all(s._block is block and s._row == i for i, s in enumerate(seqs))
+        ):
+            return block
+        current = max((s._block.capacity for s in seqs if s._block is not None), default=0)
+        capacity = max(need, *(s._requested for s in seqs))
+        if need > current > 0:
+            # Outgrown: double rather than grow token by token, but never past the context.
+            capacity = max(capacity, 2 * current)
+        capacity = min(capacity, self.context_length)
+        new = KVBlock(self, len(seqs), capacity)
+        targets = new.host if new.host is not None else [np.zeros(v.shape(), self.kv_dtype) for v in new.values]
+        for row, seq in enumerate(seqs):
+            if seq._block is not None and seq._length:
+                for dst, src in zip(targets, seq._block.arrays(), strict=True):
+                    dst[row, :, : seq._length] = src[seq._row, :, : seq._length]
+            seq._block, seq._row = new, row
+        if new.host is None:
+            for value, array in zip(new.values, targets, strict=True):
+                value.update_inplace(array)
+        return new
+
+
+def _groups(seqs: Sequence[OnnxKVCache], sizes: Sequence[int]) -> list[list[int]]:
+    """Rows that can share one run: equal new lengths, or first prompts of any lengths.
+
+    The attention op masks right padding only when no row has a past; otherwise rows of
+    different lengths run separately (one run per distinct length).
+    """
+    if len(set(sizes)) == 1 or all(s.length == 0 for s in seqs):
+        return [list(range(len(seqs)))]
+    by_size: dict[int, list[int]] = {}
+    for r, n in enumerate(sizes):
+        by_size.setdefault(n, []).append(r)
+    return list(by_size.values())

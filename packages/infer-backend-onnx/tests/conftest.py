@@ -1,0 +1,53 @@
+"""Shared fixtures: the conformance suite's tiny Llama bundle, loaded through the backend's hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from infer.bundle import Bundle
+from infer_backend_onnx import plugin
+from infer_backend_onnx.runtime import OnnxModel
+from onnx_helpers import Loader, load_spec
+
+fixtures = pytest.importorskip("infer_conformance.fixtures", reason="needs infer-conformance (the tiny bundle)")
+reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance (the numpy reference)")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle() -> Bundle:
+    return Bundle.open(fixtures.TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def ref_model(tiny_bundle: Bundle) -> Any:
+    return reference.ReferenceModel(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_bundle: Bundle, build_dir: Path) -> Iterator[Loader]:
+    """Load the tiny bundle at a precision; builds are shared by the whole session."""
+    loaded: list[OnnxModel] = []
+
+    def load(dtype: str = "fp32", **options: Any) -> OnnxModel:
+        opts: Mapping[str, Any] = {"cache_dir": build_dir, "threads": 1, **options}
+        model = plugin.infer_load(load_spec(tiny_bundle, dtype=dtype), opts)
+        assert isinstance(model, OnnxModel)
+        loaded.append(model)
+        return model
+
+    yield load
+    for model in loaded:
+        model.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(load_tiny: Loader) -> OnnxModel:
+    return load_tiny("fp32")

@@ -1,0 +1,88 @@
+"""The build cache: a second load reuses the build; damaged entries are detected and rebuilt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from infer.bundle import Bundle
+from infer_backend_onnx import plugin
+from infer_backend_onnx.build_cache import MANIFEST, cache_root, verify_entry
+from infer_backend_onnx.runtime import OnnxModel
+from onnx_helpers import PROMPT, load_spec, step
+
+pytestmark = pytest.mark.integration
+
+
+def _load(bundle: Bundle, cache: Path) -> OnnxModel:
+    model = plugin.infer_load(load_spec(bundle), {"cache_dir": cache, "threads": 1})
+    assert isinstance(model, OnnxModel)
+    return model
+
+
+def _entry(cache: Path) -> Path:
+    (entry,) = [p for p in (cache / "onnx").iterdir() if not p.name.startswith(".")]
+    return entry
+
+
+def test_second_load_is_a_cache_hit(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    assert _load(tiny_bundle, tmp_path).details["cache_hit"] is False
+    assert _load(tiny_bundle, tmp_path).details["cache_hit"] is True
+
+
+def test_build_leaves_no_temporary_folder(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    _load(tiny_bundle, tmp_path)
+    assert [p.name for p in (tmp_path / "onnx").iterdir() if p.name.startswith(".")] == []
+    assert verify_entry(_entry(tmp_path)) is None
+
+
+def test_truncated_weights_are_detected_and_rebuilt(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    _load(tiny_bundle, tmp_path)
+    data = _entry(tmp_path) / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    assert "bytes" in (verify_entry(_entry(tmp_path)) or "")
+    model = _load(tiny_bundle, tmp_path)
+    assert model.details["cache_hit"] is False
+    assert verify_entry(_entry(tmp_path)) is None
+    assert np.isfinite(step(model, [model.new_sequence(16)], [PROMPT])).all()
+
+
+def test_altered_bytes_of_the_same_size_fail_the_hash_and_are_rebuilt(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    _load(tiny_bundle, tmp_path)
+    data = _entry(tmp_path) / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100:108] = b"\xff" * 8
+    data.write_bytes(bytes(raw))
+    assert "sha256" in (verify_entry(_entry(tmp_path)) or "")
+    assert _load(tiny_bundle, tmp_path).details["cache_hit"] is False
+
+
+def test_missing_manifest_means_rebuild(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    _load(tiny_bundle, tmp_path)
+    (_entry(tmp_path) / MANIFEST).unlink()
+    assert _load(tiny_bundle, tmp_path).details["cache_hit"] is False
+
+
+def test_manifest_records_each_file_size_and_hash(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    _load(tiny_bundle, tmp_path)
+    manifest = json.loads((_entry(tmp_path) / MANIFEST).read_text())
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"].values())
+
+
+def test_each_precision_has_its_own_entry(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    plugin.infer_load(load_spec(tiny_bundle, dtype="fp32"), {"cache_dir": tmp_path})
+    plugin.infer_load(load_spec(tiny_bundle, dtype="int4"), {"cache_dir": tmp_path})
+    names = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert len(names) == 2 and "fp32" in names[0] + names[1] and "int4-b32" in names[0] + names[1]
+
+
+def test_cache_root_prefers_the_option_then_infer_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert cache_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.setenv("INFER_HOME", str(tmp_path / "home"))
+    try:
+        import infer.store  # noqa: F401
+    except ImportError:
+        assert cache_root() == tmp_path / "home" / "cache"

@@ -1,0 +1,50 @@
+"""The built graph: valid ONNX, and the numbers of the numpy reference at each precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from infer.bundle import Bundle
+from infer_backend_onnx.graph import GraphConfig, build_decoder
+from onnx_helpers import PROMPT, Loader, step
+
+pytestmark = pytest.mark.integration
+
+#: Largest |logit - reference| measured on the tiny bundle (logits of magnitude ~1), with margin:
+#: fp32 ~5e-6, fp16 ~1.5e-2, int4 (block 32, int8 activations) ~2.5.
+TOLERANCE = {"fp32": 1e-5, "fp16": 5e-2, "int4": 4.0}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int4"])
+def test_built_graph_passes_the_onnx_checker(tiny_bundle: Bundle, tmp_path: Path, dtype: str) -> None:
+    path = build_decoder(tiny_bundle, GraphConfig(dtype=dtype), tmp_path)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int4"])
+def test_prefill_logits_match_the_reference_within_the_precision_tolerance(
+    load_tiny: Loader, ref_model, dtype: str
+) -> None:
+    model = load_tiny(dtype)
+    expected = ref_model.forward(PROMPT)[-1]
+    got = step(model, [model.new_sequence(32)], [PROMPT])[0]
+    assert np.abs(got - expected).max() <= TOLERANCE[dtype]
+    if dtype != "fp32":
+        # Lossy precisions still rank the same best token on this prompt.
+        assert int(np.argmax(got)) == int(np.argmax(expected))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int4"])
+def test_decode_logits_match_the_reference_at_every_position(load_tiny: Loader, ref_model, dtype: str) -> None:
+    model = load_tiny(dtype)
+    expected = ref_model.forward(PROMPT)
+    cache = model.new_sequence(len(PROMPT))
+    step(model, [cache], [PROMPT[:3]])
+    worst = 0.0
+    for i in range(3, len(PROMPT)):
+        got = step(model, [cache], [[PROMPT[i]]], decode=True)[0]
+        worst = max(worst, float(np.abs(got - expected[i]).max()))
+    assert worst <= TOLERANCE[dtype]

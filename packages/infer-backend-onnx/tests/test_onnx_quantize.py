@@ -1,0 +1,69 @@
+"""int4 packing: what quantize_int4 writes is what ONNX Runtime's MatMulNBits multiplies by."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from infer_backend_onnx.quantize import dequantize_int4, quantize_int4
+
+pytestmark = pytest.mark.unit
+
+
+def _matmul_nbits(x: np.ndarray, w: np.ndarray, block_size: int) -> np.ndarray:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    q = quantize_int4(w, block_size)
+    n, k = w.shape
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "b", "s", "z"],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block_size,
+        accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "nbits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(q.packed, "b"),
+            numpy_helper.from_array(q.scales, "s"),
+            numpy_helper.from_array(q.zero_points, "z"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(("n", "k", "block_size"), [(48, 64, 32), (40, 192, 64), (24, 96, 64), (16, 80, 32)])
+def test_matmul_nbits_multiplies_by_the_dequantized_weight(n: int, k: int, block_size: int) -> None:
+    rng = np.random.default_rng(n * k)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    expected = x @ dequantize_int4(quantize_int4(w, block_size)).T
+    np.testing.assert_allclose(_matmul_nbits(x, w, block_size), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_quantization_error_is_at_most_half_a_step_per_block() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 128)).astype(np.float32)
+    q = quantize_int4(w, 32)
+    err = np.abs(dequantize_int4(q) - w).reshape(32, 4, 32)
+    assert np.all(err <= q.scales[..., None] / 2 + 1e-6)
+
+
+def test_zero_weights_stay_exactly_zero() -> None:
+    w = np.zeros((4, 64), np.float32)
+    w[0, :32] = np.linspace(0.5, 2.0, 32)
+    np.testing.assert_array_equal(dequantize_int4(quantize_int4(w, 32))[1:], 0.0)
+    assert dequantize_int4(quantize_int4(w, 32))[0, 40] == 0.0

@@ -1,0 +1,164 @@
+"""Steps on the built graph: KV written in place, batches equal single rows, caches grow and fail cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from infer.contract import KVCache
+from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
+from infer_backend_onnx.runtime import OnnxModel
+from onnx_helpers import PROMPT, step
+
+pytestmark = pytest.mark.integration
+
+ATOL = 1e-5
+
+
+def test_decode_after_prefill_equals_a_full_prefill(tiny_fp32: OnnxModel) -> None:
+    full = tiny_fp32.new_sequence(len(PROMPT))
+    expected = step(tiny_fp32, [full], [PROMPT])[0]
+    cache = tiny_fp32.new_sequence(len(PROMPT))
+    step(tiny_fp32, [cache], [PROMPT[:5]])
+    for token in PROMPT[5:]:
+        got = step(tiny_fp32, [cache], [[token]], decode=True)[0]
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_decode_appends_one_token_to_the_cache(tiny_fp32: OnnxModel) -> None:
+    cache = tiny_fp32.new_sequence(16)
+    step(tiny_fp32, [cache], [PROMPT[:4]])
+    assert cache.length == 4
+    step(tiny_fp32, [cache], [[5]], decode=True)
+    assert cache.length == 5
+
+
+def test_decode_writes_the_kv_buffer_in_place(tiny_fp32: OnnxModel) -> None:
+    cache = tiny_fp32.new_sequence(16)
+    step(tiny_fp32, [cache], [PROMPT[:4]])
+    block = cache._block
+    assert block is not None and block.host is not None
+    before = block.host[0].copy()
+    step(tiny_fp32, [cache], [[5]], decode=True)
+    assert cache._block is block  # no reallocation, no copy
+    after = block.host[0]
+    np.testing.assert_array_equal(after[:, :, :4], before[:, :, :4])
+    assert np.abs(after[0, :, 4]).sum() > 0  # the new position was written into the bound buffer
+
+
+def test_chunked_prefill_equals_one_prefill(tiny_fp32: OnnxModel) -> None:
+    whole = step(tiny_fp32, [tiny_fp32.new_sequence(32)], [PROMPT])[0]
+    cache = tiny_fp32.new_sequence(32)
+    for chunk in (PROMPT[:4], PROMPT[4:9], PROMPT[9:]):
+        got = step(tiny_fp32, [cache], [chunk])[0]
+    np.testing.assert_allclose(got, whole, atol=ATOL, rtol=0)
+
+
+def test_ragged_first_prompts_in_one_batch_equal_single_rows(tiny_fp32: OnnxModel) -> None:
+    rows = [PROMPT, PROMPT[:3], PROMPT[2:9]]
+    singles = np.stack([step(tiny_fp32, [tiny_fp32.new_sequence(32)], [r])[0] for r in rows])
+    caches = [tiny_fp32.new_sequence(32) for _ in rows]
+    batched = step(tiny_fp32, caches, rows)
+    np.testing.assert_allclose(batched, singles, atol=ATOL, rtol=0)
+    # Then decode the three together, each at its own position, and compare with single rows.
+    nxt = [[7], [8], [9]]
+    batched = step(tiny_fp32, caches, nxt, decode=True)
+    singles = []
+    for r, t in zip(rows, nxt, strict=True):
+        c = tiny_fp32.new_sequence(32)
+        step(tiny_fp32, [c], [r])
+        singles.append(step(tiny_fp32, [c], [t], decode=True)[0])
+    np.testing.assert_allclose(batched, np.stack(singles), atol=ATOL, rtol=0)
+
+
+def test_ragged_chunks_on_caches_with_history_equal_single_rows(tiny_fp32: OnnxModel) -> None:
+    a, b = tiny_fp32.new_sequence(32), tiny_fp32.new_sequence(32)
+    step(tiny_fp32, [a], [PROMPT[:2]])
+    batched = step(tiny_fp32, [a, b], [PROMPT[2:7], PROMPT[:4]])
+    a1, b1 = tiny_fp32.new_sequence(32), tiny_fp32.new_sequence(32)
+    step(tiny_fp32, [a1], [PROMPT[:2]])
+    expected = np.stack([step(tiny_fp32, [a1], [PROMPT[2:7]])[0], step(tiny_fp32, [b1], [PROMPT[:4]])[0]])
+    np.testing.assert_allclose(batched, expected, atol=ATOL, rtol=0)
+    assert (a.length, b.length) == (7, 4)
+
+
+def test_batch_order_changes_keep_each_rows_history(tiny_fp32: OnnxModel) -> None:
+    a, b = tiny_fp32.new_sequence(32), tiny_fp32.new_sequence(32)
+    step(tiny_fp32, [a, b], [PROMPT[:5], PROMPT[3:6]])
+    swapped = step(tiny_fp32, [b, a], [[11], [12]], decode=True)
+    a1, b1 = tiny_fp32.new_sequence(32), tiny_fp32.new_sequence(32)
+    step(tiny_fp32, [a1], [PROMPT[:5]])
+    step(tiny_fp32, [b1], [PROMPT[3:6]])
+    expected = np.stack([step(tiny_fp32, [b1], [[11]], decode=True)[0], step(tiny_fp32, [a1], [[12]], decode=True)[0]])
+    np.testing.assert_allclose(swapped, expected, atol=ATOL, rtol=0)
+
+
+def test_a_cache_grows_past_its_requested_capacity_without_changing_results(tiny_fp32: OnnxModel) -> None:
+    expected = step(tiny_fp32, [tiny_fp32.new_sequence(32)], [PROMPT])[0]
+    cache = tiny_fp32.new_sequence(3)
+    step(tiny_fp32, [cache], [PROMPT[:3]])
+    assert cache.capacity == 3
+    for token in PROMPT[3:]:
+        got = step(tiny_fp32, [cache], [[token]], decode=True)[0]
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    # Geometric growth: 3 -> 6 -> 12, not one reallocation per token.
+    assert cache.capacity == 12
+
+
+def test_kv_memory_is_sized_to_the_request_not_the_context(tiny_fp32: OnnxModel) -> None:
+    cache = tiny_fp32.new_sequence(8)
+    step(tiny_fp32, [cache], [PROMPT[:2]])
+    per_token = 2 * tiny_fp32.layers * tiny_fp32.kv_heads * tiny_fp32.head_dim * 4
+    assert cache.nbytes == 8 * per_token
+    assert tiny_fp32.context_length > 8
+
+
+def test_release_frees_the_cache_and_is_idempotent(tiny_fp32: OnnxModel) -> None:
+    cache = tiny_fp32.new_sequence(8)
+    step(tiny_fp32, [cache], [PROMPT[:2]])
+    cache.release()
+    cache.release()
+    assert cache.released and cache.nbytes == 0
+    with pytest.raises(BackendError, match="released"):
+        step(tiny_fp32, [cache], [[3]], decode=True)
+
+
+def test_tokens_outside_the_vocabulary_raise_invalid_token(tiny_fp32: OnnxModel) -> None:
+    cache = tiny_fp32.new_sequence(8)
+    with pytest.raises(InvalidTokenError) as info:
+        step(tiny_fp32, [cache], [[1, 2, tiny_fp32.vocab_size]])
+    assert info.value.position == 2
+    assert cache.length == 0
+
+
+def test_feeding_past_the_context_raises_context_length(tiny_fp32: OnnxModel) -> None:
+    cache = tiny_fp32.new_sequence(8)
+    with pytest.raises(ContextLengthError):
+        step(tiny_fp32, [cache], [[1] * (tiny_fp32.context_length + 1)])
+
+
+def test_a_row_without_tokens_raises_empty_prompt(tiny_fp32: OnnxModel) -> None:
+    with pytest.raises(EmptyPromptError):
+        step(tiny_fp32, [tiny_fp32.new_sequence(8)], [[]])
+
+
+def test_a_cache_from_another_model_is_refused(tiny_fp32: OnnxModel) -> None:
+    class Foreign(KVCache):
+        length = capacity = nbytes = 0
+        released = False
+
+        def release(self) -> None:
+            pass
+
+    with pytest.raises(BackendError, match="not made by this onnx model"):
+        step(tiny_fp32, [Foreign()], [[1]])
+
+
+def test_the_same_cache_twice_in_a_batch_is_refused(tiny_fp32: OnnxModel) -> None:
+    cache = tiny_fp32.new_sequence(8)
+    with pytest.raises(BackendError, match="twice"):
+        step(tiny_fp32, [cache, cache], [[1], [2]])
+
+
+def test_identical_inputs_give_bit_identical_logits(tiny_fp32: OnnxModel) -> None:
+    runs = [step(tiny_fp32, [tiny_fp32.new_sequence(16)], [PROMPT]) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
