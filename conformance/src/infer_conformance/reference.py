@@ -1,7 +1,7 @@
 """A plain numpy forward pass of the Llama family: the oracle every backend is checked against.
 
-The model is written for clarity, not speed: weights are held as float32 (as a bundle ships
-them) and every product is computed in float64, so the reference's own rounding is far below
+The model is written for clarity, not speed: weights are read as float32 (as a bundle ships
+them), held and multiplied in float64, so the reference's own rounding is far below
 any backend tolerance. It covers what :class:`infer.bundle.ArchSpec` describes: RMSNorm,
 rotary embeddings (plain, ``linear`` and ``llama3`` scaling), grouped-query attention,
 SwiGLU, tied or separate output head and the q/k/v biases of qwen2.
@@ -44,10 +44,11 @@ class ReferenceModel:
 
     def __init__(self, bundle: Bundle) -> None:
         self.spec: ArchSpec = bundle.spec
-        # float32 like the bundle: float64 copies of a 135M model would cost a gigabyte, and the
-        # per-product upcast below keeps the arithmetic in float64 anyway.
-        self.weights: dict[str, npt.NDArray[np.float32]] = {
-            name: np.asarray(bundle.weights[name], dtype=np.float32) for name in self.spec.expected_shapes()
+        # Read as float32 (the bundle's precision, whatever it stores), held as float64 so that
+        # every product runs in float64 without a per-step upcast (135M params: ~1 GB).
+        self.weights: dict[str, F64] = {
+            name: np.asarray(bundle.weights[name], dtype=np.float32).astype(np.float64)
+            for name in self.spec.expected_shapes()
         }
         self._inv_freq = self.spec.rope_inv_freq()
 
@@ -73,7 +74,7 @@ class ReferenceModel:
         """
         tokens = self._check(cache, ids)
         s, w = self.spec, self.weights
-        x = w["model.embed_tokens.weight"][tokens].astype(np.float64)
+        x = w["model.embed_tokens.weight"][tokens]
         positions = np.arange(cache.length, cache.length + len(tokens))
         rope = self._rope(positions)
         for n in range(s.num_hidden_layers):
@@ -86,7 +87,7 @@ class ReferenceModel:
         cache.length += len(tokens)
         x = _rms_norm(x, w["model.norm.weight"], s.rms_norm_eps)
         head = w["model.embed_tokens.weight"] if s.tie_word_embeddings else w["lm_head.weight"]
-        return (x @ head.T.astype(np.float64)).astype(np.float32)
+        return (x @ head.T).astype(np.float32)
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of ``ids`` (prefill then one decode step per token), stopping at an eos id."""
@@ -119,7 +120,7 @@ class ReferenceModel:
         return np.cos(angles), np.sin(angles)
 
     def _linear(self, x: F64, prefix: str) -> F64:
-        y = x @ self.weights[prefix + ".weight"].T.astype(np.float64)
+        y: F64 = x @ self.weights[prefix + ".weight"].T
         bias = self.weights.get(prefix + ".bias")
         return y if bias is None else y + bias
 
@@ -149,7 +150,7 @@ class ReferenceModel:
         return self._linear(out, p + "self_attn.o_proj")
 
 
-def _rms_norm(x: F64, weight: npt.NDArray[np.float32], eps: float) -> F64:
+def _rms_norm(x: F64, weight: F64, eps: float) -> F64:
     scale: F64 = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return x * scale * weight
 
