@@ -1,0 +1,123 @@
+"""Write the tiny Llama fixture as a GGUF file, the way llama.cpp's converter lays one out.
+
+Used by the GGUF-import and pull tests: Q and K rows are permuted into llama.cpp's
+interleaved rotary order and matrices are quantized with :func:`gguf.quants.quantize`, so the
+importer's un-permutation and dequantization are checked without the 98 MB real model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+TINY = Path(__file__).resolve().parents[3] / "conformance" / "src" / "infer_conformance" / "data" / "tiny-llama"
+
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    """GGUF tensor name of a Hugging Face tensor name."""
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    _, _, n, rest = hf_name.split(".", 3)
+    return f"blk.{n}.{_LAYER[rest]}"
+
+
+def permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder Q/K rows from the half-split layout into llama.cpp's interleaved pairs."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def round_trip(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """What a tensor becomes after quantizing to ``qtype`` and back (the importer's exact target)."""
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return w
+    return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(w.shape)
+
+
+def write_tiny_gguf(
+    path: Path,
+    qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    *,
+    arch: str = "llama",
+    tokenizer_model: str = "gpt2",
+    tied: bool = False,
+    edit: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Write the tiny fixture to ``path``; 2-D weights in ``qtype``, norms in F32.
+
+    Returns the Hugging Face weights the import should reproduce (after the quantization round trip).
+    """
+    config = json.loads((TINY / "config.json").read_text())
+    tok = json.loads((TINY / "tokenizer.json").read_text())
+    weights = load_file(TINY / "model.safetensors")
+    if tied:
+        weights["model.embed_tokens.weight"] = weights.pop("lm_head.weight")
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_vocab_size(config["vocab_size"])
+    vocab = tok["model"]["vocab"] | {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    special = {t["id"] for t in tok["added_tokens"] if t["special"]}
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(json.loads((TINY / "tokenizer_config.json").read_text())["chat_template"])
+    if edit is not None:
+        edit(writer)
+
+    expected: dict[str, np.ndarray] = {}
+    for name, w in weights.items():
+        stored = w
+        if name.endswith("q_proj.weight"):
+            stored = permute_rope(w, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            stored = permute_rope(w, config["num_key_value_heads"])
+        if w.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(stored, qtype)
+            writer.add_tensor(gguf_name(name), data, raw_dtype=qtype)
+            expected[name] = round_trip(w, qtype)
+        else:
+            writer.add_tensor(gguf_name(name), np.ascontiguousarray(stored, dtype=np.float32))
+            expected[name] = w
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
