@@ -29,7 +29,7 @@ from infer.errors import BackendError, ContextLengthError, EmptyPromptError, Inv
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["KVBlock", "OnnxHandle", "OnnxKVCache", "OnnxModel"]
+__all__ = ["KVBlock", "OnnxHandle", "OnnxKVCache", "OnnxModel", "check_row"]
 
 _Logits = npt.NDArray[np.float32]
 
@@ -223,15 +223,7 @@ class OnnxModel(OnnxHandle):
                 raise BackendError(f"row {i}: the cache was not made by this onnx model", backend="onnx")
             if seq.released:
                 raise BackendError(f"row {i}: the cache was released; start a new sequence", backend="onnx")
-            if tokens.size == 0:
-                raise EmptyPromptError(f"row {i} has no tokens; feed at least one")
-            if decode and tokens.size != 1:
-                raise BackendError(f"row {i}: decode takes one token per row, got {tokens.size}", backend="onnx")
-            bad = np.flatnonzero((tokens < 0) | (tokens >= self.vocab_size))
-            if bad.size:
-                raise InvalidTokenError(int(tokens[bad[0]]), self.vocab_size, position=seq.length + int(bad[0]))
-            if seq.length + tokens.size > self.context_length:
-                raise ContextLengthError(seq.length + int(tokens.size), self.context_length)
+            check_row(i, tokens, seq.length, self.vocab_size, self.context_length, decode=decode)
             seqs.append(seq)
         if len({id(s) for s in seqs}) != len(seqs):
             raise BackendError("a sequence appears twice in one batch", backend="onnx")
@@ -323,6 +315,22 @@ class OnnxModel(OnnxHandle):
             for value, array in zip(new.values, targets, strict=True):
                 value.update_inplace(array)
         return new
+
+
+def check_row(
+    row: int, tokens: npt.NDArray[np.int32], length: int, vocab_size: int, context_length: int, *, decode: bool
+) -> None:
+    """Raise the typed error for a row that cannot run: empty, too many tokens for a decode,
+    an id outside the vocabulary, or more tokens than the context holds."""
+    if tokens.size == 0:
+        raise EmptyPromptError(f"row {row} has no tokens; feed at least one")
+    if decode and tokens.size != 1:
+        raise BackendError(f"row {row}: decode takes one token per row, got {tokens.size}", backend="onnx")
+    bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+    if bad.size:
+        raise InvalidTokenError(int(tokens[bad[0]]), vocab_size, position=length + int(bad[0]))
+    if length + tokens.size > context_length:
+        raise ContextLengthError(length + int(tokens.size), context_length)
 
 
 def _groups(seqs: Sequence[OnnxKVCache], sizes: Sequence[int]) -> list[list[int]]:
