@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,8 +107,12 @@ _SPECIAL_IDS = {
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+def import_gguf(
+    gguf_path: str | Path, out_dir: str | Path, *, progress: Callable[[int, int], None] | None = None
+) -> Path:
     """Convert the GGUF file at ``gguf_path`` into a bundle folder at ``out_dir``; return ``out_dir``.
+
+    ``progress(done, total)`` is called after each tensor is converted, when given.
 
     ``out_dir`` must not exist, be empty, or hold an earlier bundle (which is replaced whole).
     Raises :class:`~infer.errors.ModelNotFoundError` when the file is missing,
@@ -128,7 +132,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
     try:
-        weights = _convert_tensors(reader, meta)
+        weights = _convert_tensors(reader, meta, progress)
         config = _config(meta, tied="lm_head.weight" not in weights)
         _write_bundle(tmp, meta, config, weights)
         del weights
@@ -175,14 +179,18 @@ class _Metadata:
         return self.get(f"{self.arch}.{key}", default)
 
 
-def _convert_tensors(reader: GGUFReader, meta: _Metadata) -> dict[str, npt.NDArray[np.float32]]:
+def _convert_tensors(
+    reader: GGUFReader, meta: _Metadata, progress: Callable[[int, int], None] | None
+) -> dict[str, npt.NDArray[np.float32]]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     heads = int(meta.arch_get("attention.head_count"))
     kv_heads = int(meta.arch_get("attention.head_count_kv", heads))
     weights: dict[str, npt.NDArray[np.float32]] = {}
-    for tensor in reader.tensors:
+    for done, tensor in enumerate(reader.tensors, 1):
+        if progress is not None:
+            progress(done, len(reader.tensors))
         name = _hf_name(tensor.name, meta)
         if name is None:
             continue
