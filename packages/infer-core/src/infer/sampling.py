@@ -1,0 +1,624 @@
+"""The default sampler: sampling parameters, per-request state, and the processing chain.
+
+One row of logits becomes one token through a fixed chain::
+
+    logit bias -> repetition penalty -> presence/frequency penalties
+        -> greedy: argmax
+        -> otherwise: temperature -> top-k -> top-p -> min-p -> one draw from the row's own rng
+
+Every request owns a :class:`SamplerState` holding its seeded :class:`numpy.random.Generator`
+and the token bookkeeping the penalties need. A row draws randomness only from its own state,
+exactly once per sampled token, so a seed gives the same tokens whatever else shares the batch.
+
+The chain is written for a decode loop: on a 49k vocabulary a greedy step costs about one
+``argmax`` and a top-k/top-p step avoids sorting or partitioning the whole row (see
+:func:`_top_k_indices`); ``benchmarks/bench_sampling.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeGuard
+
+import numpy as np
+import numpy.typing as npt
+
+from infer.errors import BackendError, InvalidParameterError, InvalidTokenError
+from infer.hookspecs import hookimpl
+
+# Only what `infer` itself re-exports; sample(), logprobs() and DefaultSampler are public here,
+# for the engine and for plugins, but not part of the top-level API.
+__all__ = ["SamplerState", "SamplingParams"]
+
+#: Most alternatives :func:`logprobs` reports per token (the OpenAI API's limit).
+MAX_TOP_LOGPROBS = 20
+#: A logit bias of exactly this value removes the token (its logit becomes -inf).
+BAN_BIAS = -100.0
+#: Temperatures below this sample greedily: dividing by less would overflow float32 logits.
+GREEDY_TEMPERATURE = 1e-5
+
+# Rows at least this long take the column-maximum shortcut in _top_k_indices; shorter ones are
+# cheap enough to partition whole.
+_FAST_TOP_K_MIN_ROW = 4096
+# _top_k_indices views a row as this many stacked slices (3,072 columns for a 49k vocabulary).
+_GROUPS = 16
+# Candidate-set sizes tried, in turn, when top-p runs without top-k: most LM distributions
+# reach p inside the first, flat ones fall through to the whole row.
+_NUCLEUS_GROWTH = (64, 1024, 8192)
+# Above this many weights a draw sums blocks first, instead of a cumulative sum of every weight.
+_BLOCKED_DRAW_MIN = 8192
+_DRAW_BLOCK = 256
+# Who reported non-finite logits: the sampler cannot know which backend produced the row.
+_LOGITS_SOURCE = "unknown (reported by the sampler)"
+
+
+#: A row of logits (float32 from backends; other float widths work too).
+FloatRow = npt.NDArray[np.floating[Any]]
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _is_int(value: object) -> TypeGuard[numbers.Integral]:
+    # bool (and numpy's bool) are integers to Python but never a count or an id here.
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> TypeGuard[numbers.Real]:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _int(name: str, value: object, lo: int, hi: int | None, expected: str) -> int:
+    if not _is_int(value):
+        raise InvalidParameterError(name, value, expected)
+    number = int(value)
+    if number < lo or (hi is not None and number > hi):
+        raise InvalidParameterError(name, value, expected)
+    return number
+
+
+def _real(name: str, value: object, lo: float, hi: float, expected: str, *, lo_open: bool = False) -> float:
+    if not _is_real(value):
+        raise InvalidParameterError(name, value, expected)
+    number = float(value)
+    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
+        raise InvalidParameterError(name, value, expected)
+    return number
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidParameterError(name, value, "True or False")
+    return bool(value)
+
+
+def _stop_strings(value: object) -> tuple[str, ...]:
+    expected = "a non-empty string or a list of non-empty strings"
+    items: tuple[object, ...]
+    if isinstance(value, str):
+        items = (value,)
+    elif isinstance(value, (list, tuple)):
+        items = tuple(value)
+    else:
+        raise InvalidParameterError("stop", value, expected)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise InvalidParameterError("stop", item, expected)
+    return items  # type: ignore[return-value]
+
+
+def _stop_token_ids(value: object, vocab_size: int | None) -> tuple[int, ...]:
+    expected = "a list of token ids >= 0" if vocab_size is None else f"a list of token ids in [0, {vocab_size})"
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise InvalidParameterError("stop_token_ids", value, expected)
+    hi = None if vocab_size is None else vocab_size - 1
+    return tuple(_int("stop_token_ids", item, 0, hi, expected) for item in value)
+
+
+def _logit_bias(value: object, vocab_size: int | None) -> Mapping[int, float]:
+    where = "token ids >= 0" if vocab_size is None else f"token ids in [0, {vocab_size})"
+    expected = f"a mapping of {where} to biases in [-100, 100]"
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError("logit_bias", value, expected)
+    hi = None if vocab_size is None else vocab_size - 1
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        token = _int("logit_bias", key, 0, hi, expected)
+        bias[token] = _real("logit_bias", amount, -100.0, 100.0, expected)
+    return MappingProxyType(bias)
+
+
+def _no_bias() -> Mapping[int, float]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one request chooses its tokens; immutable and validated on construction.
+
+    A bad value raises :class:`~infer.errors.InvalidParameterError` naming the field, so an
+    invalid instance cannot exist. :meth:`validate` adds the checks that need the model's
+    vocabulary size. Numbers are normalised to Python ``int``/``float``, ``stop`` to a tuple
+    and ``logit_bias`` to a read-only mapping.
+    """
+
+    #: Most tokens to generate; ``None`` generates up to the context length.
+    max_tokens: int | None = 256
+    #: Divides the logits before sampling; ``0`` (or below :data:`GREEDY_TEMPERATURE`) picks the
+    #: most likely token (greedy).
+    temperature: float = 1.0
+    #: Keep only the ``top_k`` most likely tokens (every token tied with the k-th stays); ``0`` disables.
+    top_k: int = 0
+    #: Keep the smallest set of most likely tokens whose probability reaches ``top_p``, in (0, 1].
+    top_p: float = 1.0
+    #: Drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
+    min_p: float = 0.0
+    #: Over prompt and generated tokens: divides a seen token's positive logit, multiplies a
+    #: negative one (> 0; ``1`` disables).
+    repetition_penalty: float = 1.0
+    #: Subtracted once from the logit of every token generated so far, in [-2, 2].
+    presence_penalty: float = 0.0
+    #: Subtracted from a generated token's logit once per time it was generated, in [-2, 2].
+    frequency_penalty: float = 0.0
+    #: Token id -> amount added to its logit, in [-100, 100]; exactly -100 bans the token.
+    #: Excluded from the hash (a mapping is not hashable) but compared by ``==``.
+    logit_bias: Mapping[int, float] = field(default_factory=_no_bias, hash=False)
+    #: Seed of the request's random generator; ``None`` draws a fresh one.
+    seed: int | None = None
+    #: Strings that end the generation (not included in the output); a single string is accepted.
+    stop: tuple[str, ...] = ()
+    #: Token ids that end the generation, in addition to the model's end-of-sequence ids.
+    stop_token_ids: tuple[int, ...] = ()
+    #: Keep generating past the model's end-of-sequence tokens.
+    ignore_eos: bool = False
+    #: Report the log-probability of each generated token.
+    logprobs: bool = False
+    #: With ``logprobs``, also report this many most likely alternatives per token, in [0, 20].
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in self._checked(vocab_size=None).items():
+            object.__setattr__(self, name, value)
+
+    def _checked(self, vocab_size: int | None) -> dict[str, Any]:
+        """Every field checked and normalised; raises on the first bad one."""
+        max_tokens = self.max_tokens
+        if max_tokens is not None:
+            max_tokens = _int("max_tokens", max_tokens, 1, None, "None or an integer >= 1")
+        seed = self.seed
+        if seed is not None:
+            seed = _int("seed", seed, 0, None, "None or an integer >= 0")
+        top_logprobs = _int(
+            "top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS, f"an integer in [0, {MAX_TOP_LOGPROBS}]"
+        )
+        logprobs_flag = _flag("logprobs", self.logprobs)
+        if top_logprobs and not logprobs_flag:
+            raise InvalidParameterError("top_logprobs", top_logprobs, "0 unless logprobs=True")
+        return {
+            "max_tokens": max_tokens,
+            "temperature": _real("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0"),
+            "top_k": _int("top_k", self.top_k, 0, None, "an integer >= 0 (0 disables top-k)"),
+            "top_p": _real("top_p", self.top_p, 0.0, 1.0, "a number in (0, 1]", lo_open=True),
+            "min_p": _real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1]"),
+            "repetition_penalty": _real(
+                "repetition_penalty", self.repetition_penalty, 0.0, math.inf, "a finite number > 0", lo_open=True
+            ),
+            "presence_penalty": _real("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2]"),
+            "frequency_penalty": _real("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2]"),
+            "logit_bias": _logit_bias(self.logit_bias, vocab_size),
+            "seed": seed,
+            "stop": _stop_strings(self.stop),
+            "stop_token_ids": _stop_token_ids(self.stop_token_ids, vocab_size),
+            "ignore_eos": _flag("ignore_eos", self.ignore_eos),
+            "logprobs": logprobs_flag,
+            "top_logprobs": top_logprobs,
+        }
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Check every field; with ``vocab_size``, also that token ids fall inside the vocabulary.
+
+        Raises :class:`~infer.errors.InvalidParameterError` naming the first bad field.
+        """
+        if vocab_size is not None:
+            _int("vocab_size", vocab_size, 1, None, "an integer >= 1")
+        self._checked(vocab_size)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether every step takes the most likely token (temperature ~0, or top-k of 1); draws no randomness."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with ``changes`` applied, validated like a new instance."""
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- per-request state
+
+
+def _grown(buffer: npt.NDArray[Any], used: int) -> npt.NDArray[Any]:
+    """``buffer`` with room for one more item (capacity doubles, so appends are O(1) amortised)."""
+    if used < buffer.shape[0]:
+        return buffer
+    bigger = np.empty(max(16, 2 * buffer.shape[0]), dtype=buffer.dtype)
+    bigger[:used] = buffer[:used]
+    return bigger
+
+
+class SamplerState:
+    """What one request's sampling carries from step to step.
+
+    Holds the request's seeded random generator and, for the penalties, the distinct tokens
+    seen so far (prompt and generated) and how often each token was generated. The engine
+    calls :meth:`append` with every chosen token; the bookkeeping is incremental, so a step
+    costs the same at token 10 as at token 10,000.
+    """
+
+    __slots__ = (
+        "_ban_ids",
+        "_bias_ids",
+        "_bias_source",
+        "_bias_values",
+        "_gen_counts",
+        "_gen_ids",
+        "_gen_slot",
+        "_n_gen",
+        "_n_seen",
+        "_seen",
+        "_seen_ids",
+        "num_generated",
+        "params",
+        "rng",
+        "vocab_size",
+    )
+
+    #: The request's parameters (the bias arrays are prepared from them).
+    params: SamplingParams
+    #: Columns of every logits row this state samples from.
+    vocab_size: int
+    #: The request's random generator, seeded from ``params.seed``; sampling draws only from it.
+    rng: np.random.Generator
+    #: How many tokens :meth:`append` has recorded.
+    num_generated: int
+
+    def __init__(self, params: SamplingParams, prompt_ids: npt.ArrayLike, vocab_size: int) -> None:
+        params.validate(vocab_size)
+        prompt = np.asarray(prompt_ids)
+        if prompt.ndim != 1 or (prompt.size and prompt.dtype.kind not in "iu"):
+            raise InvalidParameterError("prompt_ids", prompt_ids, "a 1-D sequence of integer token ids")
+        prompt = prompt.astype(np.int64, copy=False)
+        bad = np.flatnonzero((prompt < 0) | (prompt >= vocab_size))
+        if bad.size:
+            raise InvalidTokenError(int(prompt[bad[0]]), vocab_size, position=int(bad[0]))
+        self.params = params
+        self.vocab_size = vocab_size
+        self.rng = np.random.default_rng(params.seed)
+        self.num_generated = 0
+        seen = np.unique(prompt)
+        self._seen: set[int] = set(seen.tolist())
+        self._n_seen = int(seen.size)
+        self._seen_ids = np.empty(max(64, 2 * seen.size), dtype=np.int64)
+        self._seen_ids[: seen.size] = seen
+        self._gen_slot: dict[int, int] = {}
+        self._n_gen = 0
+        self._gen_ids = np.empty(64, dtype=np.int64)
+        self._gen_counts = np.empty(64, dtype=np.float32)
+        self._bias_source: Mapping[int, float] | None = None
+        self._prepare_bias(params.logit_bias)
+
+    def append(self, token_id: int) -> None:
+        """Record a chosen token (O(1) amortised); raises InvalidTokenError outside the vocabulary."""
+        token = operator.index(token_id)
+        if not 0 <= token < self.vocab_size:
+            raise InvalidTokenError(token, self.vocab_size)
+        self.num_generated += 1
+        if token not in self._seen:
+            self._seen.add(token)
+            self._seen_ids = _grown(self._seen_ids, self._n_seen)
+            self._seen_ids[self._n_seen] = token
+            self._n_seen += 1
+        slot = self._gen_slot.get(token)
+        if slot is None:
+            slot = self._gen_slot[token] = self._n_gen
+            self._gen_ids = _grown(self._gen_ids, slot)
+            self._gen_counts = _grown(self._gen_counts, slot)
+            self._gen_ids[slot] = token
+            self._gen_counts[slot] = 0.0
+            self._n_gen += 1
+        self._gen_counts[slot] += 1.0
+
+    @property
+    def seen_ids(self) -> npt.NDArray[np.int64]:
+        """The distinct prompt and generated token ids (read-only view, in first-seen order)."""
+        view = self._seen_ids[: self._n_seen]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def generated_counts(self) -> dict[int, int]:
+        """How many times each generated token id was generated."""
+        ids, counts = self._gen_ids[: self._n_gen].tolist(), self._gen_counts[: self._n_gen].tolist()
+        return {token: int(count) for token, count in zip(ids, counts, strict=True)}
+
+    def _prepare_bias(self, bias: Mapping[int, float]) -> None:
+        # Kept as arrays so a step applies the bias with two fancy-index operations.
+        added = {t: b for t, b in bias.items() if b != BAN_BIAS}
+        self._bias_ids = np.fromiter(added.keys(), dtype=np.int64, count=len(added))
+        self._bias_values = np.fromiter(added.values(), dtype=np.float32, count=len(added))
+        self._ban_ids = np.fromiter((t for t, b in bias.items() if b == BAN_BIAS), dtype=np.int64)
+        self._bias_source = bias
+
+    def process_logits(self, row: FloatRow, params: SamplingParams | None = None) -> FloatRow:
+        """``row`` after the logit bias and the penalties of ``params`` (default: the state's).
+
+        The first links of the chain, exposed for plugins that sample by their own rules. ``row``
+        itself is never written: the result is a copy, or ``row`` itself when nothing applies.
+        """
+        if params is None:
+            params = self.params
+        if params.logit_bias is not self._bias_source:
+            self._prepare_bias(params.logit_bias)
+        penalty = params.repetition_penalty
+        presence, frequency = params.presence_penalty, params.frequency_penalty
+        repeat = penalty != 1.0 and self._n_seen > 0
+        occur = (presence != 0.0 or frequency != 0.0) and self._n_gen > 0
+        if not (repeat or occur or params.logit_bias):
+            return row
+        row = row.copy()
+        if self._bias_ids.size:
+            row[self._bias_ids] += self._bias_values
+        if self._ban_ids.size:
+            row[self._ban_ids] = -np.inf
+        if repeat:
+            ids = self._seen_ids[: self._n_seen]
+            seen = row[ids]
+            row[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+        if occur:
+            ids = self._gen_ids[: self._n_gen]
+            row[ids] -= presence + frequency * self._gen_counts[: self._n_gen]
+        return row
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def _top_k_indices(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], float]:
+    """Ascending ids of every entry >= the k-th largest of ``row`` (ties with the k-th all kept), and the row max.
+
+    Exact without partitioning the whole row. Viewed as ``_GROUPS`` stacked slices, the row has
+    ``n / _GROUPS`` columns; one vectorised pass takes each column's maximum (and a second pass
+    the maxima of groups of those). The k-th largest of k or more such maxima is a threshold
+    that at least k distinct entries reach, so the k-th largest entry reaches it too, and every
+    entry of the top k sits in a column whose maximum reaches it: only those columns, about
+    ``k * _GROUPS`` entries, are partitioned.
+
+    The max is returned as is; when it is not finite (NaN anywhere, +inf, all -inf) the ids are
+    empty and the caller must refuse the row.
+    """
+    n = row.shape[0]
+    if k >= n:
+        return np.arange(n), float(row.max())
+    width = n // _GROUPS
+    if n < _FAST_TOP_K_MIN_ROW or 2 * k > width:
+        top = float(row.max())
+        if not math.isfinite(top):
+            return np.empty(0, dtype=np.intp), top
+        kth = np.partition(row, n - k)[n - k]
+        return np.flatnonzero(row >= kth), top
+    body = width * _GROUPS
+    grid = row[:body].reshape(_GROUPS, width)
+    tail = row[body:]
+    column_max = grid.max(axis=0)
+    # Where k is small next to the columns, the maxima of column groups give the threshold for
+    # less work than partitioning every column maximum.
+    coarse = (
+        column_max.reshape(_GROUPS, -1).max(axis=0)
+        if width % _GROUPS == 0 and 2 * k <= width // _GROUPS
+        else column_max
+    )
+    top = float(coarse.max())
+    if tail.size:
+        # np.maximum keeps a NaN from either side, where Python's max() would depend on the order.
+        top = float(np.maximum(top, tail.max()))
+    if not math.isfinite(top):
+        return np.empty(0, dtype=np.intp), top
+    pivot = coarse.shape[0] - k
+    threshold = np.partition(coarse, pivot)[pivot]
+    columns = np.flatnonzero(column_max >= threshold)
+    values = np.take(grid, columns, axis=1)
+    pool = np.concatenate((values.ravel(), tail)) if tail.size else values.ravel()
+    pivot = pool.shape[0] - k
+    kth = pool.dtype.type(np.partition(pool, pivot)[pivot])
+    # np.nonzero walks the slices in order, so the ids come out ascending.
+    slices, at = np.nonzero(values >= kth)
+    ids = slices * width + columns[at]
+    if tail.size:
+        ids = np.concatenate((ids, body + np.flatnonzero(tail >= kth)))
+    return ids, top
+
+
+def _search(cumulative: npt.NDArray[np.float64], target: float) -> int:
+    """First index whose cumulative weight exceeds ``target``; rounding past the end lands on the last positive one."""
+    index = int(np.searchsorted(cumulative, target, side="right"))
+    if index < cumulative.shape[0]:
+        return index
+    # target reached the total through rounding: take the last entry that adds weight.
+    steps = np.flatnonzero(np.diff(cumulative, prepend=0.0) > 0)
+    return int(steps[-1])
+
+
+def _draw(weights: FloatRow, u: float) -> int:
+    """Index drawn from unnormalised ``weights`` (>= 0, some > 0) by inverse CDF at ``u`` in [0, 1).
+
+    Never returns a zero-weight index. A long array is searched by block sums first, so a draw
+    over a whole vocabulary needs no float64 cumulative sum of every entry.
+    """
+    if weights.shape[0] <= _BLOCKED_DRAW_MIN:
+        cumulative = np.cumsum(weights, dtype=np.float64)
+        return _search(cumulative, u * cumulative[-1])
+    starts = np.arange(0, weights.shape[0], _DRAW_BLOCK)
+    block_cumulative = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+    target = u * block_cumulative[-1]
+    block = _search(block_cumulative, target)
+    start = block * _DRAW_BLOCK
+    below = block_cumulative[block - 1] if block else 0.0
+    within = np.cumsum(weights[start : start + _DRAW_BLOCK], dtype=np.float64)
+    return start + _search(within, target - below)
+
+
+def _draw_nucleus(
+    ids: npt.NDArray[np.intp], values: FloatRow, weights: FloatRow, mass: float, *, min_p: float, u: float
+) -> int:
+    """Token drawn from the fewest most likely of ``ids`` whose ``weights`` reach ``mass``, then min-p.
+
+    ``values`` (the logits) order the candidates, most likely first and ties by lower id (``ids``
+    is ascending), so the nucleus is the same whichever candidate set it was cut from. The draw
+    walks that order too.
+    """
+    order = np.argsort(-values, kind="stable")
+    cumulative = np.cumsum(weights[order], dtype=np.float64)
+    count = min(int(np.searchsorted(cumulative, mass, side="left")) + 1, order.shape[0])
+    if min_p > 0.0:
+        # weights grow with values, so the tokens passing min-p are a prefix of this order too.
+        count = min(count, int(np.count_nonzero(weights >= min_p)))
+    return int(ids[order[_search(cumulative[:count], u * cumulative[count - 1])]])
+
+
+def _scaled_probs(row: FloatRow, top: float, inv_t: float) -> FloatRow:
+    """``exp((row - top) / T)`` over the whole row: the unnormalised distribution, max entry exactly 1."""
+    scaled = row - row.dtype.type(top)
+    scaled *= row.dtype.type(inv_t)
+    return np.exp(scaled, out=scaled)
+
+
+def _sample_row(row: FloatRow, params: SamplingParams, rng: np.random.Generator, index: int) -> int:
+    """One token from ``row`` (already biased and penalised): temperature, top-k, top-p, min-p, one draw."""
+    n = row.shape[0]
+    k = params.top_k if params.top_k < n else 0
+    if k:
+        ids, top = _top_k_indices(row, k)
+    else:
+        top = float(row.max())
+    if not math.isfinite(top):
+        raise _bad_row(index, top)
+    u = float(rng.random())
+    inv_t = 1.0 / params.temperature
+    top_p, min_p = params.top_p, params.min_p
+    if k:
+        # Temperature scales the k survivors only; their max entry gets weight exp(0) == 1.
+        values = row[ids]
+        weights = np.exp((values - values.dtype.type(top)) * values.dtype.type(inv_t))
+        if top_p < 1.0:
+            return _draw_nucleus(ids, values, weights, top_p * float(weights.sum(dtype=np.float64)), min_p=min_p, u=u)
+    elif top_p < 1.0:
+        probs = _scaled_probs(row, top, inv_t)
+        mass = top_p * float(np.add.reduce(probs, dtype=np.float64))
+        for size in _NUCLEUS_GROWTH:
+            if size >= n:
+                break
+            ids, _ = _top_k_indices(row, size)
+            weights = probs[ids]
+            if float(weights.sum(dtype=np.float64)) >= mass:
+                return _draw_nucleus(ids, row[ids], weights, mass, min_p=min_p, u=u)
+        return _draw_nucleus(np.arange(n), row, probs, mass, min_p=min_p, u=u)
+    elif min_p > 0.0:
+        # Only tokens within T * log(min_p) of the top can pass; the slack keeps float32 rounding
+        # of the cut from dropping one, and the exact test below decides.
+        cut = top + params.temperature * math.log(min_p)
+        ids = np.flatnonzero(row >= cut - 1e-6 * (abs(cut) + 1.0))
+        weights = np.exp((row[ids].astype(np.float64) - top) * inv_t)
+    else:
+        return _draw(_scaled_probs(row, top, inv_t), u)
+    if min_p > 0.0:
+        passing = weights >= min_p
+        ids, weights = ids[passing], weights[passing]
+    return int(ids[_draw(weights, u)])
+
+
+def _bad_row(index: int, value: float) -> BackendError:
+    return BackendError(
+        f"logits row {index} has no usable maximum ({value}): the row holds NaN or +inf, or every token is -inf "
+        "(banned); check the backend's output and any plugin that masks logits",
+        backend=_LOGITS_SOURCE,
+    )
+
+
+def sample(
+    logits: npt.NDArray[np.floating[Any]],
+    params: Sequence[SamplingParams],
+    states: Sequence[SamplerState],
+) -> npt.NDArray[np.int64]:
+    """Choose one token per row of ``logits`` (``[B, vocab]``); returns int64 ``[B]``.
+
+    Row ``i`` uses ``params[i]`` and draws from ``states[i].rng`` only (one draw per sampled
+    token, none when greedy), so its tokens depend on its seed, not on the batch. ``logits`` is
+    never modified. Raises :class:`~infer.errors.InvalidParameterError` when the shapes disagree
+    and :class:`~infer.errors.BackendError` for a row with NaN, +inf, or nothing but -inf.
+    The caller records the chosen tokens with :meth:`SamplerState.append`.
+    """
+    if not isinstance(logits, np.ndarray) or logits.ndim != 2 or logits.dtype.kind != "f":
+        raise InvalidParameterError("logits", getattr(logits, "shape", logits), "a [batch, vocab] float array")
+    rows, vocab = logits.shape
+    if len(params) != rows:
+        raise InvalidParameterError("params", len(params), f"one SamplingParams per logits row ({rows})")
+    if len(states) != rows:
+        raise InvalidParameterError("states", len(states), f"one SamplerState per logits row ({rows})")
+    chosen = np.empty(rows, dtype=np.int64)
+    for i in range(rows):
+        state, p = states[i], params[i]
+        if state.vocab_size != vocab:
+            raise InvalidParameterError("logits", logits.shape, f"{state.vocab_size} columns, the state's vocabulary")
+        row = state.process_logits(logits[i], p)
+        if p.greedy:
+            token = int(row.argmax())
+            if not math.isfinite(row[token]):
+                raise _bad_row(i, float(row[token]))
+            chosen[i] = token
+        else:
+            chosen[i] = _sample_row(row, p, state.rng, i)
+    return chosen
+
+
+def logprobs(logits_row: npt.ArrayLike, token_id: int, top_n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """Log-probability of ``token_id`` under the raw row's softmax, and the ``top_n`` most likely tokens.
+
+    Computed before any bias, penalty or temperature (what the model itself predicted), with a
+    max-shifted log-sum-exp accumulated in float64. Alternatives are ordered most likely first,
+    ties by lower id.
+    """
+    row = np.asarray(logits_row)
+    if row.ndim != 1 or row.dtype.kind != "f" or row.size == 0:
+        raise InvalidParameterError("logits_row", getattr(row, "shape", row), "a non-empty 1-D float array")
+    token = _int("token_id", token_id, 0, row.shape[0] - 1, f"a token id in [0, {row.shape[0]})")
+    top_n = _int("top_n", top_n, 0, MAX_TOP_LOGPROBS, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    top = float(row.max())
+    if not math.isfinite(top):
+        raise _bad_row(0, top)
+    shifted = row - row.dtype.type(top)
+    log_total = top + math.log(float(np.add.reduce(np.exp(shifted, out=shifted), dtype=np.float64)))
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top_n:
+        ids, _ = _top_k_indices(row, top_n)
+        best = ids[np.argsort(-row[ids], kind="stable")[:top_n]]
+        alternatives = tuple((int(t), float(row[t]) - log_total) for t in best)
+    return float(row[token]) - log_total, alternatives
+
+
+class DefaultSampler:
+    """The sampler infer-core registers as a plugin; any other ``infer_sample`` runs before it."""
+
+    @hookimpl(trylast=True)
+    def infer_sample(
+        self,
+        logits: npt.NDArray[np.float32],
+        params: Sequence[SamplingParams],
+        states: Sequence[SamplerState],
+    ) -> npt.NDArray[np.int64]:
+        """Sample with :func:`sample`."""
+        return sample(logits, params, states)
