@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,9 @@ from infer.bundle import Bundle
 from infer_conformance.fixtures import TINY_LLAMA
 from infer_conformance.reference import ReferenceModel
 
+from infer_backend_coreml.builder import ConstantKV, evaluate_step
 from infer_backend_coreml.options import BuildConfig
+from infer_backend_coreml.runtime import CoreMLModel
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +56,43 @@ def build_tiny(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Bundle) ->
         return built[config]
 
     return build
+
+
+class FoldingExecutor:
+    """Runs the package's functions by MIL value inference in numpy (no Core ML runtime needed).
+
+    It stands in for ``CoreMLExecutor`` so the handle's stepping logic and the graph's numbers
+    can be tested on any platform; each state is a :class:`ConstantKV`.
+    """
+
+    def __init__(self, bundle: Bundle, config: BuildConfig) -> None:
+        self.bundle, self.config = bundle, config
+        self.calls: list[tuple[str, int, int]] = []  # (function, position, tokens fed)
+
+    def new_state(self) -> ConstantKV:
+        return ConstantKV.zeros(self.bundle.spec, self.config)
+
+    def prefill(self, state: ConstantKV, input_ids: Any, position: int, last_index: int) -> Any:
+        self.calls.append(("prefill", position, last_index + 1))
+        return evaluate_step(self.bundle.spec, self.bundle.weights, self.config, state, input_ids, position, last_index)
+
+    def decode(self, state: ConstantKV, input_ids: Any, position: int) -> Any:
+        self.calls.append(("decode", position, 1))
+        return evaluate_step(self.bundle.spec, self.bundle.weights, self.config, state, input_ids, position)
+
+
+@pytest.fixture
+def folded_model(tiny_bundle: Bundle) -> Callable[..., CoreMLModel]:
+    """A :class:`CoreMLModel` of the tiny bundle whose functions run through :class:`FoldingExecutor`."""
+
+    def make(dtype: str = "fp32", context_length: int = 48, prefill_chunk: int = 4) -> CoreMLModel:
+        config = BuildConfig(dtype=dtype, context_length=context_length, prefill_chunk=prefill_chunk)
+        return CoreMLModel(
+            FoldingExecutor(tiny_bundle, config),
+            config=config,
+            vocab_size=tiny_bundle.spec.vocab_size,
+            kv_bytes=1,
+            device="cpu",
+        )
+
+    return make

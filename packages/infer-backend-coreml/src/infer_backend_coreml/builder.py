@@ -28,7 +28,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
@@ -212,15 +212,16 @@ class DecoderGraph:
 
         Squaring raw activations overflows fp16 past |x| = 256, so each row is first divided
         by its largest magnitude m: x * rsqrt(mean(x^2) + eps) == y * rsqrt(mean(y^2) + eps/m^2)
-        with y = x / m and |y| <= 1. When eps/m^2 overflows, the row is all but zero and the
-        rsqrt of inf gives the right limit, 0.
+        with y = x / m and |y| <= 1. m is floored at 1e-4, so eps/m^2 stays finite for any
+        usual eps; were it to overflow, the rsqrt of inf would still give the right limit, 0.
         """
         mb, _, _ = _mil()
         peak = mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True)
         peak = mb.maximum(x=peak, y=self._scalar(_NORM_SCALE_FLOOR))
         y = mb.real_div(x=x, y=peak)
         mean_square = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)
-        eps = mb.real_div(x=self._scalar(self.spec.rms_norm_eps), y=mb.mul(x=peak, y=peak))
+        # eps / m / m rather than eps / m^2: m^2 overflows fp16 for m > 256.
+        eps = mb.real_div(x=mb.real_div(x=self._scalar(self.spec.rms_norm_eps), y=peak), y=peak)
         scale = mb.rsqrt(x=mb.add(x=mean_square, y=eps), epsilon=self._scalar(0.0))
         return mb.mul(x=mb.mul(x=y, y=scale), y=self._weight(weight))
 
@@ -360,28 +361,27 @@ def evaluate_step(
     weights: Mapping[str, npt.NDArray[Any]],
     config: BuildConfig,
     kv: ConstantKV,
-    tokens: Sequence[int],
+    input_ids: npt.NDArray[np.int32],
     position: int,
-    *,
-    chunk: int,
+    last_index: int | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Compute one step of the graph in numpy through MIL value inference.
+    """Compute one call of a package function in numpy, through MIL value inference.
 
-    ``tokens`` (at most ``chunk``) are padded to ``chunk`` as the runtime pads them; ``kv`` is
-    read and then updated in place, as the Core ML states would be. Returns logits ``[1, vocab]``
-    of the last real token. The ops are exactly those of the package except that state reads and
-    writes are replaced by constants.
+    ``input_ids`` is ``[1, C]`` as the function receives it (``C = prefill_chunk`` with
+    ``last_index`` for prefill, ``C = 1`` without it for decode); ``kv`` is read and then updated
+    in place, as the Core ML states would be. Returns logits ``[1, vocab]``. The ops are those
+    of the package except that state reads and writes become constants and SiLU is spelled
+    x * sigmoid(x) (see :attr:`DecoderGraph.foldable`). The fused attention's value inference
+    runs in float64, so fp16 results here are somewhat closer to the reference than the device's.
     """
     mb, _, target = _mil()
     from coremltools.converters.mil.mil import Function
 
-    if not 0 < len(tokens) <= chunk:
-        raise ValueError(f"need 1..{chunk} tokens, got {len(tokens)}")
-    ids = np.zeros((1, chunk), dtype=np.int32)
-    ids[0, : len(tokens)] = tokens
+    ids = np.asarray(input_ids, dtype=np.int32)
+    chunk = ids.shape[-1]
     graph = DecoderGraph(spec, weights, config, foldable=True)
     with Function({}, opset_version=target):
-        last = mb.const(val=np.array([len(tokens) - 1], dtype=np.int32)) if chunk > 1 else None
+        last = None if last_index is None else mb.const(val=np.array([last_index], dtype=np.int32))
         logits = graph.step(kv, mb.const(val=ids), mb.const(val=np.array([position], dtype=np.int32)), last, chunk)
         value = logits.val
     if value is None:

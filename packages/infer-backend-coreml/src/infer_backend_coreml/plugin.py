@@ -1,0 +1,131 @@
+"""The Core ML backend's hooks (entry point ``coreml`` in group ``infer.backends``).
+
+Importing this module stays cheap: coremltools is imported only when a model is built or
+loaded, never at discovery.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from infer.contract import CONTRACT_VERSION, BackendInfo, Batch, LoadSpec, ModelHandle
+from infer.errors import BackendUnavailableError
+from infer.hookspecs import hookimpl
+
+from infer_backend_coreml.options import DTYPES, parse_options
+from infer_backend_coreml.runtime import BACKEND, CoreMLModel
+
+__all__ = [
+    "MIN_MACOS",
+    "infer_backend_info",
+    "infer_decode",
+    "infer_load",
+    "infer_prefill",
+    "unavailable_reason",
+]
+
+#: First macOS with stateful Core ML models (the KV cache lives in model state).
+MIN_MACOS: Final = (15, 0)
+#: Default-backend rank: below onnx, which runs everywhere (and on macOS through its CoreML EP).
+PRIORITY: Final = 10
+#: Max abs logit difference between equivalent computations at fp16 (chunked vs one-shot prefill,
+#: prefill vs decode); fp16 logits carry about 3 significant digits.
+FP16_LOGITS_ATOL: Final = 0.05
+
+
+def unavailable_reason(system: str | None = None, mac_release: str | None = None) -> str | None:
+    """Why Core ML cannot run on this machine (``None`` when it can). Arguments override the probe."""
+    system = platform.system() if system is None else system
+    if system != "Darwin":
+        return (
+            f"the Core ML backend needs macOS {MIN_MACOS[0]} or later (this is {system or 'an unknown OS'}); "
+            'use backend="onnx" instead'
+        )
+    release = platform.mac_ver()[0] if mac_release is None else mac_release
+    try:
+        version = tuple(int(part) for part in release.split(".")[:2])
+    except ValueError:
+        version = ()
+    if version < MIN_MACOS:
+        return (
+            f"the Core ML backend needs macOS {MIN_MACOS[0]} or later for stateful models "
+            f"(this is macOS {release or 'of unknown version'}); update macOS or use backend=\"onnx\" instead"
+        )
+    return None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("infer-backend-coreml")
+    except metadata.PackageNotFoundError:
+        from infer_backend_coreml import __version__
+
+        return __version__
+
+
+@hookimpl
+def infer_backend_info() -> BackendInfo:
+    """Describe the Core ML backend (cheap: no coremltools import)."""
+    return BackendInfo(
+        name=BACKEND,
+        version=_version(),
+        contract_version=CONTRACT_VERSION,
+        devices=("ane", "gpu", "cpu"),
+        dtypes=DTYPES,
+        capabilities=frozenset(),
+        max_batch_size=1,
+        logits_atol=FP16_LOGITS_ATOL,
+        priority=PRIORITY,
+        unavailable_reason=unavailable_reason(),
+    )
+
+
+@hookimpl
+def infer_load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
+    """Build (or take from the cache) the bundle's package and load it; ``None`` for other backends."""
+    if spec.backend != BACKEND:
+        return None
+    reason = unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailableError(reason, backend=BACKEND, device=spec.device)
+    if spec.bundle is None:
+        return None
+    from infer_backend_coreml.builder import kv_state_shapes
+    from infer_backend_coreml.cache import cache_root, cached_package
+    from infer_backend_coreml.runtime import CoreMLExecutor
+
+    arch = spec.bundle.spec
+    config = parse_options(spec, options, arch)
+    package, built = cached_package(spec.bundle, config.build, cache_root(config.cache_dir))
+    kv_bytes = sum(2 * int(np.prod(shape)) for shape in kv_state_shapes(arch, config.build).values())
+    return CoreMLModel(
+        CoreMLExecutor(package, config.compute_units),
+        config=config.build,
+        vocab_size=arch.vocab_size,
+        kv_bytes=kv_bytes,
+        device=config.device,
+        details={
+            "package": str(package),
+            "built": built,
+            "compute_units": config.compute_units,
+            "prefill_chunk": config.build.prefill_chunk,
+        },
+    )
+
+
+@hookimpl
+def infer_prefill(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | None:
+    """Prefill for this backend's handles; ``None`` for others."""
+    return model.prefill(batch) if isinstance(model, CoreMLModel) else None
+
+
+@hookimpl
+def infer_decode(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | None:
+    """Decode for this backend's handles; ``None`` for others."""
+    return model.decode(batch) if isinstance(model, CoreMLModel) else None
