@@ -144,6 +144,27 @@ class FakeModel(infer.ModelHandle):
         self._unhang = threading.Event()
         self._caches: list[FakeKV] = []
 
+    @classmethod
+    def from_spec(cls, spec: infer.LoadSpec, options: Mapping[str, Any]) -> FakeModel | None:
+        """Load ``spec`` (the ref ``"fake"`` or ``"fake:..."``, or any bundle); ``None`` for other refs."""
+        if spec.device not in (None, "cpu"):
+            raise InvalidParameterError("device", spec.device, "'cpu' (the fake backend has no other device)")
+        if spec.dtype not in (None, "fp32"):
+            raise InvalidParameterError("dtype", spec.dtype, "'fp32'")
+        if spec.bundle is not None:  # mimic a real model's vocabulary; the core uses its tokenizer
+            arch = spec.bundle.spec
+            defaults = {"vocab_size": arch.vocab_size, "context_length": arch.max_position_embeddings}
+            parsed = FakeOptions.parse(defaults | dict(options))
+            tokenizer = False
+        elif spec.path is None and (spec.ref == NAME or spec.ref.startswith(NAME + ":")):
+            parsed = FakeOptions.parse(options)
+            tokenizer = True
+        else:
+            return None
+        if spec.context_length is not None:
+            parsed = replace(parsed, context_length=spec.context_length)
+        return cls(parsed, tokenizer=tokenizer)
+
     def new_sequence(self, capacity: int) -> FakeKV:
         cache = FakeKV(min(capacity, self.context_length))
         if self.options.corrupt_cache_at_step is not None:
@@ -224,24 +245,7 @@ def infer_backend_info() -> infer.BackendInfo:
 
 @infer.hookimpl
 def infer_load(spec: infer.LoadSpec, options: Mapping[str, Any]) -> FakeModel | None:
-    if spec.backend != NAME:
-        return None
-    if spec.device not in (None, "cpu"):
-        raise InvalidParameterError("device", spec.device, "'cpu' (the fake backend has no other device)")
-    if spec.dtype not in (None, "fp32"):
-        raise InvalidParameterError("dtype", spec.dtype, "'fp32'")
-    if spec.bundle is not None:  # mimic a real model's vocabulary; the core uses its tokenizer
-        parsed = FakeOptions.parse(
-            {"vocab_size": spec.bundle.spec.vocab_size, "context_length": spec.bundle.spec.max_position_embeddings}
-            | dict(options)
-        )
-        return FakeModel(parsed, tokenizer=False)
-    if spec.path is not None or not (spec.ref == NAME or spec.ref.startswith(NAME + ":")):
-        return None
-    parsed = FakeOptions.parse(options)
-    if spec.context_length is not None:
-        parsed = replace(parsed, context_length=spec.context_length)
-    return FakeModel(parsed)
+    return FakeModel.from_spec(spec, options) if spec.backend == NAME else None
 
 
 @infer.hookimpl

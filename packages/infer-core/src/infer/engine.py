@@ -209,6 +209,18 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._log = get_logger()
+        self._generation = -1
+        self._prefill_call: Any = hooks.prefill
+        self._decode_call: Any = hooks.decode
+        self._sample_call: Any = hooks.sample
+
+    def _refresh_calls(self) -> None:
+        generation = self.hooks.pm.generation
+        if generation != self._generation:
+            self._generation = generation
+            self._prefill_call = self.hooks.direct(self.hooks.prefill)
+            self._decode_call = self.hooks.direct(self.hooks.decode)
+            self._sample_call = self.hooks.direct(self.hooks.sample)
 
     # -- called from consumer threads ------------------------------------------------------
 
@@ -261,7 +273,8 @@ class Engine:
 
     def step(self, kind: str, batch: Batch) -> npt.NDArray[np.float32]:
         """Run prefill or decode on ``batch``, split to the backend's max batch size."""
-        hook = self.hooks.prefill if kind == "prefill" else self.hooks.decode
+        self._refresh_calls()
+        hook = self._prefill_call if kind == "prefill" else self._decode_call
         backend = self.handle.backend
         outputs = []
         with self.step_lock:
@@ -367,7 +380,7 @@ class Engine:
         params = [r.params for r in requests]
         states = [r.sampler for r in requests]
         try:
-            chosen = self.hooks.sample(logits=logits, params=params, states=states)
+            chosen = self._sample_call(logits=logits, params=params, states=states)
         except Exception as exc:  # noqa: BLE001
             for request in requests:
                 self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))

@@ -63,6 +63,43 @@ class RoutedHooks:
     prefill: Any
     decode: Any
     sample: Any
+    pm: PluginManager
+
+    def direct(self, caller: Any) -> Any:
+        """A callable equivalent to ``caller`` for the plugins registered right now.
+
+        When a hook has exactly one implementation and no wrapper, that implementation is
+        called straight away, skipping pluggy's per-call bookkeeping on the per-token path.
+        The result is valid until ``pm.generation`` changes (a plugin was added or removed).
+        """
+        impls = caller.get_hookimpls()
+        if len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper:
+            return caller
+        function, argnames = impls[0].function, impls[0].argnames
+
+        def call(**kwargs: Any) -> Any:
+            return function(*[kwargs[name] for name in argnames])
+
+        return call
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, counting registrations so routed fast paths know when to refresh."""
+
+    #: Bumped on every register/unregister.
+    generation = 0
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        try:
+            return super().register(plugin, name)
+        finally:
+            self.generation += 1
+
+    def unregister(self, plugin: Any | None = None, name: str | None = None) -> Any | None:
+        try:
+            return super().unregister(plugin, name)
+        finally:
+            self.generation += 1
 
 
 class Registry:
@@ -72,7 +109,7 @@ class Registry:
         from infer.sampling import DefaultSampler
 
         environ = os.environ if env is None else env
-        self.pm = pluggy.PluginManager("infer")
+        self.pm = PluginManager("infer")
         self.pm.add_hookspecs(hookspecs)
         self.pm.register(DefaultSampler(), name="infer.sampling")
         self.failures: list[PluginFailure] = []
@@ -142,7 +179,7 @@ class Registry:
         for name, (plugin, version, info) in self._infos.items():
             others = [p for n, p in plugins.items() if n != name]
             callers = [self.pm.subset_hook_caller(h, remove_plugins=others) for h in _ROUTED_HOOKS]
-            self._backends[name] = Backend(name, version, info, plugin, RoutedHooks(*callers))
+            self._backends[name] = Backend(name, version, info, plugin, RoutedHooks(*callers, pm=self.pm))
 
     def register_backend(self, plugin: object, *, name: str, version: str | None = None) -> Backend:
         """Register a backend object at run time (tests, embedding apps); raise if it is refused."""
