@@ -19,7 +19,7 @@ from infer.sampling import (
     DefaultSampler,
     SamplerState,
     SamplingParams,
-    _top_k_indices,
+    _top_k,
     logprobs,
     sample,
 )
@@ -542,8 +542,9 @@ def _adversarial_rows() -> list[tuple[str, npt.NDArray[np.float32]]]:
 @pytest.mark.parametrize(("name", "row"), _adversarial_rows(), ids=[name for name, _ in _adversarial_rows()])
 @pytest.mark.parametrize("k", [1, 2, 50, 64, 191, 1024, 3000])
 def test_fast_top_k_equals_exact_top_k_on_adversarial_rows(name: str, row: npt.NDArray[np.float32], k: int) -> None:
-    ids, top = _top_k_indices(row, k)
+    ids, values, top = _top_k(row, k)
     assert ids.tolist() == reference_top_k(row, k).tolist()
+    assert values.tolist() == row[ids].tolist()
     assert top == row.max()
 
 
@@ -557,8 +558,9 @@ def test_fast_top_k_equals_exact_top_k_on_adversarial_rows(name: str, row: npt.N
 def test_fast_top_k_equals_exact_top_k_for_any_row_length_and_ties(seed: int, n: int, k: int, levels: int) -> None:
     rng = np.random.default_rng(seed)
     row = (rng.integers(0, levels, n) if levels else rng.normal(0, 1, n)).astype(np.float32)
-    ids, _ = _top_k_indices(row, k)
+    ids, values, _ = _top_k(row, k)
     assert ids.tolist() == reference_top_k(row, k).tolist()
+    assert values.tolist() == row[ids].tolist()
 
 
 # --------------------------------------------------------------------------- penalties and bias

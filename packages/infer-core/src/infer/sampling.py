@@ -12,12 +12,13 @@ exactly once per sampled token, so a seed gives the same tokens whatever else sh
 
 The chain is written for a decode loop: on a 49k vocabulary a greedy step costs about one
 ``argmax`` and a top-k/top-p step avoids sorting or partitioning the whole row (see
-:func:`_top_k_indices`); ``benchmarks/bench_sampling.py`` measures it.
+:func:`_top_k`); ``benchmarks/bench_sampling.py`` measures it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -43,10 +44,10 @@ BAN_BIAS = -100.0
 #: Temperatures below this sample greedily: dividing by less would overflow float32 logits.
 GREEDY_TEMPERATURE = 1e-5
 
-# Rows at least this long take the column-maximum shortcut in _top_k_indices; shorter ones are
+# Rows at least this long take the column-maximum shortcut in _top_k; shorter ones are
 # cheap enough to partition whole.
 _FAST_TOP_K_MIN_ROW = 4096
-# _top_k_indices views a row as this many stacked slices (3,072 columns for a 49k vocabulary).
+# _top_k views a row as this many stacked slices (3,072 columns for a 49k vocabulary).
 _GROUPS = 16
 # Candidate-set sizes tried, in turn, when top-p runs without top-k: most LM distributions
 # reach p inside the first, flat ones fall through to the whole row.
@@ -376,9 +377,14 @@ class SamplerState:
         if self._ban_ids.size:
             row[self._ban_ids] = -np.inf
         if repeat:
+            # Positive logits divide by the penalty, negative ones multiply: for a penalty above 1
+            # that is the smaller of the two products (the larger below 1), with no sign test.
             ids = self._seen_ids[: self._n_seen]
             seen = row[ids]
-            row[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+            divided = seen * row.dtype.type(1.0 / penalty)
+            seen *= row.dtype.type(penalty)
+            (np.minimum if penalty > 1.0 else np.maximum)(seen, divided, out=seen)
+            row[ids] = seen
         if occur:
             ids = self._gen_ids[: self._n_gen]
             row[ids] -= presence + frequency * self._gen_counts[: self._n_gen]
@@ -388,8 +394,8 @@ class SamplerState:
 # --------------------------------------------------------------------------- the chain
 
 
-def _top_k_indices(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], float]:
-    """Ascending ids of every entry >= the k-th largest of ``row`` (ties with the k-th all kept), and the row max.
+def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float]:
+    """Every entry >= the k-th largest of ``row`` (ties all kept): ascending ids, their values, the row max.
 
     Exact without partitioning the whole row. Viewed as ``_GROUPS`` stacked slices, the row has
     ``n / _GROUPS`` columns; one vectorised pass takes each column's maximum (and a second pass
@@ -399,57 +405,67 @@ def _top_k_indices(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], float]:
     ``k * _GROUPS`` entries, are partitioned.
 
     The max is returned as is; when it is not finite (NaN anywhere, +inf, all -inf) the ids are
-    empty and the caller must refuse the row.
+    empty and the caller must refuse the row. (Array methods rather than ``np.`` functions
+    throughout: on arrays this small the call overhead is most of the cost.)
     """
     n = row.shape[0]
     if k >= n:
-        return np.arange(n), float(row.max())
+        return np.arange(n), row, float(row.max())
     width = n // _GROUPS
     if n < _FAST_TOP_K_MIN_ROW or 2 * k > width:
         top = float(row.max())
         if not math.isfinite(top):
-            return np.empty(0, dtype=np.intp), top
-        kth = np.partition(row, n - k)[n - k]
-        return np.flatnonzero(row >= kth), top
+            return np.empty(0, dtype=np.intp), row[:0], top
+        kth = row[np.argpartition(row, n - k)[n - k]]
+        ids = (row >= kth).nonzero()[0]
+        return ids, row[ids], top
     body = width * _GROUPS
     grid = row[:body].reshape(_GROUPS, width)
     tail = row[body:]
     column_max = grid.max(axis=0)
     # Where k is small next to the columns, the maxima of column groups give the threshold for
     # less work than partitioning every column maximum.
-    coarse = (
-        column_max.reshape(_GROUPS, -1).max(axis=0)
-        if width % _GROUPS == 0 and 2 * k <= width // _GROUPS
-        else column_max
-    )
+    if width % _GROUPS == 0 and 2 * k <= width // _GROUPS:
+        coarse = column_max.reshape(_GROUPS, -1).max(axis=0)
+    else:
+        coarse = column_max.copy()  # partitioned in place below; column_max is read again
     top = float(coarse.max())
     if tail.size:
         # np.maximum keeps a NaN from either side, where Python's max() would depend on the order.
         top = float(np.maximum(top, tail.max()))
     if not math.isfinite(top):
-        return np.empty(0, dtype=np.intp), top
+        return np.empty(0, dtype=np.intp), row[:0], top
     pivot = coarse.shape[0] - k
-    threshold = np.partition(coarse, pivot)[pivot]
-    columns = np.flatnonzero(column_max >= threshold)
-    values = np.take(grid, columns, axis=1)
-    pool = np.concatenate((values.ravel(), tail)) if tail.size else values.ravel()
-    pivot = pool.shape[0] - k
-    kth = pool.dtype.type(np.partition(pool, pivot)[pivot])
-    # np.nonzero walks the slices in order, so the ids come out ascending.
-    slices, at = np.nonzero(values >= kth)
-    ids = slices * width + columns[at]
+    coarse.partition(pivot)
+    columns = (column_max >= coarse[pivot]).nonzero()[0]
+    values = grid.take(columns, axis=1)
+    ids = _group_starts(width) + columns
     if tail.size:
-        ids = np.concatenate((ids, body + np.flatnonzero(tail >= kth)))
-    return ids, top
+        values = np.concatenate((values.ravel(), tail))
+        ids = np.concatenate((ids.ravel(), np.arange(body, n)))
+    pool = values.flatten()  # a copy: the partition reorders it
+    pivot = pool.shape[0] - k
+    pool.partition(pivot)
+    # Boolean masks walk the slices in order (then the tail), so the ids come out ascending.
+    keep = values >= pool[pivot]
+    return ids[keep], values[keep], top
+
+
+@functools.lru_cache(maxsize=8)
+def _group_starts(width: int) -> npt.NDArray[np.intp]:
+    """Where each of the ``_GROUPS`` slices of a row starts, as a column to broadcast against."""
+    starts = (np.arange(_GROUPS, dtype=np.intp) * width)[:, None]
+    starts.flags.writeable = False
+    return starts
 
 
 def _search(cumulative: npt.NDArray[np.float64], target: float) -> int:
     """First index whose cumulative weight exceeds ``target``; rounding past the end lands on the last positive one."""
-    index = int(np.searchsorted(cumulative, target, side="right"))
+    index = int(cumulative.searchsorted(target, side="right"))
     if index < cumulative.shape[0]:
         return index
     # target reached the total through rounding: take the last entry that adds weight.
-    steps = np.flatnonzero(np.diff(cumulative, prepend=0.0) > 0)
+    steps = (np.diff(cumulative, prepend=0.0) > 0).nonzero()[0]
     return int(steps[-1])
 
 
@@ -460,41 +476,52 @@ def _draw(weights: FloatRow, u: float) -> int:
     over a whole vocabulary needs no float64 cumulative sum of every entry.
     """
     if weights.shape[0] <= _BLOCKED_DRAW_MIN:
-        cumulative = np.cumsum(weights, dtype=np.float64)
+        cumulative = weights.cumsum(dtype=np.float64)
         return _search(cumulative, u * cumulative[-1])
     starts = np.arange(0, weights.shape[0], _DRAW_BLOCK)
-    block_cumulative = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+    block_cumulative = np.add.reduceat(weights, starts, dtype=np.float64).cumsum()
     target = u * block_cumulative[-1]
     block = _search(block_cumulative, target)
     start = block * _DRAW_BLOCK
     below = block_cumulative[block - 1] if block else 0.0
-    within = np.cumsum(weights[start : start + _DRAW_BLOCK], dtype=np.float64)
+    within = weights[start : start + _DRAW_BLOCK].cumsum(dtype=np.float64)
     return start + _search(within, target - below)
 
 
+def _weights(values: FloatRow, top: float, inv_t: float) -> npt.NDArray[np.float64]:
+    """``exp((values - top) / T)`` in float64: unnormalised probabilities, the top one exactly 1."""
+    weights = values.astype(np.float64)
+    weights -= top
+    weights *= inv_t
+    return np.exp(weights, out=weights)
+
+
 def _draw_nucleus(
-    ids: npt.NDArray[np.intp], values: FloatRow, weights: FloatRow, mass: float, *, min_p: float, u: float
+    ids: npt.NDArray[np.intp],
+    values: FloatRow,
+    weights: npt.NDArray[np.float64],
+    *,
+    mass: float | None,
+    params: SamplingParams,
+    u: float,
 ) -> int:
     """Token drawn from the fewest most likely of ``ids`` whose ``weights`` reach ``mass``, then min-p.
 
-    ``values`` (the logits) order the candidates, most likely first and ties by lower id (``ids``
-    is ascending), so the nucleus is the same whichever candidate set it was cut from. The draw
-    walks that order too.
+    ``mass`` is top-p of the whole distribution (``None``: top-p of ``weights``, which hold all
+    of it). ``values`` (the logits) order the candidates, most likely first and ties by lower id
+    (``ids`` is ascending), so the nucleus is the same whichever candidate set it was cut from.
+    The draw walks that order too.
     """
-    order = np.argsort(-values, kind="stable")
-    cumulative = np.cumsum(weights[order], dtype=np.float64)
-    count = min(int(np.searchsorted(cumulative, mass, side="left")) + 1, order.shape[0])
-    if min_p > 0.0:
+    order = (-values).argsort(kind="stable")
+    cumulative = weights[order].cumsum()
+    if mass is None:
+        mass = params.top_p * cumulative[-1]
+    count = int(cumulative.searchsorted(mass, side="left")) + 1
+    if params.min_p > 0.0:
         # weights grow with values, so the tokens passing min-p are a prefix of this order too.
-        count = min(count, int(np.count_nonzero(weights >= min_p)))
+        count = min(count, int(np.count_nonzero(weights >= params.min_p)))
+    count = min(count, order.shape[0])
     return int(ids[order[_search(cumulative[:count], u * cumulative[count - 1])]])
-
-
-def _scaled_probs(row: FloatRow, top: float, inv_t: float) -> FloatRow:
-    """``exp((row - top) / T)`` over the whole row: the unnormalised distribution, max entry exactly 1."""
-    scaled = row - row.dtype.type(top)
-    scaled *= row.dtype.type(inv_t)
-    return np.exp(scaled, out=scaled)
 
 
 def _sample_row(row: FloatRow, params: SamplingParams, rng: np.random.Generator, index: int) -> int:
@@ -502,39 +529,42 @@ def _sample_row(row: FloatRow, params: SamplingParams, rng: np.random.Generator,
     n = row.shape[0]
     k = params.top_k if params.top_k < n else 0
     if k:
-        ids, top = _top_k_indices(row, k)
+        ids, values, top = _top_k(row, k)
     else:
         top = float(row.max())
     if not math.isfinite(top):
         raise _bad_row(index, top)
-    u = float(rng.random())
+    u = rng.random()
     inv_t = 1.0 / params.temperature
     top_p, min_p = params.top_p, params.min_p
     if k:
-        # Temperature scales the k survivors only; their max entry gets weight exp(0) == 1.
-        values = row[ids]
-        weights = np.exp((values - values.dtype.type(top)) * values.dtype.type(inv_t))
+        # Temperature scales the k survivors only.
+        weights = _weights(values, top, inv_t)
         if top_p < 1.0:
-            return _draw_nucleus(ids, values, weights, top_p * float(weights.sum(dtype=np.float64)), min_p=min_p, u=u)
+            return _draw_nucleus(ids, values, weights, mass=None, params=params, u=u)
     elif top_p < 1.0:
-        probs = _scaled_probs(row, top, inv_t)
+        scaled = row - row.dtype.type(top)
+        scaled *= row.dtype.type(inv_t)
+        probs = np.exp(scaled, out=scaled)
         mass = top_p * float(np.add.reduce(probs, dtype=np.float64))
         for size in _NUCLEUS_GROWTH:
             if size >= n:
                 break
-            ids, _ = _top_k_indices(row, size)
-            weights = probs[ids]
-            if float(weights.sum(dtype=np.float64)) >= mass:
-                return _draw_nucleus(ids, row[ids], weights, mass, min_p=min_p, u=u)
-        return _draw_nucleus(np.arange(n), row, probs, mass, min_p=min_p, u=u)
+            ids, values, _ = _top_k(row, size)
+            weights = probs[ids].astype(np.float64)
+            if weights.sum() >= mass:
+                return _draw_nucleus(ids, values, weights, mass=mass, params=params, u=u)
+        return _draw_nucleus(np.arange(n), row, probs.astype(np.float64), mass=mass, params=params, u=u)
     elif min_p > 0.0:
         # Only tokens within T * log(min_p) of the top can pass; the slack keeps float32 rounding
         # of the cut from dropping one, and the exact test below decides.
         cut = top + params.temperature * math.log(min_p)
-        ids = np.flatnonzero(row >= cut - 1e-6 * (abs(cut) + 1.0))
-        weights = np.exp((row[ids].astype(np.float64) - top) * inv_t)
+        ids = (row >= cut - 1e-6 * (abs(cut) + 1.0)).nonzero()[0]
+        weights = _weights(row[ids], top, inv_t)
     else:
-        return _draw(_scaled_probs(row, top, inv_t), u)
+        scaled = row - row.dtype.type(top)
+        scaled *= row.dtype.type(inv_t)
+        return _draw(np.exp(scaled, out=scaled), u)
     if min_p > 0.0:
         passing = weights >= min_p
         ids, weights = ids[passing], weights[passing]
@@ -604,7 +634,7 @@ def logprobs(logits_row: npt.ArrayLike, token_id: int, top_n: int) -> tuple[floa
     log_total = top + math.log(float(np.add.reduce(np.exp(shifted, out=shifted), dtype=np.float64)))
     alternatives: tuple[tuple[int, float], ...] = ()
     if top_n:
-        ids, _ = _top_k_indices(row, top_n)
+        ids, _, _ = _top_k(row, top_n)
         best = ids[np.argsort(-row[ids], kind="stable")[:top_n]]
         alternatives = tuple((int(t), float(row[t]) - log_total) for t in best)
     return float(row[token]) - log_total, alternatives
