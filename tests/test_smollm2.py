@@ -1,0 +1,71 @@
+"""Certification on the real model: SmolLM2-135M-Instruct through each backend that runs here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import infer
+import pytest
+from conftest import REAL_BACKENDS, runnable
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_smollm2_answers_2_plus_2_with_4_within_30_seconds(smollm2, backend):
+    runnable(backend)
+    started = time.monotonic()
+    with infer.load(smollm2, backend=backend, dtype="fp32") as model:
+        reply = model.generate(messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0, max_tokens=48)
+    elapsed = time.monotonic() - started
+    assert "4" in reply.text, reply.text
+    assert reply.finish_reason == "stop"
+    assert elapsed < 30, f"load + generate took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_fp32_greedy_matches_transformers_for_the_first_32_tokens(smollm2, goldens, backend):
+    runnable(backend)
+    with infer.load(smollm2, backend=backend, dtype="fp32") as model:
+        for case in goldens["cases"]:
+            expected = case["greedy_ids"][:32]
+            assert model.encode(case["prompt_text"], add_special_tokens=False) == case["prompt_ids"]
+            got = model.generate(case["prompt_ids"], temperature=0, max_tokens=len(expected), ignore_eos=True)
+            assert list(got.token_ids) == expected, f"{case['kind']} prompt {case['prompt_text'][-40:]!r}"
+
+
+def test_chat_messages_render_to_the_prompt_transformers_used(smollm2, goldens):
+    runnable("onnx")
+    with infer.load(smollm2, backend="onnx") as model:
+        for case in goldens["cases"]:
+            if case["kind"] == "chat":
+                assert model.apply_chat_template(case["messages"]) == case["prompt_text"]
+
+
+def test_the_readme_run_command_answers_on_the_default_backend(smollm2):
+    runnable("onnx")
+    result = subprocess.run(
+        [sys.executable, "-m", "infer.cli", "run", "smollm2-135m-instruct", "What is 2+2?"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "4" in result.stdout
+
+
+def test_streams_on_the_real_model_are_concurrent_and_match_sequential_runs(smollm2):
+    runnable("onnx")
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The sky is"]
+    with infer.load(smollm2, backend="onnx") as model:
+        sequential = [model.generate(p, max_tokens=12, temperature=0, ignore_eos=True).token_ids for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            concurrent = list(
+                pool.map(lambda p: model.generate(p, max_tokens=12, temperature=0, ignore_eos=True).token_ids, prompts)
+            )
+    assert concurrent == sequential
