@@ -276,3 +276,15 @@ def test_llama3_rope_scaling_keeps_high_divides_low_and_blends_between() -> None
 
 def test_default_rope_type_means_no_scaling() -> None:
     assert _spec_with_scaling({"rope_type": "default"}).rope_scaling is None
+
+
+def test_opening_reads_no_tensor_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infer.bundle import Weights
+
+    def no_reads(self: Weights, name: str) -> np.ndarray:
+        raise AssertionError(f"read {name} while opening")
+
+    monkeypatch.setattr(Weights, "__getitem__", no_reads)
+    bundle = Bundle.open(TINY)
+    assert "model.norm.weight" in bundle.weights
+    assert "missing.weight" not in bundle.weights

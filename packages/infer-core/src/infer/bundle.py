@@ -251,6 +251,10 @@ class Weights(Mapping[str, npt.NDArray[np.floating[Any]]]):
         except (SafetensorError, OSError) as exc:
             raise ModelFormatError(f"cannot read tensor {name!r} from {info.file.name}: {exc}", path=info.file) from exc
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default would read the tensor to find out.
+        return name in self._tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 
