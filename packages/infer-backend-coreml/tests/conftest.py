@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 try:
@@ -20,12 +21,32 @@ except ImportError:
     sys.path.insert(0, str(_CONFORMANCE_SRC))
 
 from infer.bundle import Bundle
-from infer_conformance.fixtures import TINY_LLAMA
-from infer_conformance.reference import ReferenceModel
-
+from infer.contract import Batch, token_rows
 from infer_backend_coreml.builder import ConstantKV, evaluate_step
 from infer_backend_coreml.options import BuildConfig
 from infer_backend_coreml.runtime import CoreMLModel
+from infer_conformance.fixtures import TINY_LLAMA
+from infer_conformance.reference import ReferenceModel
+
+Pairs = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _greedy_pairs(model: CoreMLModel, reference: ReferenceModel, prompt: list[int], steps: int) -> Pairs:
+    seq = model.new_sequence(model.context_length)
+    cache = reference.new_cache()
+    pairs = [(model.prefill(Batch((seq,), token_rows([prompt])))[0], reference.step(cache, prompt)[-1])]
+    for _ in range(steps):
+        token = int(np.argmax(pairs[-1][1]))
+        pairs.append((model.decode(Batch((seq,), token_rows([[token]])))[0], reference.step(cache, [token])[-1]))
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def greedy_pairs() -> Callable[[CoreMLModel, ReferenceModel, list[int], int], Pairs]:
+    """``f(model, reference, prompt, steps)``: (backend, reference) last-token logits after the
+    prefill and after each of ``steps`` decodes, both fed the reference's greedy tokens (so one
+    early difference cannot derail the rest)."""
+    return _greedy_pairs
 
 
 @pytest.fixture(scope="session")
@@ -74,11 +95,19 @@ class FoldingExecutor:
 
     def prefill(self, state: ConstantKV, input_ids: Any, position: int, last_index: int) -> Any:
         self.calls.append(("prefill", position, last_index + 1))
-        return evaluate_step(self.bundle.spec, self.bundle.weights, self.config, state, input_ids, position, last_index)
+        return evaluate_step(
+            self.bundle.spec,
+            self.bundle.weights,
+            self.config,
+            state,
+            input_ids,
+            position=position,
+            last_index=last_index,
+        )
 
     def decode(self, state: ConstantKV, input_ids: Any, position: int) -> Any:
         self.calls.append(("decode", position, 1))
-        return evaluate_step(self.bundle.spec, self.bundle.weights, self.config, state, input_ids, position)
+        return evaluate_step(self.bundle.spec, self.bundle.weights, self.config, state, input_ids, position=position)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 from infer.bundle import Bundle
-
 from infer_backend_coreml.builder import (
     FUNCTION_DECODE,
     FUNCTION_PREFILL,
@@ -49,14 +48,18 @@ def _arrays(features: Any) -> dict[str, tuple[list[int], int]]:
 
 
 def _ops(spec: Any, function: str) -> list[Any]:
-    return [op for block in spec.mlProgram.functions[function].block_specializations.values() for op in block.operations]
+    return [
+        op for block in spec.mlProgram.functions[function].block_specializations.values() for op in block.operations
+    ]
 
 
 def _weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in (path / "Data" / "com.apple.CoreML" / "weights").iterdir())
 
 
-def test_package_has_prefill_and_decode_functions_with_decode_as_default(build_tiny: Callable[[BuildConfig], Path]) -> None:
+def test_package_has_prefill_and_decode_functions_with_decode_as_default(
+    build_tiny: Callable[[BuildConfig], Path],
+) -> None:
     spec = _spec(build_tiny(FP16))
     assert [f.name for f in spec.description.functions] == [FUNCTION_PREFILL, FUNCTION_DECODE]
     assert spec.description.defaultFunctionName == FUNCTION_DECODE

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from infer.bundle import Bundle
-
 from infer_backend_coreml.cache import MANIFEST, cache_root, cached_package, package_key
 from infer_backend_coreml.options import BuildConfig
 

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from infer.bundle import Bundle
 from infer.contract import Batch, token_rows
-from infer_conformance.reference import ReferenceModel
-
 from infer_backend_coreml.builder import MASK_VALUE, DecoderGraph
 from infer_backend_coreml.options import BuildConfig
 from infer_backend_coreml.runtime import CoreMLModel
+from infer_conformance.reference import ReferenceModel
 
 pytest.importorskip("coremltools")
 
@@ -30,34 +29,28 @@ FP32_ATOL = 1e-5
 FP16_ATOL = 0.05
 PROMPT = [17, 250, 3, 99, 42, 301, 7, 8, 120, 64, 33]  # 11 tokens: chunks of 4, 4 and 3
 DECODE_STEPS = 4
-
-
-def _run(model: CoreMLModel, reference: ReferenceModel, prompt: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(backend, reference) last-token logits after prefill and after each greedy decode step."""
-    seq = model.new_sequence(model.context_length)
-    cache = reference.new_cache()
-    pairs = [(model.prefill(Batch((seq,), token_rows([prompt])))[0], reference.step(cache, prompt)[-1])]
-    for _ in range(DECODE_STEPS):
-        token = int(np.argmax(pairs[-1][1]))
-        pairs.append((model.decode(Batch((seq,), token_rows([[token]])))[0], reference.step(cache, [token])[-1]))
-    return pairs
+GreedyPairs = Callable[..., list[tuple[np.ndarray, np.ndarray]]]
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [("fp32", FP32_ATOL), ("fp16", FP16_ATOL)])
 def test_chunked_prefill_then_decode_matches_the_reference(
-    folded_model: Callable[..., CoreMLModel], reference: ReferenceModel, dtype: str, atol: float
+    greedy_pairs: GreedyPairs,
+    folded_model: Callable[..., CoreMLModel],
+    reference: ReferenceModel,
+    dtype: str,
+    atol: float,
 ) -> None:
-    for step, (got, want) in enumerate(_run(folded_model(dtype=dtype), reference, PROMPT)):
+    for step, (got, want) in enumerate(greedy_pairs(folded_model(dtype=dtype), reference, PROMPT, DECODE_STEPS)):
         np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"step {step}")
 
 
 def test_padding_a_short_chunk_does_not_change_the_logits(
-    folded_model: Callable[..., CoreMLModel], reference: ReferenceModel
+    greedy_pairs: GreedyPairs, folded_model: Callable[..., CoreMLModel], reference: ReferenceModel
 ) -> None:
-    padded = _run(folded_model(prefill_chunk=16), reference, PROMPT)  # one chunk, 5 padding rows
-    exact = _run(folded_model(prefill_chunk=11), reference, PROMPT)  # one chunk, no padding
+    padded = greedy_pairs(folded_model(prefill_chunk=16), reference, PROMPT, DECODE_STEPS)  # one chunk, 5 padding rows
+    exact = greedy_pairs(folded_model(prefill_chunk=11), reference, PROMPT, DECODE_STEPS)  # one chunk, no padding
     # Only summation order differs (different shapes); a leak from padding would be O(1).
-    for (a, _), (b, _) in zip(padded, exact):
+    for (a, _), (b, _) in zip(padded, exact, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=FP32_ATOL)
 
 
@@ -104,9 +97,9 @@ def test_decode_writes_exactly_one_row_of_the_state(folded_model: Callable[..., 
 
 
 def test_rms_norm_is_finite_and_exact_in_fp16_beyond_the_range_where_squares_overflow(tiny_bundle: Bundle) -> None:
+    import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function
-    import coremltools as ct
 
     hidden = tiny_bundle.spec.hidden_size
     rows = np.stack([np.linspace(-3000, 3000, hidden), np.zeros(hidden), np.full(hidden, 1e-3)]).astype(np.float16)

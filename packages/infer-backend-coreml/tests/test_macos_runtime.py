@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 from infer.bundle import Bundle
 from infer.contract import Batch, LoadSpec, token_rows
-from infer_conformance.reference import ReferenceModel
-
 from infer_backend_coreml import plugin
 from infer_backend_coreml.runtime import CoreMLModel
+from infer_conformance.reference import ReferenceModel
 
 pytestmark = [
     pytest.mark.macos,
@@ -33,6 +32,7 @@ PROMPT = [17, 250, 3, 99, 42, 301, 7, 8, 120, 64, 33]
 DECODE_STEPS = 5
 
 Loader = Callable[..., CoreMLModel]
+GreedyPairs = Callable[..., list[tuple[np.ndarray, np.ndarray]]]
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +41,20 @@ def load(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Bundle) -> Loade
     cache = tmp_path_factory.mktemp("coreml-cache")
 
     def make(dtype: str = "fp16", compute_units: str = "cpu_only", prefill_chunk: int = 4) -> CoreMLModel:
-        spec = LoadSpec(backend="coreml", ref=str(tiny_bundle.path), path=tiny_bundle.path, bundle=tiny_bundle, dtype=dtype)
-        options = {"compute_units": compute_units, "context_length": 48, "prefill_chunk": prefill_chunk, "cache_dir": cache}
+        spec = LoadSpec(
+            backend="coreml", ref=str(tiny_bundle.path), path=tiny_bundle.path, bundle=tiny_bundle, dtype=dtype
+        )
+        options = {
+            "compute_units": compute_units,
+            "context_length": 48,
+            "prefill_chunk": prefill_chunk,
+            "cache_dir": cache,
+        }
         model = plugin.infer_load(spec, options)
         assert isinstance(model, CoreMLModel)
         return model
 
     return make
-
-
-def _greedy(model: CoreMLModel, reference: ReferenceModel, prompt: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(Core ML, reference) logits after prefill and each decode step, both fed the reference's greedy tokens."""
-    seq = model.new_sequence(model.context_length)
-    cache = reference.new_cache()
-    pairs = [(model.prefill(Batch((seq,), token_rows([prompt])))[0], reference.step(cache, prompt)[-1])]
-    for _ in range(DECODE_STEPS):
-        token = int(np.argmax(pairs[-1][1]))
-        pairs.append((model.decode(Batch((seq,), token_rows([[token]])))[0], reference.step(cache, [token])[-1]))
-    return pairs
 
 
 @pytest.mark.parametrize(
@@ -71,22 +67,24 @@ def _greedy(model: CoreMLModel, reference: ReferenceModel, prompt: list[int]) ->
     ],
 )
 def test_prefill_and_decode_match_the_reference(
-    load: Loader, reference: ReferenceModel, dtype: str, units: str, atol: float
+    greedy_pairs: GreedyPairs, load: Loader, reference: ReferenceModel, *, dtype: str, units: str, atol: float
 ) -> None:
-    for step, (got, want) in enumerate(_greedy(load(dtype, units), reference, PROMPT)):
+    for step, (got, want) in enumerate(greedy_pairs(load(dtype, units), reference, PROMPT, DECODE_STEPS)):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"{dtype} on {units}, step {step}")
 
 
-def test_cpu_and_neural_engine_agree(load: Loader, reference: ReferenceModel) -> None:
-    cpu = _greedy(load("fp16", "cpu_only"), reference, PROMPT)
-    ane = _greedy(load("fp16", "cpu_and_ne"), reference, PROMPT)
-    for step, ((a, _), (b, _)) in enumerate(zip(cpu, ane)):
+def test_cpu_and_neural_engine_agree(greedy_pairs: GreedyPairs, load: Loader, reference: ReferenceModel) -> None:
+    cpu = greedy_pairs(load("fp16", "cpu_only"), reference, PROMPT, DECODE_STEPS)
+    ane = greedy_pairs(load("fp16", "cpu_and_ne"), reference, PROMPT, DECODE_STEPS)
+    for step, ((a, _), (b, _)) in enumerate(zip(cpu, ane, strict=True)):
         np.testing.assert_allclose(a, b, rtol=0, atol=0.1, err_msg=f"step {step}")
 
 
-def test_int4_weights_keep_the_logits_close_to_the_reference(load: Loader, reference: ReferenceModel) -> None:
-    for got, want in _greedy(load("int4", "cpu_only"), reference, PROMPT):
+def test_int4_weights_keep_the_logits_close_to_the_reference(
+    greedy_pairs: GreedyPairs, load: Loader, reference: ReferenceModel
+) -> None:
+    for got, want in greedy_pairs(load("int4", "cpu_only"), reference, PROMPT, DECODE_STEPS):
         assert np.corrcoef(got, want)[0, 1] > 0.99
 
 

@@ -8,7 +8,6 @@ import pytest
 from infer.bundle import Bundle
 from infer.contract import LoadSpec
 from infer.errors import InvalidParameterError
-
 from infer_backend_coreml.options import parse_options
 
 pytestmark = pytest.mark.unit

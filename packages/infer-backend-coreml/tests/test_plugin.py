@@ -11,7 +11,6 @@ import pytest
 from infer.bundle import Bundle
 from infer.contract import Batch, LoadSpec, ModelHandle, token_rows
 from infer.errors import BackendUnavailableError
-
 from infer_backend_coreml import plugin
 from infer_backend_coreml.runtime import CoreMLModel
 

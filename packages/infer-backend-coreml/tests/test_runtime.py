@@ -14,7 +14,6 @@ from infer.errors import (
     InvalidTokenError,
     ModelClosedError,
 )
-
 from infer_backend_coreml.runtime import CoreMLModel
 
 pytestmark = pytest.mark.unit
@@ -80,7 +79,9 @@ def test_sequence_of_another_model_is_refused(folded_model: Callable[..., CoreML
 
 
 @pytest.mark.parametrize("capacity", [0, 49, True, 2.5])
-def test_capacity_beyond_the_built_context_is_invalid(folded_model: Callable[..., CoreMLModel], capacity: object) -> None:
+def test_capacity_beyond_the_built_context_is_invalid(
+    folded_model: Callable[..., CoreMLModel], capacity: object
+) -> None:
     with pytest.raises(InvalidParameterError):
         folded_model(context_length=48).new_sequence(capacity)  # type: ignore[arg-type]
 

@@ -35,13 +35,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import numpy as np
 import numpy.typing as npt
-
 from infer.errors import ModelFormatError
 
 if TYPE_CHECKING:
     import coremltools as ct
     from coremltools.converters.mil.mil import Program, Var
-
     from infer.bundle import ArchSpec
 
     from infer_backend_coreml.options import BuildConfig
@@ -362,6 +360,7 @@ def evaluate_step(
     config: BuildConfig,
     kv: ConstantKV,
     input_ids: npt.NDArray[np.int32],
+    *,
     position: int,
     last_index: int | None = None,
 ) -> npt.NDArray[np.float32]:

@@ -132,7 +132,11 @@ def parse_options(spec: LoadSpec, options: Mapping[str, Any], arch: ArchSpec) ->
     if context is None:
         context = min(arch.max_position_embeddings, DEFAULT_CONTEXT_LENGTH)
     context = _positive_int("context_length", context)
-    if spec.context_length is not None and "context_length" in options and options["context_length"] != spec.context_length:
+    if (
+        spec.context_length is not None
+        and "context_length" in options
+        and options["context_length"] != spec.context_length
+    ):
         raise InvalidParameterError(
             "context_length", options["context_length"], f"the same value as load(context_length={spec.context_length})"
         )

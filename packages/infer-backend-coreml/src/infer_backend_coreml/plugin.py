@@ -13,7 +13,6 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-
 from infer.contract import CONTRACT_VERSION, BackendInfo, Batch, LoadSpec, ModelHandle
 from infer.errors import BackendUnavailableError
 from infer.hookspecs import hookimpl
@@ -55,7 +54,7 @@ def unavailable_reason(system: str | None = None, mac_release: str | None = None
     if version < MIN_MACOS:
         return (
             f"the Core ML backend needs macOS {MIN_MACOS[0]} or later for stateful models "
-            f"(this is macOS {release or 'of unknown version'}); update macOS or use backend=\"onnx\" instead"
+            f'(this is macOS {release or "of unknown version"}); update macOS or use backend="onnx" instead'
         )
     return None
 

@@ -17,7 +17,6 @@ from typing import Any, Protocol, final
 
 import numpy as np
 import numpy.typing as npt
-
 from infer.contract import Batch, KVCache, ModelHandle
 from infer.errors import (
     BackendError,
@@ -222,7 +221,9 @@ class CoreMLModel(ModelHandle):
         rows = [self._row(batch, i) for i in range(batch.size)]
         for i, (_, tokens) in enumerate(rows):
             if tokens.size != 1:
-                raise BackendError(f"decode row {i} has {tokens.size} tokens; decode takes exactly one", backend=BACKEND)
+                raise BackendError(
+                    f"decode row {i} has {tokens.size} tokens; decode takes exactly one", backend=BACKEND
+                )
         executor = self._running()
         out = np.empty((batch.size, self.vocab_size), dtype=np.float32)
         with self._lock:
