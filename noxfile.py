@@ -1,11 +1,11 @@
 """Developer automation: wheels, the extras check, benchmarks, fixtures and goldens.
 
-    nox -s wheels        build a wheel of every package into dist/wheels
-    nox -s extras        prove the extras: fresh venv, pip install --find-links dist/wheels 'infer-core[fake]'
-    nox -s bench         infer bench on the fake and ONNX backends, and the sampler benchmark
-    nox -s fixtures      regenerate the tiny Llama fixture (deterministic)
-    nox -s goldens       regenerate golden references with transformers + torch (dev only)
-    nox -s tests         the test matrix, through tox (the README's command)
+nox -s wheels        build a wheel of every package into dist/wheels
+nox -s extras        prove the extras: fresh venv, pip install --find-links dist/wheels 'infer-core[fake]'
+nox -s bench         infer bench on the fake and ONNX backends, and the sampler benchmark
+nox -s fixtures      regenerate the tiny Llama fixture (deterministic)
+nox -s goldens       regenerate golden references with transformers + torch (dev only)
+nox -s tests         the test matrix, through tox (the README's command)
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def extras(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (figures, not tests): the engine on the fake, the sampler, the ONNX backend."""
-    session.install("-e", "packages/infer-core", "-e", "packages/infer-backend-fake", "-e", "packages/infer-backend-onnx")
+    packages = ["packages/infer-core", "packages/infer-backend-fake", "packages/infer-backend-onnx"]
+    session.install(*(arg for package in packages for arg in ("-e", package)))
     session.run("infer", "bench", "fake", "--backend", "fake", "-o", "vocab_size=49152", "--json", "--runs", "5")
     session.run("python", "benchmarks/bench_sampling.py")
     session.run("python", "benchmarks/bench_backends.py", *session.posargs)

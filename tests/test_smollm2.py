@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 
-import infer
 import pytest
 from conftest import REAL_BACKENDS, runnable
+
+import infer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

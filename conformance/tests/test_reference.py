@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
+
 from infer.bundle import Bundle
 from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
 from infer_conformance.fixtures import SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
 from infer_conformance.reference import ReferenceModel
-from safetensors.numpy import load_file, save_file
 
 pytestmark = pytest.mark.unit
 

@@ -51,10 +51,11 @@ def main() -> int:
     """Compare and print a JSON summary; exit 1 on any disagreement."""
     import numpy as np
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from infer.bundle import Bundle
     from infer.chat import render_chat
     from infer.gguf_import import import_gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf", type=Path)

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from infer_conformance.fixtures import GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from infer_conformance.fixtures import GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
 
 TINY_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",

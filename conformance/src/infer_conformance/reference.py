@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
 from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
 
 if TYPE_CHECKING:

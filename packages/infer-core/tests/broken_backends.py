@@ -10,10 +10,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from infer_backend_fake import FakeKV, FakeModel
-from infer_backend_fake import plugin as fake
 
 import infer
+from infer_backend_fake import FakeKV, FakeModel
+from infer_backend_fake import plugin as fake
 
 
 class _Broken:

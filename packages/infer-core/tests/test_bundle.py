@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
+
 from infer.bundle import ArchSpec, Bundle, is_bundle
 from infer.errors import ModelError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from safetensors.numpy import load_file, save_file
 
 pytestmark = pytest.mark.unit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from infer.chat import render_chat, validate_messages
 from infer.errors import ChatTemplateError, InvalidParameterError, RequestError
 

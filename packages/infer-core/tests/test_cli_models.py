@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import gguf
-import infer.pull
 import pytest
+from tiny_gguf import write_tiny_gguf
+
+import infer.pull
 from infer.bundle import Bundle
 from infer.cli import main
-from tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-from infer_conformance.probes import StepRecorder, installed
 
 import infer
+from infer_conformance.probes import StepRecorder, installed
 
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33]
 

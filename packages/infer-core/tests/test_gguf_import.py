@@ -9,11 +9,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from tiny_gguf import TINY, write_tiny_gguf
+from tokenizers import Tokenizer
+
 from infer.bundle import Bundle
 from infer.errors import ModelError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from infer.gguf_import import import_gguf
-from tiny_gguf import TINY, write_tiny_gguf
-from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.unit
 

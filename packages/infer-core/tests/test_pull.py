@@ -11,14 +11,15 @@ import zipfile
 from pathlib import Path
 
 import gguf
-import infer.pull
 import numpy as np
 import pytest
+from tiny_gguf import write_tiny_gguf
+
+import infer.pull
 from infer.bundle import Bundle
 from infer.errors import ModelFormatError, ModelNotFoundError
 from infer.pull import KNOWN_MODELS, KnownModel, pull
 from infer.store import list_models, models_dir
-from tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.unit
 

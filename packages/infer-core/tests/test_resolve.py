@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import gguf
+import pytest
+from tiny_gguf import TINY, write_tiny_gguf
+
 import infer.gguf_import
 import infer.pull
-import pytest
 from infer.errors import ModelNotFoundError
 from infer.resolve import hf_cache_dir, resolve_model
 from infer.store import converted_dir, file_sha256
-from tiny_gguf import TINY, write_tiny_gguf
 
 pytestmark = pytest.mark.unit
 

@@ -12,6 +12,7 @@ import pluggy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from infer import hookimpl, hookspecs
 from infer.errors import BackendError, InvalidParameterError, InvalidTokenError, RequestError
 from infer.sampling import (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -49,7 +51,7 @@ def test_no_stop_strings_pass_everything_through():
 )
 def test_any_split_of_the_text_gives_the_same_output_as_searching_the_whole(text, stop, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     index = text.find(stop)
     expected = (text[:index], True) if index >= 0 else (text, False)
     assert feed_all(StopMatcher([stop]), pieces) == expected

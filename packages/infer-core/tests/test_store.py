@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from infer.store import converted_dir, file_sha256, infer_home, list_models, models_dir
 from tiny_gguf import TINY
+
+from infer.store import converted_dir, file_sha256, infer_home, list_models, models_dir
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import infer
 import pytest
+
+import infer
 
 pytestmark = pytest.mark.conformance
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import infer
 import numpy as np
 import pytest
+
+import infer
 from infer.contract import contract_compatible
 
 pytestmark = pytest.mark.conformance

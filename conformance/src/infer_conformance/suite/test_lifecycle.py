@@ -6,9 +6,9 @@ import asyncio
 import gc
 import time
 
-import infer
 import pytest
 
+import infer
 from infer_conformance.probes import Gate, StepRecorder, StepStall, installed
 
 pytestmark = pytest.mark.conformance

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-import infer
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import infer
 
 pytestmark = pytest.mark.conformance
 

@@ -28,9 +28,10 @@ from dataclasses import dataclass, fields, replace
 from importlib import metadata
 from typing import Any
 
-import infer
 import numpy as np
 import numpy.typing as npt
+
+import infer
 from infer.errors import BackendError, InvalidParameterError
 
 NAME = "fake"

@@ -78,7 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from infer.cli_models import add_model_commands
 
-    add_model_commands(sub)
+    add_model_commands(sub)  # type: ignore[arg-type]
     return parser
 
 
@@ -108,7 +108,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     from infer.plugins import get_registry
 
     reg = get_registry()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": b.name,
             "version": b.version or b.info.version,
@@ -132,9 +132,8 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     for r in rows:
         status = "available" if r["available"] else f"unavailable: {r['unavailable_reason']}"
         print(f"  {r['name']:<10} {r['version']:<10} contract {r['contract']:<5} {status}")
-        print(
-            f"      devices: {', '.join(r['devices'])}; dtypes: {', '.join(r['dtypes'])}; max batch {r['max_batch_size']}"
-        )
+        devices, dtypes = ", ".join(r["devices"]), ", ".join(r["dtypes"])
+        print(f"      devices: {devices}; dtypes: {dtypes}; max batch {r['max_batch_size']}")
         print(f"      capabilities: {', '.join(r['capabilities']) or '-'}")
     for f in failed:
         print(f"  {f['name']:<10} {f['version'] or '?':<10} FAILED: {f['error']}")

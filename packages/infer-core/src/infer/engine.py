@@ -368,7 +368,7 @@ class Engine:
     def _run_step(
         self, kind: str, requests: list[Request], tokens: Sequence[npt.NDArray[np.int32]]
     ) -> npt.NDArray[np.float32] | None:
-        batch = Batch(tuple(r.kv for r in requests), token_rows(tokens))  # type: ignore[arg-type]
+        batch = Batch(tuple(r.kv for r in requests if r.kv is not None), token_rows(tokens))
         try:
             return self.step(kind, batch)
         except InferError as exc:

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="empty-body"
 """The backend contract: the hooks a backend plugin implements.
 
 A backend is a module or object registered under the entry-point group ``infer.backends``::

@@ -178,8 +178,9 @@ class Registry:
         plugins = {name: plugin for name, (plugin, _, _) in self._infos.items()}
         for name, (plugin, version, info) in self._infos.items():
             others = [p for n, p in plugins.items() if n != name]
-            callers = [self.pm.subset_hook_caller(h, remove_plugins=others) for h in _ROUTED_HOOKS]
-            self._backends[name] = Backend(name, version, info, plugin, RoutedHooks(*callers, pm=self.pm))
+            load, prefill, decode, sample = (self.pm.subset_hook_caller(h, others) for h in _ROUTED_HOOKS)
+            hooks = RoutedHooks(load=load, prefill=prefill, decode=decode, sample=sample, pm=self.pm)
+            self._backends[name] = Backend(name, version, info, plugin, hooks)
 
     def register_backend(self, plugin: object, *, name: str, version: str | None = None) -> Backend:
         """Register a backend object at run time (tests, embedding apps); raise if it is refused."""

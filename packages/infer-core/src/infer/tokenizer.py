@@ -67,19 +67,19 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens written in the text are recognised."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # type: ignore[no-any-return]
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``."""
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)  # type: ignore[no-any-return]
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string (e.g. ``"<|im_end|>"``), or ``None``."""
-        return self._tok.token_to_id(token)  # type: ignore[no-any-return]
+        return self._tok.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
         """Token string of an id, or ``None``."""
-        return self._tok.id_to_token(token_id)  # type: ignore[no-any-return]
+        return self._tok.id_to_token(token_id)
 
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for one generated sequence."""
