@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from onnx_helpers import Loader, load_spec
+
 from infer.bundle import Bundle
 from infer_backend_onnx import plugin
 from infer_backend_onnx.runtime import OnnxModel
-from onnx_helpers import Loader, load_spec
 
 fixtures = pytest.importorskip("infer_conformance.fixtures", reason="needs infer-conformance (the tiny bundle)")
 reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance (the numpy reference)")

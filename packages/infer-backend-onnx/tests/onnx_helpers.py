@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+
 from infer.bundle import Bundle
 from infer.contract import Batch, KVCache, LoadSpec, token_rows
 from infer_backend_onnx import plugin

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx_helpers import PROMPT, load_spec, step
+
 from infer.bundle import Bundle
 from infer_backend_onnx import plugin
 from infer_backend_onnx.build_cache import MANIFEST, cache_root, verify_entry
 from infer_backend_onnx.runtime import OnnxModel
-from onnx_helpers import PROMPT, load_spec, step
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from infer.contract import Batch, LoadSpec, token_rows
 from infer.errors import ModelFormatError
 from infer_backend_onnx import plugin
 from infer_backend_onnx.exports import ExportModel
-from onnx import TensorProto, helper, numpy_helper
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx_helpers import PROMPT, Loader, step
+
 from infer.bundle import Bundle
 from infer_backend_onnx.graph import GraphConfig, build_decoder
-from onnx_helpers import PROMPT, Loader, step
+
+reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance")
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +51,42 @@ def test_decode_logits_match_the_reference_at_every_position(load_tiny: Loader, 
         got = step(model, [cache], [[PROMPT[i]]], decode=True)[0]
         worst = max(worst, float(np.abs(got - expected[i]).max()))
     assert worst <= TOLERANCE[dtype]
+
+
+@pytest.fixture(scope="module")
+def biased_bundle(tiny_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The tiny bundle with every bias a Llama-family config can ask for (q/k/v, o, MLP)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("biased")
+    for f in tiny_bundle.path.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+    config = json.loads((tiny_bundle.path / "config.json").read_text())
+    config |= {"attention_bias": True, "mlp_bias": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = {name: np.asarray(tiny_bundle.weights[name]) for name in tiny_bundle.weights}
+    rng = np.random.default_rng(3)
+    for name, array in list(tensors.items()):
+        if name.endswith("_proj.weight"):
+            tensors[name.replace(".weight", ".bias")] = rng.standard_normal(array.shape[0]).astype(np.float32) * 0.1
+    save_file(tensors, str(folder / "model.safetensors"))
+    bundle = Bundle.open(folder)
+    assert bundle.spec.attention_bias and bundle.spec.o_bias and bundle.spec.mlp_bias
+    return bundle
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_projection_biases_are_applied(biased_bundle: Bundle, build_dir: Path, dtype: str) -> None:
+    from onnx_helpers import load_spec
+
+    from infer_backend_onnx import plugin
+
+    expected = reference.ReferenceModel(biased_bundle).forward(PROMPT)[-1]
+    model = plugin.infer_load(load_spec(biased_bundle, dtype=dtype), {"cache_dir": build_dir, "threads": 1})
+    assert model is not None
+    got = step(model, [model.new_sequence(32)], [PROMPT])[0]  # type: ignore[arg-type]
+    assert np.abs(got - expected).max() <= TOLERANCE[dtype]

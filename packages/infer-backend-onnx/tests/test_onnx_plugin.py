@@ -6,15 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import infer
 import numpy as np
 import pytest
+from onnx_helpers import load_spec
+
+import infer
 from infer.bundle import Bundle
 from infer.contract import Batch, Capability, LoadSpec, ModelHandle, token_rows
 from infer.errors import BackendUnavailableError, InvalidParameterError
 from infer_backend_onnx import plugin
 from infer_backend_onnx.runtime import OnnxModel
-from onnx_helpers import load_spec
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +53,9 @@ def test_unknown_option_raises_invalid_parameter(tiny_bundle: Bundle) -> None:
     assert info.value.parameter == "treads"
 
 
-@pytest.mark.parametrize(("key", "value"), [("threads", 0), ("threads", "2"), ("block_size", 48), ("cache_dir", 3)])
+@pytest.mark.parametrize(
+    ("key", "value"), [("threads", 0), ("threads", "2"), ("block_size", 48), ("cache_dir", 3), ("head_bits", 2)]
+)
 def test_bad_option_values_raise_invalid_parameter(tiny_bundle: Bundle, key: str, value: object) -> None:
     with pytest.raises(InvalidParameterError) as info:
         plugin.infer_load(load_spec(tiny_bundle), {key: value})

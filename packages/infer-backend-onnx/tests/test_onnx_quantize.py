@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from infer_backend_onnx.quantize import dequantize_int4, quantize_int4
+
+from infer_backend_onnx.quantize import dequantize, quantize
 
 pytestmark = pytest.mark.unit
 
 
-def _matmul_nbits(x: np.ndarray, w: np.ndarray, block_size: int) -> np.ndarray:
+def _matmul_nbits(x: np.ndarray, w: np.ndarray, block_size: int, bits: int, symmetric: bool) -> np.ndarray:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    q = quantize_int4(w, block_size)
+    q = quantize(w, block_size, bits=bits, symmetric=symmetric)
     n, k = w.shape
     node = helper.make_node(
         "MatMulNBits",
-        ["x", "b", "s", "z"],
+        ["x", "b", "s", "z" if q.zero_points is not None else ""],
         ["y"],
         domain="com.microsoft",
         K=k,
         N=n,
-        bits=4,
+        bits=bits,
         block_size=block_size,
         accuracy_level=0,
     )
@@ -34,7 +35,7 @@ def _matmul_nbits(x: np.ndarray, w: np.ndarray, block_size: int) -> np.ndarray:
         [
             numpy_helper.from_array(q.packed, "b"),
             numpy_helper.from_array(q.scales, "s"),
-            numpy_helper.from_array(q.zero_points, "z"),
+            *([] if q.zero_points is None else [numpy_helper.from_array(q.zero_points, "z")]),
         ],
     )
     model = helper.make_model(
@@ -45,25 +46,37 @@ def _matmul_nbits(x: np.ndarray, w: np.ndarray, block_size: int) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize(("n", "k", "block_size"), [(48, 64, 32), (40, 192, 64), (24, 96, 64), (16, 80, 32)])
-def test_matmul_nbits_multiplies_by_the_dequantized_weight(n: int, k: int, block_size: int) -> None:
+def test_matmul_nbits_multiplies_by_the_dequantized_weight(
+    n: int, k: int, block_size: int, bits: int, symmetric: bool
+) -> None:
     rng = np.random.default_rng(n * k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    expected = x @ dequantize_int4(quantize_int4(w, block_size)).T
-    np.testing.assert_allclose(_matmul_nbits(x, w, block_size), expected, rtol=1e-4, atol=1e-4)
+    expected = x @ dequantize(quantize(w, block_size, bits=bits, symmetric=symmetric)).T
+    np.testing.assert_allclose(_matmul_nbits(x, w, block_size, bits, symmetric), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_quantization_error_is_at_most_half_a_step_per_block() -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantization_error_is_at_most_half_a_step_per_block(bits: int, symmetric: bool) -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 128)).astype(np.float32)
-    q = quantize_int4(w, 32)
-    err = np.abs(dequantize_int4(q) - w).reshape(32, 4, 32)
+    q = quantize(w, 32, bits=bits, symmetric=symmetric)
+    err = np.abs(dequantize(q) - w).reshape(32, 4, 32)
     assert np.all(err <= q.scales[..., None] / 2 + 1e-6)
 
 
-def test_zero_weights_stay_exactly_zero() -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_zero_weights_stay_exactly_zero(symmetric: bool) -> None:
     w = np.zeros((4, 64), np.float32)
     w[0, :32] = np.linspace(0.5, 2.0, 32)
-    np.testing.assert_array_equal(dequantize_int4(quantize_int4(w, 32))[1:], 0.0)
-    assert dequantize_int4(quantize_int4(w, 32))[0, 40] == 0.0
+    deq = dequantize(quantize(w, 32, symmetric=symmetric))
+    np.testing.assert_array_equal(deq[1:], 0.0)
+    assert deq[0, 40] == 0.0
+
+
+def test_symmetric_blocks_carry_no_zero_point_tensor() -> None:
+    assert quantize(np.ones((2, 32), np.float32), 32, symmetric=True).zero_points is None

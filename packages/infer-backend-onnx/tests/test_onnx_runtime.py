@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx_helpers import PROMPT, step
+
 from infer.contract import KVCache
 from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
 from infer_backend_onnx.runtime import OnnxModel
-from onnx_helpers import PROMPT, step
 
 pytestmark = pytest.mark.integration
 

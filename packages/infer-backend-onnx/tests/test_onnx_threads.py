@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from infer_backend_onnx.threads import cgroup_cpu_limit, cpu_budget
 
 pytestmark = pytest.mark.unit

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
 from infer.contract import Batch, KVCache
 from infer.errors import BackendError, ModelFormatError
-
 from infer_backend_onnx.runtime import OnnxHandle, check_row
 
 if TYPE_CHECKING:
     import onnxruntime as ort
-    from infer.contract import LoadSpec
 
+    from infer.contract import LoadSpec
     from infer_backend_onnx.loading import LoadOptions
 
 __all__ = ["Export", "ExportKVCache", "ExportModel", "find_export", "load_export"]

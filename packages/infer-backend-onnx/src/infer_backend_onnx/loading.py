@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+
 from infer.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ OPTIONS: Final = {
     "threads": "a positive integer (intra-op threads; default: the CPUs this process may use)",
     "cache_dir": "a folder path for built graphs (default: infer's cache folder)",
     "block_size": "32 or 64 (int4 quantisation block)",
+    "head_bits": "4 or 8 (int4: bits of the output head)",
 }
 
 
@@ -33,6 +35,7 @@ class LoadOptions:
     threads: int | None = None
     cache_dir: Path | None = None
     block_size: int = 32
+    head_bits: int = 4
 
 
 def parse_options(options: Mapping[str, Any]) -> LoadOptions:
@@ -49,7 +52,11 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
     block_size = options.get("block_size", 32)
     if block_size not in (32, 64) or isinstance(block_size, bool):
         raise InvalidParameterError("block_size", block_size, OPTIONS["block_size"])
+    head_bits = options.get("head_bits", 4)
+    if head_bits not in (4, 8) or isinstance(head_bits, bool):
+        raise InvalidParameterError("head_bits", head_bits, OPTIONS["head_bits"])
     return LoadOptions(
+        head_bits=head_bits,
         threads=threads,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         block_size=block_size,
@@ -81,7 +88,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     from infer_backend_onnx.runtime import OnnxModel
     from infer_backend_onnx.threads import cpu_budget
 
-    config = GraphConfig(dtype=spec.dtype or "fp32", block_size=opts.block_size)
+    config = GraphConfig(dtype=spec.dtype or "fp32", block_size=opts.block_size, head_bits=opts.head_bits)
     content = bundle.content_hash()
     key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"
     started = time.perf_counter()

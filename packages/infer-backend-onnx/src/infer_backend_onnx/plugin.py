@@ -15,6 +15,7 @@ from infer.contract import BackendInfo, Capability
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
     from infer.contract import Batch, LoadSpec, ModelHandle
 
 __all__ = ["infer_backend_info", "infer_decode", "infer_load", "infer_prefill"]

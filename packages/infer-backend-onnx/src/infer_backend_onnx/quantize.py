@@ -1,10 +1,16 @@
-"""Block-wise asymmetric 4-bit weight packing in the layout of ONNX Runtime's ``MatMulNBits``.
+"""Block-wise weight quantisation in the layout of ONNX Runtime's ``MatMulNBits`` (4 or 8 bits).
 
 A weight ``w`` of shape ``[N, K]`` (Hugging Face ``[out, in]``) is cut along ``K`` into blocks
-of ``block_size``; each block gets a float scale and a 4-bit zero point, and each weight a
-4-bit code, so that ``w ~= (code - zero_point) * scale``. The range of every block includes 0,
-which keeps an all-zero block exact and a zero weight zero. Codes are packed two per byte,
-the even index in the low nibble; zero points likewise, one row of blocks per output row.
+of ``block_size``; each block gets a float scale and an integer zero point, and each weight an
+unsigned code, so that ``w ~= (code - zero_point) * scale``.
+
+* asymmetric blocks spend all ``2**bits`` codes on the block's ``[min, max]`` widened to include
+  0 (the zero point must be an integer code; keeping 0 in range keeps zeros exact);
+* symmetric blocks spend them on ``[-amax, amax]`` around the fixed zero point ``2**(bits-1)``,
+  which is the op's default: no zero-point tensor at all.
+
+4-bit codes are packed two per byte, the even index in the low nibble; 4-bit zero points
+likewise, one row of blocks per output row. 8-bit codes and zero points take a byte each.
 """
 
 from __future__ import annotations
@@ -14,22 +20,24 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Int4Weight", "dequantize_int4", "quantize_int4"]
+__all__ = ["QuantizedWeight", "dequantize", "quantize"]
 
 
 @dataclass(frozen=True, slots=True)
-class Int4Weight:
-    """The three ``MatMulNBits`` initializers for one weight."""
+class QuantizedWeight:
+    """The ``MatMulNBits`` initializers for one weight."""
 
-    #: uint8 ``[N, k_blocks, block_size // 2]``: two codes per byte.
+    #: uint8 ``[N, k_blocks, block_size * bits // 8]``.
     packed: npt.NDArray[np.uint8]
     #: float32 ``[N, k_blocks]``.
     scales: npt.NDArray[np.float32]
-    #: uint8 ``[N, ceil(k_blocks / 2)]``: two zero points per byte.
-    zero_points: npt.NDArray[np.uint8]
-    #: Original ``K`` (the packed blocks may pad it).
+    #: uint8 zero points (4 bits: ``[N, ceil(k_blocks / 2)]`` packed; 8 bits: ``[N, k_blocks]``),
+    #: or ``None`` for symmetric blocks.
+    zero_points: npt.NDArray[np.uint8] | None
+    #: Original ``K`` (the blocks may pad it).
     k: int
     block_size: int
+    bits: int
 
 
 def _pack_nibbles(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -37,8 +45,16 @@ def _pack_nibbles(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def quantize_int4(weight: npt.NDArray[np.floating], block_size: int) -> Int4Weight:
-    """Quantise ``weight`` ``[N, K]`` to asymmetric 4-bit blocks of ``block_size`` along ``K``."""
+def _unpack_nibbles(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def quantize(
+    weight: npt.NDArray[np.floating], block_size: int, *, bits: int = 4, symmetric: bool = False
+) -> QuantizedWeight:
+    """Quantise ``weight`` ``[N, K]`` to ``bits``-bit blocks of ``block_size`` along ``K``."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
     w = np.asarray(weight, dtype=np.float32)
     n, k = w.shape
     blocks = -(-k // block_size)
@@ -46,28 +62,38 @@ def quantize_int4(weight: npt.NDArray[np.floating], block_size: int) -> Int4Weig
         # Zero padding quantises exactly (0 is always in a block's range) and is never read.
         w = np.pad(w, ((0, 0), (0, blocks * block_size - k)))
     w = w.reshape(n, blocks, block_size)
-    lo = np.minimum(w.min(axis=-1), 0.0)
-    hi = np.maximum(w.max(axis=-1), 0.0)
-    scales = (hi - lo) / 15.0
+    top = (1 << bits) - 1
+    if symmetric:
+        scales = np.abs(w).max(axis=-1) / ((1 << (bits - 1)) - 1)
+        zero = np.full(scales.shape, float(1 << (bits - 1)))
+    else:
+        lo = np.minimum(w.min(axis=-1), 0.0)
+        scales = (np.maximum(w.max(axis=-1), 0.0) - lo) / top
+        zero = np.clip(np.rint(-lo / np.where(scales > 0, scales, 1.0)), 0, top)
     safe = np.where(scales > 0, scales, 1.0)
-    zero = np.clip(np.rint(-lo / safe), 0, 15)
-    codes = np.clip(np.rint(w / safe[..., None] + zero[..., None]), 0, 15).astype(np.uint8)
-    zero_u8 = zero.astype(np.uint8)
-    if blocks % 2:
-        zero_u8 = np.pad(zero_u8, ((0, 0), (0, 1)))
-    return Int4Weight(
-        packed=_pack_nibbles(codes),
+    codes = np.clip(np.rint(w / safe[..., None] + zero[..., None]), 0, top).astype(np.uint8)
+    zero_u8: npt.NDArray[np.uint8] | None = None
+    if not symmetric:
+        zero_u8 = zero.astype(np.uint8)
+        if bits == 4:
+            zero_u8 = _pack_nibbles(np.pad(zero_u8, ((0, 0), (0, blocks % 2))))
+    return QuantizedWeight(
+        packed=_pack_nibbles(codes) if bits == 4 else codes,
         scales=scales.astype(np.float32),
-        zero_points=_pack_nibbles(zero_u8),
+        zero_points=zero_u8,
         k=k,
         block_size=block_size,
+        bits=bits,
     )
 
 
-def dequantize_int4(q: Int4Weight) -> npt.NDArray[np.float32]:
+def dequantize(q: QuantizedWeight) -> npt.NDArray[np.float32]:
     """The ``[N, K]`` float32 weight that ``q`` encodes (what ``MatMulNBits`` multiplies by)."""
     n, blocks, _ = q.packed.shape
-    codes = np.stack([q.packed & 0x0F, q.packed >> 4], axis=-1).reshape(n, blocks, q.block_size)
-    zeros = np.stack([q.zero_points & 0x0F, q.zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    codes = _unpack_nibbles(q.packed) if q.bits == 4 else q.packed
+    if q.zero_points is None:
+        zeros = np.full((n, blocks), 1 << (q.bits - 1), np.uint8)
+    else:
+        zeros = (_unpack_nibbles(q.zero_points) if q.bits == 4 else q.zero_points)[:, :blocks]
     w = (codes.astype(np.float32) - zeros[..., None].astype(np.float32)) * q.scales[..., None]
     return w.reshape(n, blocks * q.block_size)[:, : q.k]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
 from infer.contract import Batch, KVCache, ModelHandle
 from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
 
