@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
 from infer.bundle import Bundle
+from infer.errors import ModelFormatError
 from infer_backend_coreml.builder import (
     FUNCTION_DECODE,
     FUNCTION_PREFILL,
@@ -19,6 +22,7 @@ from infer_backend_coreml.builder import (
     kv_state_shapes,
 )
 from infer_backend_coreml.options import BuildConfig
+from infer_backend_coreml.package import read_package_layout
 
 ct = pytest.importorskip("coremltools")
 from coremltools.proto import FeatureTypes_pb2  # noqa: E402
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 FP16 = BuildConfig(dtype="fp16", context_length=32, prefill_chunk=8)
 FP32 = BuildConfig(dtype="fp32", context_length=32, prefill_chunk=8)
-INT4 = BuildConfig(dtype="int4", context_length=32, prefill_chunk=8, int4_block_size=16)
+INT4 = BuildConfig(dtype="int4", context_length=32, prefill_chunk=8)
 ARRAY = FeatureTypes_pb2.ArrayFeatureType
 
 
@@ -161,3 +165,40 @@ def test_package_reloads_from_disk_with_its_metadata(build_tiny: Callable[[Build
     model.save(str(copy))
     again = _spec(copy)
     assert again.description == _spec(build_tiny(FP16)).description
+
+
+@pytest.mark.parametrize("config", [FP16, FP32, INT4], ids=lambda c: c.dtype)
+def test_a_ready_package_describes_its_own_layout(
+    build_tiny: Callable[[BuildConfig], Path], tiny_bundle: Bundle, config: BuildConfig
+) -> None:
+    layout = read_package_layout(build_tiny(config))
+    assert layout.config == config
+    assert layout.vocab_size == tiny_bundle.spec.vocab_size
+    states = kv_state_shapes(tiny_bundle.spec, config).values()
+    assert layout.kv_bytes == sum(2 * int(np.prod(s)) for s in states)
+
+
+def test_a_package_from_elsewhere_is_refused_with_a_format_error(tmp_path: Path) -> None:
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4))], opset_version=ct.target.iOS18)
+    def program(x: Any) -> Any:
+        return mb.relu(x=x)
+
+    path = tmp_path / "other.mlpackage"
+    with warnings.catch_warnings():  # coremltools leaks a TemporaryDirectory per conversion
+        warnings.simplefilter("ignore", ResourceWarning)
+        ct.convert(program, minimum_deployment_target=ct.target.iOS18, skip_model_load=True, package_dir=str(path))
+    with pytest.raises(ModelFormatError, match="not a Core ML package built by infer"):
+        read_package_layout(path)
+
+
+def test_int4_quantizes_only_linear_weights_and_keeps_the_rotary_tables(
+    build_tiny: Callable[[BuildConfig], Path], tiny_bundle: Bundle
+) -> None:
+    ops = _ops(_spec(build_tiny(INT4)), FUNCTION_DECODE)
+    quantized = [op for op in ops if op.type == "constexpr_blockwise_shift_scale"]
+    linears = [op for op in ops if op.type == "linear"]
+    assert len(quantized) == len(linears)  # q, k, v, o, gate, up, down per layer and the head
+    gathered = {arg.name for op in ops if op.type == "gather" for arg in op.inputs["x"].arguments}
+    assert not gathered & {out.name for op in quantized for out in op.outputs} - {"model_embed_tokens_weight"}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from infer.bundle import Bundle
 from infer_backend_coreml.cache import MANIFEST, cache_root, cached_package, package_key
 from infer_backend_coreml.options import BuildConfig
@@ -30,7 +31,10 @@ def test_package_records_what_it_was_built_from(tiny_bundle: Bundle, tmp_path: P
     package, _ = cached_package(tiny_bundle, CONFIG, tmp_path)
     manifest = json.loads((package.parent / MANIFEST).read_text())
     assert manifest["metadata"]["infer.bundle_hash"] == tiny_bundle.content_hash()
-    assert manifest["metadata"]["infer.prefill_chunk"] == "4"
+    ct = pytest.importorskip("coremltools")
+    recorded = ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata
+    assert recorded["infer.bundle_hash"] == tiny_bundle.content_hash()
+    assert (recorded["infer.dtype"], recorded["infer.prefill_chunk"]) == ("fp16", "4")
 
 
 def test_a_truncated_file_makes_the_entry_stale_and_it_is_rebuilt(tiny_bundle: Bundle, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from infer.bundle import Bundle
 from infer.contract import Batch, token_rows
 from infer_backend_coreml.builder import MASK_VALUE, DecoderGraph

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from infer.bundle import Bundle
 from infer.contract import Batch, LoadSpec, token_rows
 from infer_backend_coreml import plugin

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from infer.bundle import Bundle
 from infer.contract import LoadSpec
 from infer.errors import InvalidParameterError

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from infer.bundle import Bundle
 from infer.contract import Batch, LoadSpec, ModelHandle, token_rows
 from infer.errors import BackendUnavailableError

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from infer.contract import Batch, token_rows
 from infer.errors import (
     BackendError,

@@ -25,7 +25,6 @@ machines without the Core ML runtime.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -35,13 +34,14 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import numpy as np
 import numpy.typing as npt
+
 from infer.errors import ModelFormatError
 
 if TYPE_CHECKING:
     import coremltools as ct
     from coremltools.converters.mil.mil import Program, Var
-    from infer.bundle import ArchSpec
 
+    from infer.bundle import ArchSpec
     from infer_backend_coreml.options import BuildConfig
 
 __all__ = [
@@ -405,13 +405,25 @@ def _convert(program: Program, package: Path) -> ct.models.MLModel:
 
 
 def _quantize_int4(model: ct.models.MLModel, block_size: int) -> ct.models.MLModel:
-    """int4 symmetric weights with one fp16 scale per ``block_size`` inputs of each output row."""
+    """int4 symmetric weights with one fp16 scale per ``block_size`` inputs of each output row.
+
+    Only the weights of ``linear`` ops are quantized (the tied embedding with them, as the head
+    reads it): the rotary tables are constants too, and must keep their precision.
+    """
     import coremltools.optimize.coreml as cto
 
     op_config = cto.OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=block_size
+        mode="linear_symmetric",
+        dtype="int4",
+        granularity="per_block",
+        block_size=block_size,
+        # Every projection, however small (the default skips tensors under 2048 weights).
+        weight_threshold=block_size,
     )
-    return cto.linear_quantize_weights(model, config=cto.OptimizationConfig(global_config=op_config))
+    # An all-zero block gets scale 0 and 0/0 while quantizing; it dequantizes to 0 whatever
+    # its stored codes are, so numpy's invalid-value warnings say nothing here.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return cto.linear_quantize_weights(model, config=cto.OptimizationConfig(op_type_configs={"linear": op_config}))
 
 
 def build_package(
@@ -423,6 +435,9 @@ def build_package(
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Build the ``prefill``/``decode`` multifunction package at ``destination`` (a ``.mlpackage``).
+
+    The package's metadata records the build (``infer.dtype``, ``infer.context_length``,
+    ``infer.prefill_chunk``, ``infer.builder_version``) and whatever ``metadata`` adds.
 
     Each function is converted on its own, then both are merged; the merge deduplicates the
     identical weight constants, so the package holds one copy of the weights.
@@ -445,10 +460,15 @@ def build_package(
         descriptor.default_function_name = FUNCTION_DECODE
         merged = Path(tmp) / "merged.mlpackage"
         ct.utils.save_multifunction(descriptor, str(merged))
-        if metadata:
-            model = ct.models.MLModel(str(merged), skip_model_load=True)
-            model.user_defined_metadata.update(metadata)
-            model.save(str(destination))
-        else:
-            shutil.move(str(merged), str(destination))
+        # The merge keeps no metadata of its own: record how the package was built (a ready
+        # package is loaded from these facts) plus the caller's notes.
+        model = ct.models.MLModel(str(merged), skip_model_load=True)
+        model.user_defined_metadata.update(
+            {
+                "infer.builder_version": BUILDER_VERSION,
+                **{f"infer.{k}": str(v) for k, v in config.cache_fields().items() if v is not None},
+                **(metadata or {}),
+            }
+        )
+        model.save(str(destination))
     return destination

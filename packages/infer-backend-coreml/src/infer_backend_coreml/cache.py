@@ -20,7 +20,6 @@ from infer_backend_coreml.builder import BUILDER_VERSION, build_package
 
 if TYPE_CHECKING:
     from infer.bundle import Bundle
-
     from infer_backend_coreml.options import BuildConfig
 
 __all__ = ["MANIFEST", "PACKAGE", "cache_root", "cached_package", "package_key"]
@@ -75,12 +74,7 @@ def cached_package(bundle: Bundle, config: BuildConfig, root: Path) -> tuple[Pat
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
-        metadata = {
-            "infer.builder_version": BUILDER_VERSION,
-            "infer.model_type": bundle.spec.model_type,
-            "infer.bundle_hash": bundle.content_hash(),
-            **{f"infer.{k}": str(v) for k, v in config.cache_fields().items() if v is not None},
-        }
+        metadata = {"infer.model_type": bundle.spec.model_type, "infer.bundle_hash": bundle.content_hash()}
         build_package(bundle.spec, bundle.weights, config, staging / PACKAGE, metadata=metadata)
         manifest: dict[str, Any] = {
             "key": key,

@@ -24,6 +24,8 @@ __all__ = [
     "OPTION_NAMES",
     "BuildConfig",
     "LoadConfig",
+    "device_of",
+    "parse_compute_units",
     "parse_options",
 ]
 
@@ -99,6 +101,25 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def parse_compute_units(device: str | None, compute_units: object) -> str:
+    """The compute units for a requested ``device`` and/or ``compute_units`` option (default ``"all"``)."""
+    if compute_units is not None and compute_units not in COMPUTE_UNITS:
+        raise InvalidParameterError("compute_units", compute_units, f"one of {', '.join(COMPUTE_UNITS)}")
+    if device is not None and device not in DEVICE_COMPUTE_UNITS:
+        raise InvalidParameterError("device", device, f"one of {', '.join(DEVICE_COMPUTE_UNITS)} for backend='coreml'")
+    device_units = DEVICE_COMPUTE_UNITS.get(device) if device else None
+    if compute_units is not None and device_units is not None and compute_units != device_units:
+        raise InvalidParameterError(
+            "compute_units", compute_units, f"{device_units!r} (or no compute_units) with device={device!r}"
+        )
+    return str(compute_units or device_units or "all")
+
+
+def device_of(device: str | None, compute_units: str) -> str:
+    """The device a handle reports: the one asked for, else the one the compute units name."""
+    return device or {v: k for k, v in DEVICE_COMPUTE_UNITS.items()}.get(compute_units, "all")
+
+
 def parse_options(spec: LoadSpec, options: Mapping[str, Any], arch: ArchSpec) -> LoadConfig:
     """Validate ``spec``'s dtype/device/context and the backend ``options``; raise typed errors."""
     unknown = sorted(set(options) - OPTION_NAMES)
@@ -111,22 +132,8 @@ def parse_options(spec: LoadSpec, options: Mapping[str, Any], arch: ArchSpec) ->
     if dtype not in DTYPES:
         raise InvalidParameterError("dtype", dtype, f"one of {', '.join(DTYPES)} for backend='coreml'")
 
-    units_option = options.get("compute_units")
-    if units_option is not None and units_option not in COMPUTE_UNITS:
-        raise InvalidParameterError("compute_units", units_option, f"one of {', '.join(COMPUTE_UNITS)}")
-    if spec.device is not None and spec.device not in DEVICE_COMPUTE_UNITS:
-        raise InvalidParameterError(
-            "device", spec.device, f"one of {', '.join(DEVICE_COMPUTE_UNITS)} for backend='coreml'"
-        )
-    device_units = DEVICE_COMPUTE_UNITS.get(spec.device) if spec.device else None
-    if units_option is not None and device_units is not None and units_option != device_units:
-        raise InvalidParameterError(
-            "compute_units",
-            units_option,
-            f"{device_units!r} (or no compute_units) with device={spec.device!r}",
-        )
-    compute_units = units_option or device_units or "all"
-    device = spec.device or {v: k for k, v in DEVICE_COMPUTE_UNITS.items()}.get(compute_units, "all")
+    compute_units = parse_compute_units(spec.device, options.get("compute_units"))
+    device = device_of(spec.device, compute_units)
 
     context = options.get("context_length", spec.context_length)
     if context is None:

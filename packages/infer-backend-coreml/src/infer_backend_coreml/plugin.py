@@ -13,11 +13,11 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from infer.contract import CONTRACT_VERSION, BackendInfo, Batch, LoadSpec, ModelHandle
-from infer.errors import BackendUnavailableError
-from infer.hookspecs import hookimpl
 
-from infer_backend_coreml.options import DTYPES, parse_options
+from infer.contract import CONTRACT_VERSION, BackendInfo, Batch, LoadSpec, ModelHandle
+from infer.errors import BackendUnavailableError, InvalidParameterError
+from infer.hookspecs import hookimpl
+from infer_backend_coreml.options import DTYPES, device_of, parse_compute_units, parse_options
 from infer_backend_coreml.runtime import BACKEND, CoreMLModel
 
 __all__ = [
@@ -94,6 +94,8 @@ def infer_load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None
     if reason is not None:
         raise BackendUnavailableError(reason, backend=BACKEND, device=spec.device)
     if spec.bundle is None:
+        if spec.path is not None and spec.path.suffix == ".mlpackage" and spec.path.is_dir():
+            return _load_package(spec, options)
         return None
     from infer_backend_coreml.builder import kv_state_shapes
     from infer_backend_coreml.cache import cache_root, cached_package
@@ -115,6 +117,37 @@ def infer_load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None
             "compute_units": config.compute_units,
             "prefill_chunk": config.build.prefill_chunk,
         },
+    )
+
+
+def _load_package(spec: LoadSpec, options: Mapping[str, Any]) -> CoreMLModel:
+    """Load a package this backend built earlier, as it is: only its compute units can change."""
+    from infer_backend_coreml.package import read_package_layout
+    from infer_backend_coreml.runtime import CoreMLExecutor
+
+    assert spec.path is not None
+    fixed = sorted(set(options) - {"compute_units"})
+    if fixed:
+        raise InvalidParameterError(
+            "options", fixed, "only compute_units for a ready .mlpackage (the rest was fixed when it was built)"
+        )
+    layout = read_package_layout(spec.path)
+    if spec.dtype is not None and spec.dtype != layout.config.dtype:
+        raise InvalidParameterError(
+            "dtype", spec.dtype, f"{layout.config.dtype!r}, the precision this package was built with"
+        )
+    if spec.context_length is not None and spec.context_length > layout.config.context_length:
+        raise InvalidParameterError(
+            "context_length", spec.context_length, f"at most {layout.config.context_length}, the package's context"
+        )
+    units = parse_compute_units(spec.device, options.get("compute_units"))
+    return CoreMLModel(
+        CoreMLExecutor(spec.path, units),
+        config=layout.config,
+        vocab_size=layout.vocab_size,
+        kv_bytes=layout.kv_bytes,
+        device=device_of(spec.device, units),
+        details={"package": str(spec.path), "built": False, "compute_units": units},
     )
 
 

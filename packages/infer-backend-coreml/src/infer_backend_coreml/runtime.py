@@ -17,6 +17,7 @@ from typing import Any, Protocol, final
 
 import numpy as np
 import numpy.typing as npt
+
 from infer.contract import Batch, KVCache, ModelHandle
 from infer.errors import (
     BackendError,
@@ -26,7 +27,6 @@ from infer.errors import (
     InvalidTokenError,
     ModelClosedError,
 )
-
 from infer_backend_coreml.builder import (
     FUNCTION_DECODE,
     FUNCTION_PREFILL,
