@@ -410,10 +410,10 @@ def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float
     """
     n = row.shape[0]
     if k >= n:
-        return np.arange(n), row, float(row.max())
+        return np.arange(n), row, float(row[row.argmax()])
     width = n // _GROUPS
     if n < _FAST_TOP_K_MIN_ROW or 2 * k > width:
-        top = float(row.max())
+        top = float(row[row.argmax()])
         if not math.isfinite(top):
             return np.empty(0, dtype=np.intp), row[:0], top
         kth = row[np.argpartition(row, n - k)[n - k]]
@@ -429,7 +429,7 @@ def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float
         coarse = column_max.reshape(_GROUPS, -1).max(axis=0)
     else:
         coarse = column_max.copy()  # partitioned in place below; column_max is read again
-    top = float(coarse.max())
+    top = float(coarse[coarse.argmax()])  # argmax: far less call overhead than max; finds a NaN too
     if tail is not None:
         # np.maximum keeps a NaN from either side, where Python's max() would depend on the order.
         top = float(np.maximum(top, tail.max()))
@@ -491,9 +491,8 @@ def _draw(weights: FloatRow, u: float) -> int:
 
 def _weights(values: FloatRow, top: float, inv_t: float) -> npt.NDArray[np.float64]:
     """``exp((values - top) / T)`` in float64: unnormalised probabilities, the top one exactly 1."""
-    weights = values.astype(np.float64)
-    weights -= top
-    weights *= inv_t
+    weights = np.multiply(values, inv_t, dtype=np.float64)
+    weights -= top * inv_t  # the top value's own product: its weight is exp(0)
     return np.exp(weights, out=weights)
 
 
@@ -513,8 +512,13 @@ def _draw_nucleus(
     candidates are ordered most likely first, ties by lower id (``ids`` is ascending), so the
     nucleus is the same whichever candidate set it was cut from; the draw walks that order too.
     """
-    order = (-values).argsort(kind="stable")
-    weights = _weights(values[order], top, 1.0 / params.temperature)
+    inv_t = 1.0 / params.temperature
+    # Minus the tempered logits: an ascending stable sort puts the most likely first, ties by lower id.
+    weights = np.multiply(values, -inv_t, dtype=np.float64)
+    order = weights.argsort(kind="stable")
+    weights = weights[order]
+    np.subtract(-top * inv_t, weights, out=weights)  # (value - top) / T, exactly 0 for the top
+    np.exp(weights, out=weights)
     cumulative = np.add.accumulate(weights)
     if mass is None:
         mass = params.top_p * cumulative[-1]
@@ -536,7 +540,7 @@ def _sample_row(row: FloatRow, params: SamplingParams, rng: np.random.Generator,
     if k:
         ids, values, top = _top_k(row, k)
     else:
-        top = float(row.max())
+        top = float(row[row.argmax()])
     if not math.isfinite(top):
         raise _bad_row(index, top)
     u = rng.random()
@@ -633,7 +637,7 @@ def logprobs(logits_row: npt.ArrayLike, token_id: int, top_n: int) -> tuple[floa
         raise InvalidParameterError("logits_row", getattr(row, "shape", row), "a non-empty 1-D float array")
     token = _int("token_id", token_id, 0, row.shape[0] - 1, f"a token id in [0, {row.shape[0]})")
     top_n = _int("top_n", top_n, 0, MAX_TOP_LOGPROBS, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
-    top = float(row.max())
+    top = float(row[row.argmax()])
     if not math.isfinite(top):
         raise _bad_row(0, top)
     shifted = row - row.dtype.type(top)
