@@ -439,7 +439,7 @@ def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float
     coarse.partition(pivot)
     columns = (column_max >= coarse[pivot]).nonzero()[0]
     values = grid.take(columns, axis=1)
-    ids = _group_starts(width) + columns
+    ids = _id_grid(width).take(columns, axis=1)
     if tail is not None:
         values = np.concatenate((values.ravel(), tail))
         ids = np.concatenate((ids.ravel(), np.arange(body, n)))
@@ -452,11 +452,11 @@ def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float
 
 
 @functools.lru_cache(maxsize=8)
-def _group_starts(width: int) -> npt.NDArray[np.intp]:
-    """Where each of the ``_GROUPS`` slices of a row starts, as a column to broadcast against."""
-    starts = (np.arange(_GROUPS, dtype=np.intp) * width)[:, None]
-    starts.flags.writeable = False
-    return starts
+def _id_grid(width: int) -> npt.NDArray[np.intp]:
+    """The token ids of a row viewed as ``_GROUPS`` stacked slices of ``width`` (read-only, cached)."""
+    ids = np.arange(_GROUPS * width, dtype=np.intp).reshape(_GROUPS, width)
+    ids.flags.writeable = False
+    return ids
 
 
 def _search(cumulative: npt.NDArray[np.float64], target: float) -> int:
