@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -9,18 +11,32 @@ import time
 
 import pytest
 
+from infer.cli import main
+
 pytestmark = pytest.mark.integration
 
 
 def infer_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "infer.cli", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=120,
-        check=False,
-    )
+    """Run the CLI in-process (so coverage sees it); return what a subprocess run would."""
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin, sys.stdin = sys.stdin, io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.stdin = old_stdin
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def test_a_bad_argument_in_a_real_process_prints_one_line_and_no_traceback():
+    command = [sys.executable, "-m", "infer.cli", "run", "fake", "hi", "--backend", "fake", "--temperature", "-1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "temperature" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_is_instant_and_imports_no_numeric_library():
@@ -28,7 +44,7 @@ def test_help_is_instant_and_imports_no_numeric_library():
     code = "import sys; from infer.cli import main; print([m for m in ('numpy', 'onnxruntime') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    result = infer_cli("--help")
+    result = subprocess.run([sys.executable, "-m", "infer.cli", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert "backends" in result.stdout and "run" in result.stdout and "bench" in result.stdout
     assert time.monotonic() - started < 5
