@@ -77,8 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     from infer.cli_models import add_model_commands
+    from infer.serve.cli import add_serve_command
 
     add_model_commands(sub)  # type: ignore[arg-type]
+    add_serve_command(sub, model_args)
     return parser
 
 

@@ -1,0 +1,504 @@
+"""The Starlette app: OpenAI-style routes over one loaded :class:`infer.Model`.
+
+A generation request goes: authorize -> read the body (bounded) -> check its shape
+(:mod:`infer.serve.schemas`) -> tokenize and check limits -> take a queue place (429 when
+full) -> wait for a slot -> stream from the model. The last two steps run inside the
+response, next to a task watching for the client to go away: if it does, the request is
+cancelled wherever it is (queued, prefilling, decoding), so its sequence leaves the model's
+batch before the next step and its cache is released.
+
+Only the core's public API is used; nothing here knows which backend runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, final
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from infer.errors import InferError, InvalidParameterError
+from infer.log import get_logger
+from infer.model import AsyncTokenStream, Model
+from infer.results import Completion, TokenEvent
+from infer.sampling import SamplingParams
+from infer.serve.admission import Admission, Ticket
+from infer.serve.errors import APIError, from_infer_error
+from infer.serve.formats import Formatter, sse
+from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
+from infer.serve.schemas import GenerationRequest, parse_chat, parse_completion, parse_json
+
+__all__ = ["create_app"]
+
+#: Default slots: requests the model works on at once (their decode steps are batched).
+DEFAULT_MAX_CONCURRENCY = 32
+#: Default queue: requests waiting for a slot before the server answers 429.
+DEFAULT_MAX_QUEUE = 256
+#: Default request body limit (a 128k-token prompt is about 0.5 MB of text).
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies must not buffer a token stream
+]
+
+
+def create_app(
+    model: Model,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_prompt_tokens: int | None = None,
+    request_timeout: float | None = None,
+) -> Starlette:
+    """Build the ASGI app serving ``model`` under the name ``model_name``.
+
+    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <key>``.
+    ``max_concurrency`` requests run at once (batched by the model's scheduler) and up to
+    ``max_queue`` more wait; past that the server answers 429. Bodies over ``max_body_bytes``
+    get 413, prompts over ``max_prompt_tokens`` (or the model's context) 400. A request
+    still running ``request_timeout`` seconds after it arrived ends with 504 (or an error
+    event, once its stream has begun). The caller keeps ownership of ``model``.
+    """
+    _check_positive("max_concurrency", max_concurrency)
+    _check_positive("max_queue", max_queue, zero=True)
+    _check_positive("max_body_bytes", max_body_bytes)
+    if max_prompt_tokens is not None:
+        _check_positive("max_prompt_tokens", max_prompt_tokens)
+    if request_timeout is not None and (
+        isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) or not request_timeout > 0
+    ):
+        raise InvalidParameterError("request_timeout", request_timeout, "a positive number of seconds or None")
+    if not isinstance(model_name, str) or not model_name:
+        raise InvalidParameterError("model_name", model_name, "a non-empty string")
+    server = _Server(
+        model,
+        model_name=model_name,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        max_prompt_tokens=max_prompt_tokens,
+        request_timeout=None if request_timeout is None else float(request_timeout),
+    )
+    routes = [
+        Route("/v1/models", server.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", server.get_model, methods=["GET"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics_page, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app.state.server = server
+    return app
+
+
+def _check_positive(name: str, value: object, *, zero: bool = False) -> None:
+    lowest = 0 if zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise InvalidParameterError(name, value, f"an integer >= {lowest}")
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+    return _error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Reached only by a bug: say so without the stack (which the server logs).
+    get_logger().exception("serve.internal_error", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+    return _error_response(APIError(500, "internal server error; the server's log has the details"))
+
+
+@final
+@dataclass(slots=True)
+class _Job:
+    """An admitted generation request, ready to run."""
+
+    request: GenerationRequest
+    ids: list[int]
+    params: SamplingParams
+    arrived: float
+    ticket: Ticket
+    label: str
+
+
+@final
+class _Server:
+    """The routes' shared state: the model, the limits, the slots and the metrics."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        model_name: str,
+        api_key: str | None,
+        max_concurrency: int,
+        max_queue: int,
+        max_body_bytes: int,
+        max_prompt_tokens: int | None,
+        request_timeout: float | None,
+    ) -> None:
+        self.model = model
+        self.model_name = model_name
+        self._key = None if api_key is None else api_key.encode()
+        self.max_body_bytes = max_body_bytes
+        self.max_prompt_tokens = max_prompt_tokens
+        self.request_timeout = request_timeout
+        self.metrics = ServerMetrics(lambda: model.active_requests)
+        self.admission = Admission(max_concurrency, max_queue, self.metrics)
+        self.created = int(time.time())
+        self.log = get_logger()
+
+    # -- plain routes -----------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        """``GET /v1/models``: the one model served."""
+        return self._guarded(request, lambda: {"object": "list", "data": [self._model_card()]})
+
+    async def get_model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}``: the model, or 404."""
+
+        def card() -> dict[str, Any]:
+            wanted = request.path_params["model_id"]
+            if wanted != self.model_name:
+                raise self._unknown_model(wanted)
+            return self._model_card()
+
+        return self._guarded(request, card)
+
+    def _guarded(self, request: Request, body: Any) -> Response:
+        try:
+            self._authorize(request)
+            content = body()
+        except APIError as err:
+            self.metrics.count(request.url.path, err.status)
+            return _error_response(err)
+        self.metrics.count(request.url.path, 200)
+        return JSONResponse(content)
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "infer"}
+
+    def _unknown_model(self, name: str) -> APIError:
+        return APIError(
+            404,
+            f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def health(self, request: Request) -> Response:
+        """``GET /health``: liveness plus the load figures (no key needed)."""
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.model_name,
+                "backend": self.model.backend,
+                "running": self.admission.running,
+                "queued": self.admission.waiting,
+                "active_sequences": self.model.active_requests,
+            }
+        )
+
+    async def metrics_page(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus exposition (no key needed)."""
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        """``POST /v1/completions``."""
+        return await self._generation(request, "completions")
+
+    async def chat_completions(self, request: Request) -> Response:
+        """``POST /v1/chat/completions``."""
+        return await self._generation(request, "chat")
+
+    async def _generation(self, request: Request, endpoint: str) -> Response:
+        arrived = time.perf_counter()
+        label = request.url.path
+        try:
+            self._authorize(request)
+            data = parse_json(await self._read_body(request))
+            parsed = parse_chat(data) if endpoint == "chat" else parse_completion(data)
+            if parsed.model != self.model_name:
+                raise self._unknown_model(parsed.model)
+            ids, params = await run_in_threadpool(self._prepare, parsed)
+            ticket = self.admission.admit()
+        except APIError as err:
+            self.metrics.count(label, err.status)
+            return _error_response(err)
+        return _GenerationResponse(self, _Job(parsed, ids, params, arrived, ticket, label))
+
+    def _authorize(self, request: Request) -> None:
+        if self._key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        # Constant time, so the key cannot be guessed byte by byte from response times.
+        if not hmac.compare_digest(given.strip().encode(), self._key):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        too_big = APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise APIError(400, f"invalid Content-Length header {declared[:40]!r}", code="invalid_request")
+            if int(declared) > limit:
+                raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # the body may be chunked, or longer than it declared
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _prepare(self, parsed: GenerationRequest) -> tuple[list[int], SamplingParams]:
+        """Sampling parameters and prompt ids, with every limit checked (runs in a worker thread)."""
+        model = self.model
+        try:
+            params = SamplingParams(**parsed.sampling)
+            params.validate(model.vocab_size)
+            if parsed.messages is not None:
+                ids = model.encode(model.apply_chat_template(parsed.messages), add_special_tokens=False)
+            elif isinstance(parsed.prompt, str):
+                ids = model.encode(parsed.prompt)
+            else:
+                ids = list(parsed.prompt or ())
+        except InferError as exc:
+            raise from_infer_error(exc, params=parsed.error_names) from None
+        field = parsed.prompt_field
+        if not ids:
+            raise APIError(400, f"{field} has no tokens; give non-empty text", param=field, code="invalid_value")
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}",
+                param=field,
+                code="context_length_exceeded",
+            )
+        room = model.context_length - len(ids)
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens and leaves no room in the model's context of "
+                f"{model.context_length} tokens; shorten it",
+                param=field,
+                code="context_length_exceeded",
+            )
+        if parsed.max_tokens is not None and parsed.max_tokens > room:
+            name = parsed.fields.get("max_tokens", "max_tokens")
+            raise APIError(
+                400,
+                f"{name}={parsed.max_tokens} does not fit: the prompt has {len(ids)} tokens, so at most {room} "
+                f"more fit in the model's context of {model.context_length}",
+                param=name,
+                code="context_length_exceeded",
+            )
+        return ids, params
+
+    def remaining(self, job: _Job) -> float | None:
+        """Seconds left before the job's deadline (``None``: no deadline)."""
+        if self.request_timeout is None:
+            return None
+        return job.arrived + self.request_timeout - time.perf_counter()
+
+    def deadline_error(self, where: str) -> APIError:
+        """The 504 of a request that ran out of time ``where``."""
+        return APIError(
+            504,
+            f"the request exceeded the server's timeout of {self.request_timeout:g} s {where}",
+            code="deadline_exceeded",
+        )
+
+
+class _ClientGone(Exception):
+    """Sending failed: the client closed the connection."""
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+@final
+class _GenerationResponse(Response):
+    """Runs an admitted job and answers with JSON or an event stream; cancels it if the client leaves."""
+
+    def __init__(self, server: _Server, job: _Job) -> None:
+        super().__init__(status_code=200)
+        self.server = server
+        self.job = job
+        #: Outcome status for the metrics: the HTTP status, or what a failed stream's error maps to.
+        self.outcome = 200
+        self.started = False
+        self.formatter = Formatter(
+            job.request.endpoint,
+            id=("chatcmpl-" if job.request.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex,
+            created=int(time.time()),
+            model=server.model_name,
+            token_text=lambda token: server.model.decode([token]),
+        )
+        self._last_token = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        run = asyncio.ensure_future(self._run(send))
+        watch = asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also reached when the server cancels us (shutdown past its grace period).
+            finished = run.done() and not run.cancelled()
+            for task in (run, watch):
+                task.cancel()
+            await asyncio.gather(run, watch, return_exceptions=True)
+            if not finished:
+                self.outcome = 499
+            self.job.ticket.release()
+            self.server.metrics.count(self.job.label, self.outcome)
+
+    async def _run(self, send: Send) -> None:
+        server, job = self.server, self.job
+        stream: AsyncTokenStream | None = None
+        try:
+            try:
+                await job.ticket.acquire(server.remaining(job))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise server.deadline_error("while queued for a slot") from None
+            left = server.remaining(job)
+            if left is not None and left <= 0:
+                raise server.deadline_error("while queued for a slot")
+            stream = server.model.astream(job.ids, params=job.params, timeout=left)
+            server.metrics.prompt_tokens.inc(len(job.ids))
+            if job.request.stream:
+                await self._stream(stream, send)
+            else:
+                await self._whole(stream, send)
+        except _ClientGone:
+            self.outcome = 499
+        except APIError as err:
+            await self._fail(send, err)
+        except InferError as exc:
+            await self._fail(send, from_infer_error(exc, params=job.request.error_names))
+        except Exception as exc:
+            server.log.exception("serve.internal_error", path=job.label, error=f"{type(exc).__name__}: {exc}")
+            await self._fail(send, APIError(500, "internal server error; the server's log has the details"))
+        finally:
+            if stream is not None:
+                await stream.aclose()  # a no-op when it finished; otherwise the request leaves the batch
+            job.ticket.release()
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _send(self, send: Send, message: Message) -> None:
+        try:
+            await send(message)
+        except OSError as exc:  # ASGI 2.4 servers raise this once the client has gone
+            raise _ClientGone from exc
+
+    async def _send_json(self, send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        await self._send(send, {"type": "http.response.start", "status": status, "headers": raw})
+        self.started = True
+        await self._send(send, {"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _event(self, send: Send, payload: dict[str, Any] | str, *, last: bool = False) -> None:
+        await self._send(send, {"type": "http.response.body", "body": sse(payload), "more_body": not last})
+
+    async def _fail(self, send: Send, err: APIError) -> None:
+        self.outcome = err.status
+        try:
+            if not self.started:
+                await self._send_json(send, err.status, err.encode(), err.headers)
+            else:  # the stream has begun with 200: the error travels as an event, then the stream ends
+                await self._event(send, err.body())
+                await self._event(send, "[DONE]", last=True)
+        except _ClientGone:
+            self.outcome = 499
+
+    # -- the two response kinds -------------------------------------------------------------
+
+    def _tick(self, event: TokenEvent) -> None:
+        now = time.perf_counter()
+        metrics = self.server.metrics
+        if event.index == 0:
+            metrics.time_to_first_token.observe(now - self.job.arrived)
+        else:
+            metrics.time_per_output_token.observe(now - self._last_token)
+        self._last_token = now
+        metrics.completion_tokens.inc()
+
+    async def _whole(self, stream: AsyncTokenStream, send: Send) -> None:
+        async for event in stream:
+            self._tick(event)
+        completion = _finished(stream)
+        body = _json_bytes(self.formatter.completion(completion))
+        await self._send_json(send, 200, body, {})
+
+    async def _token(self, send: Send, event: TokenEvent, with_logprobs: bool) -> None:
+        self._tick(event)
+        if event.text or with_logprobs:  # "" = held back (a partial character, a possible stop string)
+            await self._event(send, self.formatter.delta([event], with_logprobs=with_logprobs))
+
+    async def _stream(self, stream: AsyncTokenStream, send: Send) -> None:
+        fmt = self.formatter
+        with_logprobs = self.job.params.logprobs
+        # Wait for the first token before answering 200: an error until then gets its real status.
+        first: TokenEvent | None
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        self.started = True
+        opening = fmt.opening()
+        if opening is not None:
+            await self._event(send, opening)
+        if first is not None:
+            await self._token(send, first, with_logprobs)
+        async for event in stream:
+            await self._token(send, event, with_logprobs)
+        completion = _finished(stream)
+        await self._event(send, fmt.closing(completion))
+        if self.job.request.include_usage:
+            await self._event(send, fmt.usage_chunk(completion.usage))
+        await self._event(send, "[DONE]", last=True)
+
+
+def _finished(stream: AsyncTokenStream) -> Completion:
+    if stream.completion is None:  # only a cancelled stream ends without one, and then nobody listens
+        raise APIError(499, "the request was cancelled", code="cancelled")
+    return stream.completion
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

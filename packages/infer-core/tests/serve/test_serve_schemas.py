@@ -1,0 +1,181 @@
+"""Request bodies: what the schemas accept, and the field each refusal names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+
+from infer.serve.errors import APIError
+from infer.serve.schemas import parse_chat, parse_completion, parse_json
+
+pytestmark = pytest.mark.unit
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+TEXT = {"model": "m", "prompt": "hi"}
+
+
+def refused(parse, body) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse(body)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_a_minimal_chat_request_generates_up_to_the_context_by_default():
+    req = parse_chat(CHAT)
+    assert req.endpoint == "chat"
+    assert req.messages == [{"role": "user", "content": "hi"}]
+    assert req.sampling == {"max_tokens": None}
+    assert not req.stream
+
+
+def test_a_minimal_completion_request_defaults_to_16_tokens():
+    req = parse_completion(TEXT)
+    assert req.prompt == "hi"
+    assert req.sampling["max_tokens"] == 16
+
+
+def test_sampling_fields_map_onto_sampling_params_names():
+    req = parse_chat(
+        CHAT
+        | {
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "max_completion_tokens": 7,
+            "stop": "x",
+            "seed": 3,
+            "presence_penalty": 0.1,
+            "frequency_penalty": -0.2,
+            "logit_bias": {"12": -100, "7": 2.5},
+            "logprobs": True,
+            "top_logprobs": 2,
+        }
+    )
+    assert req.sampling == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "max_tokens": 7,
+        "stop": ("x",),
+        "seed": 3,
+        "presence_penalty": 0.1,
+        "frequency_penalty": -0.2,
+        "logit_bias": {12: -100.0, 7: 2.5},
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    assert req.fields["max_tokens"] == "max_completion_tokens"
+
+
+def test_completions_logprobs_integer_becomes_top_logprobs():
+    req = parse_completion(TEXT | {"logprobs": 3})
+    assert req.sampling["logprobs"] is True
+    assert req.sampling["top_logprobs"] == 3
+    assert req.error_names["top_logprobs"] == "logprobs"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (CHAT | {"temperature": "hot"}, "temperature"),
+        (CHAT | {"max_tokens": 1.5}, "max_tokens"),
+        (CHAT | {"max_tokens": True}, "max_tokens"),
+        (CHAT | {"seed": "1"}, "seed"),
+        (CHAT | {"stream": "yes"}, "stream"),
+        (CHAT | {"stop": 3}, "stop"),
+        (CHAT | {"stop": ["a", 1]}, "stop"),
+        (CHAT | {"logit_bias": [1, 2]}, "logit_bias"),
+        (CHAT | {"logit_bias": {"abc": 1}}, "logit_bias"),
+        (CHAT | {"logit_bias": {"1": "x"}}, "logit_bias.1"),
+        (CHAT | {"n": 2}, "n"),
+        (CHAT | {"top_logprobs": 2}, "top_logprobs"),
+        (CHAT | {"logprobs": 1}, "logprobs"),
+        (CHAT | {"tools": []}, "tools"),
+        (CHAT | {"response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT | {"frobnicate": 1}, "frobnicate"),
+        (CHAT | {"stream_options": {"include_usage": True}}, "stream_options"),
+        (CHAT | {"stream": True, "stream_options": {"other": 1}}, "stream_options.other"),
+        (CHAT | {"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        (CHAT | {"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
+        ({"messages": CHAT["messages"]}, "model"),
+        (CHAT | {"model": 7}, "model"),
+        ({"model": "m"}, "messages"),
+        (CHAT | {"messages": "hi"}, "messages"),
+        (CHAT | {"messages": []}, "messages"),
+        (CHAT | {"messages": ["hi"]}, "messages[0]"),
+        (CHAT | {"messages": [{"content": "x"}]}, "messages[0].role"),
+        (CHAT | {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        (CHAT | {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        (CHAT | {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        (CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
+        (CHAT | {"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+        (CHAT | {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        (TEXT | {"logprobs": 6}, "logprobs"),
+        (TEXT | {"logprobs": True}, "logprobs"),
+        (TEXT | {"prompt": ["a", "b"]}, "prompt"),
+        (TEXT | {"prompt": {"a": 1}}, "prompt"),
+        (TEXT | {"prompt": [1, "a"]}, "prompt"),
+        (TEXT | {"echo": True}, "echo"),
+        (TEXT | {"best_of": 3}, "best_of"),
+        ({"model": "m"}, "prompt"),
+    ],
+)
+def test_a_malformed_field_is_refused_naming_it(body, param):
+    completions = "prompt" in body or param == "prompt"
+    assert refused(parse_completion if completions else parse_chat, body).param == param
+
+
+def test_content_parts_join_into_one_text():
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    req = parse_chat(CHAT | {"messages": [{"role": "user", "content": parts}]})
+    assert req.messages == [{"role": "user", "content": "a\nb"}]
+
+
+def test_developer_role_is_a_system_message_and_null_extras_are_ignored():
+    req = parse_chat(
+        CHAT | {"messages": [{"role": "developer", "content": "be brief", "name": "ops", "refusal": None}]}
+    )
+    assert req.messages == [{"role": "system", "content": "be brief", "name": "ops"}]
+
+
+def test_completion_prompt_forms_one_string_or_token_ids():
+    assert parse_completion(TEXT | {"prompt": ["x"]}).prompt == "x"
+    assert parse_completion(TEXT | {"prompt": [1, 2, 3]}).prompt == [1, 2, 3]
+    assert parse_completion(TEXT | {"prompt": [[4, 5]]}).prompt == [4, 5]
+
+
+def test_include_usage_needs_stream():
+    req = parse_chat(CHAT | {"stream": True, "stream_options": {"include_usage": True}})
+    assert req.stream and req.include_usage
+
+
+def test_caller_description_fields_and_default_values_of_unsupported_ones_are_accepted():
+    req = parse_chat(CHAT | {"user": "u1", "metadata": {"a": "b"}, "n": 1, "parallel_tool_calls": False})
+    assert req.sampling == {"max_tokens": None}
+    assert parse_completion(TEXT | {"echo": False, "best_of": 1, "suffix": None}).prompt == "hi"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        b"[1, 2]",
+        b'"text"',
+        b"\xff\xfe{}",
+        b'{"model": NaN}',
+        b'{"a": Infinity}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b"",
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_a_400(body):
+    with pytest.raises(APIError) as info:
+        parse_json(body)
+    assert info.value.status == 400
+    assert info.value.code == "invalid_json"
+
+
+def test_parse_json_returns_the_object():
+    assert parse_json(json.dumps(CHAT).encode()) == CHAT
