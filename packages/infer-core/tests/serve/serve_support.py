@@ -119,11 +119,14 @@ async def drive(
     disconnect_after_chunks: int | None = None,
     disconnect_after_s: float | None = None,
     on_disconnect: Callable[[], None] | None = None,
+    send_raises: bool = True,
 ) -> list[dict[str, Any]]:
     """Run one POST through the ASGI ``app`` as a server would; the client may go away midway.
 
     The client disconnects after it has received ``disconnect_after_chunks`` body messages or
-    ``disconnect_after_s`` seconds, whichever is given. Returns the messages the app sent.
+    ``disconnect_after_s`` seconds, whichever is given. After that, ``send`` raises ``OSError``
+    (as ASGI 2.4 servers do) or, with ``send_raises=False``, drops the message silently (as
+    older servers do). Returns the messages the app sent.
     """
     raw = json.dumps(body).encode()
     sent: list[dict[str, Any]] = []
@@ -142,7 +145,9 @@ async def drive(
 
     async def send(message: dict[str, Any]) -> None:
         if gone.is_set():
-            raise OSError("client disconnected")
+            if send_raises:
+                raise OSError("client disconnected")
+            return
         sent.append(message)
         chunks = sum(1 for m in sent if m["type"] == "http.response.body" and m.get("body"))
         if disconnect_after_chunks is not None and chunks >= disconnect_after_chunks:
