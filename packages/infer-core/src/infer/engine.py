@@ -144,6 +144,7 @@ class Request:
         "prompt",
         "sampler",
         "stops",
+        "stream_events",
         "t_first",
         "t_prefilled",
         "t_submit",
@@ -162,8 +163,11 @@ class Request:
         tokenizer: Tokenizer,
         timeout: float | None,
         channel: Channel,
+        stream_events: bool = True,
     ) -> None:
         self.id = f"req-{next(_request_ids)}"
+        #: Whether token events go to the channel (streams) or only the final result (generate).
+        self.stream_events = stream_events
         self.prompt = prompt
         self.params = params
         self.sampler = SamplerState(params, prompt, vocab_size)
@@ -414,7 +418,8 @@ class Engine:
         event = TokenEvent(len(request.generated) - 1, token, delta, lp, top)
         if request.events is not None:
             request.events.append(event)
-        request.channel.put(event)
+        if request.stream_events:
+            request.channel.put(event)
         if finish is None:
             request.next_token = token
         else:

@@ -257,8 +257,9 @@ class Model:
         **sampling: Any,
     ) -> Completion:
         """Generate to the end and return the :class:`Completion`."""
-        stream = self.stream(prompt, messages=messages, params=params, timeout=timeout, **sampling)
-        return stream.result()
+        # No per-token events: the scheduler hands over only the final result (no thread hop per token).
+        request = self._submit(prompt, messages, params, timeout, sampling, stream_events=False)
+        return TokenStream(self, request).result()
 
     async def agenerate(
         self,
@@ -270,8 +271,8 @@ class Model:
         **sampling: Any,
     ) -> Completion:
         """The asyncio twin of :meth:`generate`."""
-        stream = self.astream(prompt, messages=messages, params=params, timeout=timeout, **sampling)
-        return await stream.result()
+        request = self._submit(prompt, messages, params, timeout, sampling, stream_events=False)
+        return await AsyncTokenStream(self, request).result()
 
     def _submit(
         self,
@@ -280,6 +281,8 @@ class Model:
         params: SamplingParams | None,
         timeout: float | None,
         sampling: Mapping[str, Any],
+        *,
+        stream_events: bool = True,
     ) -> Request:
         if self._closed:
             from infer.errors import ModelClosedError
@@ -311,6 +314,7 @@ class Model:
             tokenizer=self.tokenizer,
             timeout=None if timeout is None else float(timeout),
             channel=Channel(STREAM_BUFFER, self._engine.wake),
+            stream_events=stream_events,
         )
         self._engine.submit(request)
         return request

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Any, final
 
 from infer.errors import ModelFormatError, ModelNotFoundError
 
@@ -19,21 +19,41 @@ if TYPE_CHECKING:
 __all__ = ["StreamDecoder", "Tokenizer"]
 
 
+#: Tokens a decoder may hold back waiting for a character to complete. A UTF-8 character is at
+#: most 4 bytes, so longer runs can only be invalid byte sequences: they are emitted as U+FFFD
+#: instead of being re-decoded on every step (which would make a stream quadratic).
+MAX_PENDING_TOKENS = 8
+
+
 @final
 class StreamDecoder:
     """Turns tokens into text deltas one at a time, holding back incomplete characters."""
 
-    __slots__ = ("_stream", "_tok")
+    __slots__ = ("_pending", "_stream", "_tok")
 
     def __init__(self, tok: tokenizers.Tokenizer) -> None:
+        self._tok = tok
+        self._stream = self._new_stream()
+        self._pending: list[int] = []
+
+    @staticmethod
+    def _new_stream() -> Any:
         from tokenizers.decoders import DecodeStream
 
-        self._tok = tok
-        self._stream = DecodeStream(skip_special_tokens=True)
+        return DecodeStream(skip_special_tokens=True)
 
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` completes ("" while a character is still partial)."""
-        return self._stream.step(self._tok, token_id) or ""
+        text = self._stream.step(self._tok, token_id)
+        if text:
+            self._pending.clear()
+            return text
+        self._pending.append(token_id)
+        if len(self._pending) < MAX_PENDING_TOKENS:
+            return ""
+        stuck, self._pending = self._pending, []
+        self._stream = self._new_stream()
+        return self._tok.decode(stuck, skip_special_tokens=True)
 
 
 @final
