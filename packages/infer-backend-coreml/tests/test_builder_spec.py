@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 from infer.bundle import Bundle
 from infer.errors import ModelFormatError
 from infer_backend_coreml.builder import (
+    EMBEDDING_OP,
     FUNCTION_DECODE,
     FUNCTION_PREFILL,
     INPUT_IDS,
     INPUT_LAST_INDEX,
     INPUT_POSITION,
     OUTPUT_LOGITS,
+    build_package,
     kv_state_shapes,
 )
 from infer_backend_coreml.options import BuildConfig
@@ -193,12 +196,24 @@ def test_a_package_from_elsewhere_is_refused_with_a_format_error(tmp_path: Path)
         read_package_layout(path)
 
 
-def test_int4_quantizes_only_linear_weights_and_keeps_the_rotary_tables(
-    build_tiny: Callable[[BuildConfig], Path], tiny_bundle: Bundle
+def test_int4_quantizes_linear_weights_and_the_embedding_but_not_the_rotary_tables(
+    build_tiny: Callable[[BuildConfig], Path],
 ) -> None:
     ops = _ops(_spec(build_tiny(INT4)), FUNCTION_DECODE)
-    quantized = [op for op in ops if op.type == "constexpr_blockwise_shift_scale"]
+    quantized = {out.name for op in ops if op.type == "constexpr_blockwise_shift_scale" for out in op.outputs}
     linears = [op for op in ops if op.type == "linear"]
-    assert len(quantized) == len(linears)  # q, k, v, o, gate, up, down per layer and the head
-    gathered = {arg.name for op in ops if op.type == "gather" for arg in op.inputs["x"].arguments}
-    assert not gathered & {out.name for op in quantized for out in op.outputs} - {"model_embed_tokens_weight"}
+    gathers = [op for op in ops if op.type == "gather"]
+    assert all(op.inputs["weight"].arguments[0].name in quantized for op in linears)
+    tables = {op.outputs[0].name: op.inputs["x"].arguments[0].name in quantized for op in gathers}
+    assert tables.pop(EMBEDDING_OP) is True
+    assert tables and not any(tables.values())  # the cos/sin lookups
+
+
+def test_int4_build_of_tied_embeddings_quantizes_the_shared_table_once(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    spec = dataclasses.replace(tiny_bundle.spec, tie_word_embeddings=True)
+    weights = {name: tiny_bundle.weights[name] for name in spec.expected_shapes()}
+    package = build_package(spec, weights, INT4, tmp_path / "tied.mlpackage")
+    ops = _ops(_spec(package), FUNCTION_DECODE)
+    head = [op for op in ops if op.type == "linear"][-1]
+    embed = next(op for op in ops if op.outputs and op.outputs[0].name == EMBEDDING_OP)
+    assert head.inputs["weight"].arguments[0].name == embed.inputs["x"].arguments[0].name

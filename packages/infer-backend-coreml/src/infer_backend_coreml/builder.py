@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILDER_VERSION",
+    "EMBEDDING_OP",
     "FUNCTION_DECODE",
     "FUNCTION_PREFILL",
     "INPUT_IDS",
@@ -71,6 +72,8 @@ INPUT_IDS: Final = "input_ids"
 INPUT_POSITION: Final = "position"
 INPUT_LAST_INDEX: Final = "last_index"
 OUTPUT_LOGITS: Final = "logits"
+#: Name of the embedding lookup (int4 quantization finds the tied embedding table by it).
+EMBEDDING_OP: Final = "embed_tokens"
 #: Additive mask for keys a query may not see. fp16 holds it exactly, and exp(-3e4 - max)
 #: underflows to 0 in fp16 and fp32 alike; float32's min would overflow to -inf in fp16.
 MASK_VALUE: Final = -3.0e4
@@ -265,7 +268,7 @@ class DecoderGraph:
         dt = self.np_dtype
 
         embed = self._weight("model.embed_tokens.weight")
-        x = mb.gather(x=embed, indices=input_ids, axis=0)  # [1, C, H]
+        x = mb.gather(x=embed, indices=input_ids, axis=0, name=EMBEDDING_OP)  # [1, C, H]
 
         # Positions of the chunk's rows; rotary tables are gathered by them.
         positions = mb.add(x=position, y=np.arange(chunk, dtype=np.int32))  # [C]
@@ -379,7 +382,8 @@ def evaluate_step(
     ids = np.asarray(input_ids, dtype=np.int32)
     chunk = ids.shape[-1]
     graph = DecoderGraph(spec, weights, config, foldable=True)
-    with Function({}, opset_version=target):
+    # In fp16, sigmoid's exp(-x) overflows to inf for x < -11 and gives the right limit, 0.
+    with Function({}, opset_version=target), np.errstate(over="ignore"):
         last = None if last_index is None else mb.const(val=np.array([last_index], dtype=np.int32))
         logits = graph.step(kv, mb.const(val=ids), mb.const(val=np.array([position], dtype=np.int32)), last, chunk)
         value = logits.val
@@ -407,8 +411,10 @@ def _convert(program: Program, package: Path) -> ct.models.MLModel:
 def _quantize_int4(model: ct.models.MLModel, block_size: int) -> ct.models.MLModel:
     """int4 symmetric weights with one fp16 scale per ``block_size`` inputs of each output row.
 
-    Only the weights of ``linear`` ops are quantized (the tied embedding with them, as the head
-    reads it): the rotary tables are constants too, and must keep their precision.
+    Only the weights of ``linear`` ops and the embedding table are quantized: the rotary tables
+    are gathered constants too, and must keep their precision. The embedding lookup is named in
+    the config because, with tied embeddings, the table feeds both it and the head, and
+    coremltools refuses a constant whose consumers disagree.
     """
     import coremltools.optimize.coreml as cto
 
@@ -423,7 +429,10 @@ def _quantize_int4(model: ct.models.MLModel, block_size: int) -> ct.models.MLMod
     # An all-zero block gets scale 0 and 0/0 while quantizing; it dequantizes to 0 whatever
     # its stored codes are, so numpy's invalid-value warnings say nothing here.
     with np.errstate(divide="ignore", invalid="ignore"):
-        return cto.linear_quantize_weights(model, config=cto.OptimizationConfig(op_type_configs={"linear": op_config}))
+        config = cto.OptimizationConfig(
+            op_type_configs={"linear": op_config}, op_name_configs={EMBEDDING_OP: op_config}
+        )
+        return cto.linear_quantize_weights(model, config=config)
 
 
 def build_package(

@@ -34,8 +34,9 @@ MIN_MACOS: Final = (15, 0)
 #: Default-backend rank: below onnx, which runs everywhere (and on macOS through its CoreML EP).
 PRIORITY: Final = 10
 #: Max abs logit difference between equivalent computations at fp16 (chunked vs one-shot prefill,
-#: prefill vs decode); fp16 logits carry about 3 significant digits.
-FP16_LOGITS_ATOL: Final = 0.05
+#: prefill vs decode). fp16 logits carry about 3 significant digits: SmolLM2's graph evaluated in
+#: numpy at fp16 lands within 0.07 of the float64 reference on logits up to 27.
+FP16_LOGITS_ATOL: Final = 0.15
 
 
 def unavailable_reason(system: str | None = None, mac_release: str | None = None) -> str | None:
