@@ -64,11 +64,9 @@ def reference_nucleus(row: npt.ArrayLike, top_p: float, temperature: float) -> s
 
 
 def reference_top_k(row: npt.NDArray[np.floating[Any]], k: int) -> npt.NDArray[np.intp]:
-    """Exact top-k by np.argpartition: every id whose logit reaches the k-th largest."""
-    if k >= row.size:
-        return np.arange(row.size)
-    kth = row[np.argpartition(row, row.size - k)[row.size - k :]].min()
-    return np.flatnonzero(row >= kth)
+    """Slow top-k by a full sort: the k largest, ties at the k-th taken by lower id, as ascending ids."""
+    order = np.lexsort((np.arange(row.size), -row.astype(np.float64)))
+    return np.sort(order[:k])
 
 
 def chi_square(counts: npt.NDArray[np.int64], expected_probs: npt.NDArray[np.float64]) -> float:
@@ -457,14 +455,22 @@ def test_min_p_of_one_keeps_only_the_most_likely_tokens() -> None:
     assert {draw(row, params, state) for _ in range(300)} == {3, 70, 40000}
 
 
-def test_top_k_keeps_every_token_tied_with_the_kth() -> None:
+def test_top_k_breaks_ties_at_the_kth_by_lower_id() -> None:
     row = np.zeros(VOCAB, dtype=np.float32)
     row[[5, 6, 7, 8]] = [9.0, 4.0, 4.0, 4.0]
-    params = SamplingParams(top_k=2, temperature=0.01 + 1.0, seed=3)
+    params = SamplingParams(top_k=2, temperature=3.0, seed=3)
     state = state_for(params)
-    seen = {draw(row, params, state) for _ in range(2000)}
-    assert seen <= {5, 6, 7, 8}
-    assert {6, 7, 8} & seen
+    assert {draw(row, params, state) for _ in range(500)} == {5, 6}
+
+
+def test_top_k_on_a_masked_row_stays_within_the_unmasked_tokens() -> None:
+    # A constraint plugin may leave a handful of tokens and mask the rest to -inf: top-k larger
+    # than what is left must neither pick a masked token nor fall back to sorting the whole row.
+    row = np.full(VOCAB, -np.inf, dtype=np.float32)
+    row[[7, 9000, 48000]] = [1.0, 2.0, 1.5]
+    params = SamplingParams(top_k=50, top_p=0.95, seed=2)
+    state = state_for(params)
+    assert {draw(row, params, state) for _ in range(300)} == {7, 9000, 48000}
 
 
 def test_top_k_at_least_the_vocabulary_is_plain_sampling() -> None:
@@ -545,6 +551,8 @@ def _adversarial_rows() -> list[tuple[str, npt.NDArray[np.float32]]]:
 def test_fast_top_k_equals_exact_top_k_on_adversarial_rows(name: str, row: npt.NDArray[np.float32], k: int) -> None:
     ids, values, top = _top_k(row, k)
     assert ids.tolist() == reference_top_k(row, k).tolist()
+    # the same k values np.argpartition finds, whichever of the tied entries it picked
+    assert np.sort(values).tolist() == np.sort(row[np.argpartition(row, row.size - k)[row.size - k :]]).tolist()
     assert values.tolist() == row[ids].tolist()
     assert top == row.max()
 
@@ -562,6 +570,8 @@ def test_fast_top_k_equals_exact_top_k_for_any_row_length_and_ties(seed: int, n:
     ids, values, _ = _top_k(row, k)
     assert ids.tolist() == reference_top_k(row, k).tolist()
     assert values.tolist() == row[ids].tolist()
+    if k < n:
+        assert np.sort(values).tolist() == np.sort(row[np.argpartition(row, n - k)[n - k :]]).tolist()
 
 
 # --------------------------------------------------------------------------- penalties and bias

@@ -154,7 +154,7 @@ class SamplingParams:
     #: Divides the logits before sampling; ``0`` (or below :data:`GREEDY_TEMPERATURE`) picks the
     #: most likely token (greedy).
     temperature: float = 1.0
-    #: Keep only the ``top_k`` most likely tokens (every token tied with the k-th stays); ``0`` disables.
+    #: Keep only the ``top_k`` most likely tokens (ties at the k-th broken by lower id); ``0`` disables.
     top_k: int = 0
     #: Keep the smallest set of most likely tokens whose probability reaches ``top_p``, in (0, 1].
     top_p: float = 1.0
@@ -395,7 +395,11 @@ class SamplerState:
 
 
 def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float]:
-    """Every entry >= the k-th largest of ``row`` (ties all kept): ascending ids, their values, the row max.
+    """The k largest entries of ``row``, ties at the k-th broken by lower id: ascending ids, values, and the row max.
+
+    Breaking ties by id makes every top-k set the first k of one order (value down, id up), so
+    a larger set always extends a smaller one, and the set never outgrows k even on a row of
+    equal (or masked, -inf) logits.
 
     Exact without partitioning the whole row. Viewed as ``_GROUPS`` stacked slices, the row has
     ``n / _GROUPS`` columns; one vectorised pass takes each column's maximum (and a second pass
@@ -418,7 +422,8 @@ def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float
             return np.empty(0, dtype=np.intp), row[:0], top
         kth = row[np.argpartition(row, n - k)[n - k]]
         ids = (row >= kth).nonzero()[0]
-        return ids, row[ids], top
+        ids, values = _first_k(ids, row[ids], kth, k)
+        return ids, values, top
     body = width * _GROUPS
     grid = row[:body].reshape(_GROUPS, width) if body < n else row.reshape(_GROUPS, width)
     tail = row[body:] if body < n else None
@@ -437,7 +442,13 @@ def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float
         return np.empty(0, dtype=np.intp), row[:0], top
     pivot = coarse.shape[0] - k
     coarse.partition(pivot)
-    columns = (column_max >= coarse[pivot]).nonzero()[0]
+    threshold = coarse[pivot]
+    columns = (column_max >= threshold).nonzero()[0]
+    if 4 * columns.shape[0] > width:
+        # A flat or masked row (most columns reach the threshold): gathering columns would copy
+        # most of the row, and partitioning masses of equal values is numpy's slow case.
+        ids, values = _top_k_above(row, threshold, k)
+        return ids, values, top
     values = grid.take(columns, axis=1)
     ids = _id_grid(width).take(columns, axis=1)
     if tail is not None:
@@ -447,8 +458,42 @@ def _top_k(row: FloatRow, k: int) -> tuple[npt.NDArray[np.intp], FloatRow, float
     pivot = pool.shape[0] - k
     pool.partition(pivot)
     # Boolean masks walk the slices in order (then the tail), so the ids come out ascending.
-    keep = values >= pool[pivot]
-    return ids[keep], values[keep], top
+    kth = pool[pivot]
+    keep = values >= kth
+    ids, values = _first_k(ids[keep], values[keep], kth, k)
+    return ids, values, top
+
+
+def _top_k_above(row: FloatRow, threshold: np.floating[Any], k: int) -> tuple[npt.NDArray[np.intp], FloatRow]:
+    """Top k of ``row`` (ties by lower id, ids ascending), given that at least k entries reach ``threshold``.
+
+    Works from the entries strictly above the threshold, so a row where most entries share one
+    value (-inf after masking, say) is never partitioned as a whole.
+    """
+    above = (row > threshold).nonzero()[0]
+    if above.shape[0] >= k:
+        values = row[above]
+        pivot = above.shape[0] - k
+        kth = np.partition(values, pivot)[pivot]
+        keep = values >= kth
+        return _first_k(above[keep], values[keep], kth, k)
+    # The k-th largest is the threshold itself: every entry above it, then the lowest-id ties.
+    ties = (row == threshold).nonzero()[0][: k - above.shape[0]]
+    ids = np.concatenate((above, ties))
+    ids.sort()
+    return ids, row[ids]
+
+
+def _first_k(
+    ids: npt.NDArray[np.intp], values: FloatRow, kth: np.floating[Any], k: int
+) -> tuple[npt.NDArray[np.intp], FloatRow]:
+    """From the (ascending) ids of every entry >= ``kth``, the ``k`` with ties at ``kth`` taken by lower id."""
+    if ids.shape[0] == k:
+        return ids, values
+    ties = (values == kth).nonzero()[0]
+    keep = np.ones(ids.shape[0], dtype=bool)
+    keep[ties[k - (ids.shape[0] - ties.shape[0]) :]] = False
+    return ids[keep], values[keep]
 
 
 @functools.lru_cache(maxsize=8)
