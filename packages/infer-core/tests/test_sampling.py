@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,6 +208,13 @@ def test_parameters_are_immutable_hashable_and_compared_by_value() -> None:
     assert params == SamplingParams(logit_bias={1: 2.0}, stop=("x",))
     assert params != SamplingParams(logit_bias={1: 3.0}, stop=("x",))
     assert hash(params) == hash(SamplingParams(logit_bias={1: 2.0}, stop=("x",)))
+
+
+def test_parameters_survive_pickle_and_deepcopy() -> None:
+    params = SamplingParams(logit_bias={1: 2.0, 7: -100.0}, stop=["x"], seed=3, temperature=0.4)
+    assert pickle.loads(pickle.dumps(params)) == params
+    assert copy.deepcopy(params) == params
+    assert copy.copy(params) == params
 
 
 def test_bias_given_as_a_mutable_dict_cannot_change_later() -> None:

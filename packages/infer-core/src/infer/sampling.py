@@ -235,6 +235,13 @@ class SamplingParams:
         """Whether every step takes the most likely token (temperature ~0, or top-k of 1); draws no randomness."""
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
+    def __reduce__(self) -> tuple[type[SamplingParams], tuple[Any, ...]]:
+        # The read-only bias mapping cannot be pickled itself: rebuild from a plain dict, so
+        # params survive pickle, copy.deepcopy and multiprocessing.
+        return type(self), tuple(
+            dict(self.logit_bias) if f.name == "logit_bias" else getattr(self, f.name) for f in dataclasses.fields(self)
+        )
+
     def replace(self, **changes: Any) -> SamplingParams:
         """A copy with ``changes`` applied, validated like a new instance."""
         return dataclasses.replace(self, **changes)
