@@ -472,6 +472,9 @@ class Engine:
 
 
 def _as_typed(exc: BaseException, backend: str, what: str) -> InferError:
+    if isinstance(exc, BackendError) and exc.backend != backend and what == "sample":
+        # the sampler cannot know which backend produced the bad logits; the engine does
+        return BackendError(str(exc), backend=backend)
     if isinstance(exc, InferError):
         return exc
     error = BackendError(f"backend {backend!r} failed in {what}: {type(exc).__name__}: {exc}", backend=backend)
