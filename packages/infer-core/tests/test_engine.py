@@ -184,3 +184,18 @@ def test_requests_from_many_threads_are_batched_into_shared_decode_steps():
         assert max(size for kind, size, *_ in recorder.calls if kind == "decode") > 1
     finally:
         model.close()
+
+
+def test_nan_logits_from_a_backend_end_the_request_with_an_error_naming_the_backend(fake):
+    import numpy as np
+
+    class NaNLogits:
+        @infer.hookimpl(wrapper=True)
+        def infer_decode(self, model, batch):
+            logits = yield
+            return np.full_like(logits, np.nan)
+
+    with installed(NaNLogits()), pytest.raises(infer.BackendError) as raised:
+        fake.generate(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
+    assert raised.value.backend == "fake"
+    assert fake.generate(PROMPT, max_tokens=2, temperature=0, ignore_eos=True).usage.completion_tokens == 2
