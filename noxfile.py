@@ -62,7 +62,8 @@ def bench(session: nox.Session) -> None:
     session.install(*(arg for package in packages for arg in ("-e", package)))
     session.run("infer", "bench", "fake", "--backend", "fake", "-o", "vocab_size=49152", "--json", "--runs", "5")
     session.run("python", "benchmarks/bench_sampling.py")
-    session.run("python", "benchmarks/bench_backends.py", *session.posargs)
+    session.run("python", "benchmarks/bench_engine.py")
+    session.run("python", "benchmarks/onnx/run.py", *session.posargs)
 
 
 @nox.session

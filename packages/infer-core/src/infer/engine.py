@@ -281,9 +281,10 @@ class Engine:
         hook = self._prefill_call if kind == "prefill" else self._decode_call
         backend = self.handle.backend
         outputs = []
+        size = len(batch.sequences)
         with self.step_lock:
-            for start in range(0, batch.size, self.max_batch_size):
-                rows = batch if batch.size <= self.max_batch_size else batch.rows(start, start + self.max_batch_size)
+            for start in range(0, size, self.max_batch_size):
+                rows = batch if size <= self.max_batch_size else batch.rows(start, start + self.max_batch_size)
                 try:
                     out = hook(model=self.handle, batch=rows)
                 except InferError:
@@ -294,28 +295,31 @@ class Engine:
                     ) from exc
                 if out is None:
                     raise BackendError(f"backend {backend!r} did not implement infer_{kind}", backend=backend)
-                outputs.append(check_logits(out, rows.size, self.handle.vocab_size, backend))
+                outputs.append(check_logits(out, len(rows.sequences), self.handle.vocab_size, backend))
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     # -- the scheduler thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        busy = False
         while True:
             with self._cond:
-                while not self._closed and not self._pending and not self._has_work():
+                # after a productive iteration go straight on; only an idle one waits
+                while not self._closed and not self._pending and not (busy or self._has_work()):
                     self._cond.wait(self._wait_time())
                 if self._closed:
                     return
                 while self._pending:
                     self._active.append(self._pending.popleft())
             try:
-                self._iterate()
+                busy = self._iterate()
             except Exception as exc:  # noqa: BLE001 - keep the model usable whatever happened
                 self._log.error("engine.error", error=f"{type(exc).__name__}: {exc}")
                 with self._cond:
                     failed, self._active = self._active, []
                 for request in failed:
                     self._end(request, Failed(exc))
+                busy = False
 
     def _has_work(self) -> bool:
         now = time.monotonic()
@@ -327,7 +331,8 @@ class Engine:
         deadlines = [r.deadline for r in self._active if r.deadline is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
-    def _iterate(self) -> None:
+    def _iterate(self) -> bool:
+        """One scheduling round; return whether any backend step ran."""
         now = time.monotonic()
         for request in list(self._active):
             if request.cancelled:
@@ -335,15 +340,19 @@ class Engine:
             elif request.deadline is not None and now >= request.deadline:
                 assert request.timeout is not None
                 self._retire(request, Failed(DeadlineExceededError(request.timeout, len(request.generated))))
-        prefill = [r for r in self._active if r.next_token is None and r.channel.has_room()][: self.max_batch_size]
+        prefill, decode = [], []
+        for r in self._active:
+            if r.cancelled or not r.channel.has_room():
+                continue
+            (prefill if r.next_token is None else decode).append(r)
         if prefill:
-            self._prefill(prefill)
-        decode = [r for r in self._active if r.next_token is not None and not r.cancelled and r.channel.has_room()]
+            self._prefill(prefill[: self.max_batch_size])
         if decode:
             tokens = [np.array((r.next_token,), dtype=np.int32) for r in decode]
             logits = self._run_step("decode", decode, tokens)
             if logits is not None:
                 self._sample(decode, logits)
+        return bool(prefill or decode)
 
     def _prefill(self, requests: list[Request]) -> None:
         for request in requests:
