@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -82,8 +83,9 @@ def prepare(work: Path, gguf: Path, anchor_python: str, dtypes: list[str], threa
     }
 
 
-def child(cmd: list[str]) -> dict[str, Any]:
-    out = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, check=False)
+def child(cmd: list[str], clock: str) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_CLOCK": clock}
+    out = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, check=False, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -99,6 +101,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the ours/anchor pair this many times")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: time with process CPU time (use with --threads 1 on a busy machine)",
+    )
     args = parser.parse_args()
     dtypes = args.dtypes.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -108,27 +116,29 @@ def main() -> None:
     results = []
     for _ in range(args.rounds):
         for dtype in dtypes:
-            ours = child([sys.executable, "child_infer.py", str(job_path), dtype, str(args.threads)])
-            anchor = child([args.anchor_python, "child_genai.py", str(job_path), str(args.work / f"genai-{dtype}")])
+            ours = child([sys.executable, "child_infer.py", str(job_path), dtype, str(args.threads)], args.clock)
+            anchor = child(
+                [args.anchor_python, "child_genai.py", str(job_path), str(args.work / f"genai-{dtype}")], args.clock
+            )
             results.append({"dtype": dtype, "ours": ours, "anchor": anchor})
-            report(dtype, ours, anchor)
+            report(dtype, ours, anchor, args.threads, args.clock)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-def report(dtype: str, ours: dict[str, Any], anchor: dict[str, Any]) -> None:
+def report(dtype: str, ours: dict[str, Any], anchor: dict[str, Any], threads: int, clock: str) -> None:
     same = next(
         (i for i, (a, b) in enumerate(zip(ours["tokens"], anchor["tokens"], strict=False)) if a != b),
         min(len(ours["tokens"]), len(anchor["tokens"])),
     )
     print(
-        f"\n== {dtype}: prompt {ours['prompt_tokens']} tokens, {ours['new_tokens']} new, greedy; "
-        f"first {same} generated tokens identical"
+        f"\n== {dtype}, {threads} thread(s), {clock} clock: prompt {ours['prompt_tokens']} tokens, "
+        f"{ours['new_tokens']} new, greedy; first {same} generated tokens identical"
     )
     heads = ("decode tok/s", "TTFT ms", "prefill tok/s", "512 prefill tok/s", "peak RSS MB")
     print(f"{'':34s}" + "".join(f"{h:>{w}s}" for h, w in zip(heads, (13, 9, 15, 19, 13), strict=True)))
     keys = ("decode_tok_s", "ttft_ms", "prefill_tok_s", "long_prefill_tok_s", "peak_rss_mb")
-    for name, r in (("infer onnx", ours), ("onnxruntime-genai (2 threads)", anchor)):
+    for name, r in (("infer onnx", ours), ("onnxruntime-genai", anchor)):
         print(f"{name:34s}" + "".join(f"{r[k]:>{w}.1f}" for k, w in zip(keys, (13, 9, 15, 19, 13), strict=True)))
     print(
         f"{'ratio ours / anchor':34s}"
