@@ -54,14 +54,18 @@ def test_chunked_prefill_equals_one_prefill(tiny_fp32: OnnxModel) -> None:
     np.testing.assert_allclose(got, whole, atol=ATOL, rtol=0)
 
 
-def test_ragged_first_prompts_in_one_batch_equal_single_rows(tiny_fp32: OnnxModel) -> None:
-    rows = [PROMPT, PROMPT[:3], PROMPT[2:9]]
+@pytest.mark.parametrize(
+    "rows",
+    [[PROMPT, PROMPT[:3], PROMPT[2:9]], [PROMPT, PROMPT[:11], PROMPT[1:11]]],
+    ids=["grouped-by-length", "padded-into-one-run"],
+)
+def test_ragged_first_prompts_in_one_batch_equal_single_rows(tiny_fp32: OnnxModel, rows: list[list[int]]) -> None:
     singles = np.stack([step(tiny_fp32, [tiny_fp32.new_sequence(32)], [r])[0] for r in rows])
     caches = [tiny_fp32.new_sequence(32) for _ in rows]
     batched = step(tiny_fp32, caches, rows)
     np.testing.assert_allclose(batched, singles, atol=ATOL, rtol=0)
     # Then decode the three together, each at its own position, and compare with single rows.
-    nxt = [[7], [8], [9]]
+    nxt = [[7], [8], [9]][: len(rows)]
     batched = step(tiny_fp32, caches, nxt, decode=True)
     singles = []
     for r, t in zip(rows, nxt, strict=True):
@@ -69,6 +73,19 @@ def test_ragged_first_prompts_in_one_batch_equal_single_rows(tiny_fp32: OnnxMode
         step(tiny_fp32, [c], [r])
         singles.append(step(tiny_fp32, [c], [t], decode=True)[0])
     np.testing.assert_allclose(batched, np.stack(singles), atol=ATOL, rtol=0)
+
+
+def test_first_prompts_of_close_lengths_share_one_padded_run(tiny_fp32: OnnxModel) -> None:
+    caches = [tiny_fp32.new_sequence(32) for _ in range(3)]
+    step(tiny_fp32, caches, [PROMPT, PROMPT[:11], PROMPT[1:11]])
+    # One run put all three rows into one block; a run per length would have left them apart.
+    assert caches[0]._block is caches[1]._block is caches[2]._block
+
+
+def test_first_prompts_of_distant_lengths_run_per_length(tiny_fp32: OnnxModel) -> None:
+    caches = [tiny_fp32.new_sequence(32) for _ in range(2)]
+    step(tiny_fp32, caches, [PROMPT, PROMPT[:2]])
+    assert caches[0]._block is not caches[1]._block
 
 
 def test_ragged_chunks_on_caches_with_history_equal_single_rows(tiny_fp32: OnnxModel) -> None:

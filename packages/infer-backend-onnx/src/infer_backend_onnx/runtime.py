@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["KVBlock", "OnnxHandle", "OnnxKVCache", "OnnxModel", "check_row"]
 
 _Logits = npt.NDArray[np.float32]
+#: Largest ratio of padded to real tokens for which first prompts share one padded run.
+_MAX_PADDING = 1.25
 
 
 class OnnxHandle(ModelHandle):
@@ -335,12 +337,17 @@ def check_row(
 
 
 def _groups(seqs: Sequence[OnnxKVCache], sizes: Sequence[int]) -> list[list[int]]:
-    """Rows that can share one run: equal new lengths, or first prompts of any lengths.
+    """Split a batch's rows into runs: equal new lengths share a run; so do first prompts of
+    different lengths, right-padded, when padding adds at most a quarter more tokens.
 
-    The attention op masks right padding only when no row has a past; otherwise rows of
-    different lengths run separately (one run per distinct length).
+    Prefill is compute-bound, so padding costs what it adds (measured on SmolLM2 int4: eight
+    prompts of 9 to 64 tokens padded into one run went at 2/3 the speed of one run per length).
+    The attention op masks right padding only when no row has a past, which is why rows with
+    history are always grouped by length.
     """
-    if len(set(sizes)) == 1 or all(s.length == 0 for s in seqs):
+    if len(set(sizes)) == 1:
+        return [list(range(len(seqs)))]
+    if all(s.length == 0 for s in seqs) and len(sizes) * max(sizes) <= _MAX_PADDING * sum(sizes):
         return [list(range(len(seqs)))]
     by_size: dict[int, list[int]] = {}
     for r, n in enumerate(sizes):
