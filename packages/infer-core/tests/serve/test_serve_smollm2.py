@@ -1,0 +1,111 @@
+"""The server on the real model (SmolLM2-135M-Instruct via the ONNX backend), as a process.
+
+The openai client, unchanged, on both endpoints streaming and not; and 32 concurrent streams
+whose outputs equal the same seeded requests run alone (fp32: its batched and single-sequence
+kernels give the same logits, so batching cannot change a token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+from serve_support import ServerProcess, httpx, sse_data, stream_text
+
+openai = pytest.importorskip("openai", reason="the client tests need the openai package")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+NAME = "smollm2-135m-instruct"
+CONCURRENT = 32
+
+
+@pytest.fixture(scope="module")
+def server():
+    from infer.plugins import get_registry
+    from infer.pull import pull
+
+    onnx = get_registry().backends.get("onnx")
+    if onnx is None or not onnx.info.available:
+        pytest.skip("the ONNX backend is not installed or cannot run here")
+    pull(NAME, progress=False)
+    with ServerProcess("--dtype", "fp32", "--max-concurrency", str(CONCURRENT), model=NAME, backend="onnx") as running:
+        yield running
+
+
+def test_openai_client_chats_with_smollm2_streaming_and_not(server):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        whole = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=24)
+        chunks = list(
+            client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=24, stream=True)
+        )
+        text = client.completions.create(model=NAME, prompt="The capital of France is", temperature=0, max_tokens=8)
+        streamed = list(
+            client.completions.create(
+                model=NAME, prompt="The capital of France is", temperature=0, max_tokens=8, stream=True
+            )
+        )
+    assert "4" in whole.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert "Paris" in text.choices[0].text
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+
+
+def request(i: int) -> dict:
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": f"Write one sentence about the number {i}."}],
+        "max_tokens": 20,
+        "stream": True,
+    }
+    # Half greedy, half sampled with a seed: both must ignore whatever else shares the batch.
+    return body | ({"temperature": 0} if i % 2 else {"temperature": 0.8, "seed": i})
+
+
+async def run(client, i: int) -> str:
+    async with client.stream("POST", "/v1/chat/completions", json=request(i)) as r:
+        assert r.status_code == 200
+        events = sse_data((await r.aread()).decode())
+    assert events[-1] == "[DONE]"
+    assert not any(isinstance(e, dict) and "error" in e for e in events)
+    return stream_text(events)
+
+
+async def solo_then_concurrent(server: ServerProcess) -> tuple[list[str], list[str]]:
+    limits = httpx.Limits(max_connections=CONCURRENT + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
+        solo = [await run(client, i) for i in range(CONCURRENT)]
+        together = await asyncio.gather(*(run(client, i) for i in range(CONCURRENT)))
+    return solo, list(together)
+
+
+def test_32_concurrent_streams_equal_solo_runs(server):
+    solo, together = asyncio.run(solo_then_concurrent(server))
+    assert together == solo
+    health = httpx.get(server.url + "/health", timeout=5).json()
+    assert health["active_sequences"] == health["running"] == 0
+    metrics = httpx.get(server.url + "/metrics", timeout=5).text
+    assert 'status="5' not in metrics
+
+
+def test_memory_is_stable_across_rounds_of_32_streams(server):
+    async def round_() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            await asyncio.gather(*(run(client, i) for i in range(CONCURRENT)))
+
+    asyncio.run(round_())  # the runtime's arena grows to the batch once
+    before = settled_rss(server)
+    asyncio.run(round_())
+    grown = settled_rss(server) - before
+    assert grown < 16 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB in a second round"
+
+
+def settled_rss(server: ServerProcess) -> int:
+    gc.collect()
+    time.sleep(0.5)
+    return server.rss()
