@@ -1,0 +1,100 @@
+"""``infer serve`` wiring: flags reach the app and uvicorn, the model loads as ``infer run`` loads it."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from infer.cli import main
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+uvicorn = pytest.importorskip("uvicorn", reason="the server needs the serve extra")
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replace uvicorn's serving loop: record the config it was given instead of listening."""
+    seen = {}
+
+    def fake_run(self, sockets=None):
+        seen["config"] = self.config
+        seen["model"] = self.config.app.state.server.model
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    previous = signal.getsignal(signal.SIGTERM)
+    yield seen
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_serve_flags_reach_the_app_and_uvicorn(captured):
+    status = main(
+        [
+            "serve",
+            "fake",
+            "--backend",
+            "fake",
+            "-o",
+            "latency=0.001",
+            "--port",
+            "8123",
+            "--name",
+            "tiny",
+            "--api-key",
+            "k",
+            "--max-concurrency",
+            "3",
+            "--max-queue",
+            "0",
+            "--max-prompt-tokens",
+            "100",
+            "--timeout",
+            "2.5",
+            "--grace",
+            "1.5",
+        ]
+    )
+    assert status == 0
+    config = captured["config"]
+    assert (config.host, config.port, config.timeout_graceful_shutdown) == ("127.0.0.1", 8123, 1.5)
+    server = config.app.state.server
+    assert server.model_name == "tiny"
+    assert (server.admission.max_concurrency, server.admission.max_queue) == (3, 0)
+    assert (server.max_prompt_tokens, server.request_timeout) == (100, 2.5)
+    assert server.model.handle.options.latency == 0.001  # -o options load the model as `infer run` does
+    with pytest.raises(Exception, match="closed"):  # the command closes the model when the server stops
+        server.model.generate("x")
+    # uvicorn re-raises SIGTERM after draining; the command's handler turns that into a clean exit.
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+
+
+def test_the_served_name_defaults_to_the_model_reference(captured):
+    assert main(["serve", "fake", "--backend", "fake"]) == 0
+    assert captured["config"].app.state.server.model_name == "fake"
+    assert captured["config"].port == 8000
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--max-queue", "-1"],
+        ["--max-concurrency", "0"],
+        ["--timeout", "0"],
+        ["--grace", "inf"],
+        ["--port", "http"],
+    ],
+)
+def test_bad_serve_flags_exit_2(captured, args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "fake", "--backend", "fake", *args])
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+    assert "config" not in captured
+
+
+def test_a_bad_backend_option_exits_2_with_its_name(captured, capsys):
+    assert main(["serve", "fake", "--backend", "fake", "-o", "nonsense=1"]) == 2
+    assert "nonsense" in capsys.readouterr().err
