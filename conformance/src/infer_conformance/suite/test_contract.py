@@ -52,7 +52,9 @@ def test_vocab_matches_the_bundle_config(suite, model):
 
     from infer.bundle import is_bundle
 
-    path = Path(suite.model)
+    from infer.resolve import resolve_model
+
+    path = resolve_model(suite.model) or Path(suite.model)
     if not is_bundle(path):
         pytest.skip("the model under test is not a bundle folder: no config.json to compare with")
     import json
