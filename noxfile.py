@@ -10,6 +10,7 @@ nox -s tests         the test matrix, through tox (the README's command)
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -44,15 +45,32 @@ def wheels(session: nox.Session) -> None:
             session.run("python", "-m", "build", "--wheel", "--outdir", str(WHEELS), package)
 
 
+#: What each extra must bring, as (backend name, whether it must run on Linux).
+EXTRAS = {"fake": ("fake", True), "onnx": ("onnx", True), "coreml": ("coreml", False)}
+
+
 @nox.session
-def extras(session: nox.Session) -> None:
-    """From the wheels alone, `infer-core[fake]` installs the fake backend too, and it runs."""
-    wheels(session)
-    session.install("--find-links", str(WHEELS), "infer-core[fake]")
+@nox.parametrize("extra", list(EXTRAS))
+def extras(session: nox.Session, extra: str) -> None:
+    """From the wheels alone, `infer-core[EXTRA]` installs that backend (and its runtime) too."""
+    if not any(WHEELS.glob("infer_core-*.whl")):
+        wheels(session)
+    session.install("--find-links", str(WHEELS), f"infer-core[{extra}]")
+    backend, runs_here = EXTRAS[extra]
     out = session.run("infer", "backends", "--json", silent=True)
-    assert out is not None and '"name": "fake"' in out, f"the fake backend is missing: {out}"
-    session.run("infer", "run", "fake", "hello", "--backend", "fake", "--max-tokens", "4")
-    session.log("infer-core[fake] installed infer-backend-fake from the wheels, and it generates")
+    assert out is not None, "infer backends printed nothing"
+    info = next((b for b in json.loads(out)["backends"] if b["name"] == backend), None)
+    assert info is not None, f"infer-core[{extra}] did not install the {backend} backend: {out}"
+    if runs_here:
+        assert info["available"], f"the {backend} backend should run here: {info}"
+    if extra == "fake":
+        session.run("infer", "run", "fake", "hello", "--backend", "fake", "--max-tokens", "4", "--raw")
+    if extra == "onnx":
+        session.run("python", "-c", "import onnxruntime, onnx")
+    if extra == "coreml":
+        session.run("python", "-c", "import coremltools")
+        session.log(f"coreml on this platform: available={info['available']} ({info['unavailable_reason']})")
+    session.log(f"infer-core[{extra}] installed the {backend} backend from the wheels")
 
 
 @nox.session

@@ -15,7 +15,7 @@ from typing import Any
 
 from infer import hookimpl
 
-__all__ = ["Gate", "StepRecorder", "StepStall", "installed"]
+__all__ = ["Gate", "StepRecorder", "StepStall", "installed", "track_caches", "wait_idle"]
 
 
 class StepRecorder:
@@ -104,3 +104,24 @@ def installed(plugin: object) -> Iterator[Any]:
         yield plugin
     finally:
         pm.unregister(plugin)
+
+
+def track_caches(model: Any) -> list[Any]:
+    """Record every cache ``model``'s backend makes from now on (the list fills as requests run)."""
+    made: list[Any] = []
+    original = model.handle.new_sequence
+
+    def tracking(capacity: int) -> Any:
+        made.append(original(capacity))
+        return made[-1]
+
+    model.handle.new_sequence = tracking
+    return made
+
+
+def wait_idle(model: Any, seconds: float = 5.0) -> None:
+    """Wait until ``model`` has no request queued or running; fail if that takes ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while model.active_requests and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert model.active_requests == 0, "a request is still running after it should have ended"

@@ -51,7 +51,6 @@ def test_vocab_matches_the_bundle_config(suite, model):
     from pathlib import Path
 
     from infer.bundle import is_bundle
-
     from infer.resolve import resolve_model
 
     path = resolve_model(suite.model) or Path(suite.model)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from infer_conformance.probes import track_caches, wait_idle
+
 pytestmark = pytest.mark.conformance
 
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
@@ -102,26 +104,10 @@ def test_a_batch_gives_the_same_logits_as_each_row_alone(model, info):
 
 
 def test_every_cache_a_request_made_is_released_when_it_ends(fresh_model):
-    made = []
-    original = fresh_model.handle.new_sequence
-
-    def tracking(capacity):
-        made.append(original(capacity))
-        return made[-1]
-
-    fresh_model.handle.new_sequence = tracking
+    made = track_caches(fresh_model)
     fresh_model.generate([1, 2, 3], max_tokens=5, temperature=0)
     with fresh_model.stream([1, 2, 3], max_tokens=50, temperature=0) as stream:
         next(iter(stream))
-    _wait_idle(fresh_model)
+    wait_idle(fresh_model)
     assert len(made) == 2
     assert all(seq.released and seq.nbytes == 0 for seq in made)
-
-
-def _wait_idle(model, seconds=5.0):
-    import time
-
-    deadline = time.monotonic() + seconds
-    while model.active_requests and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert model.active_requests == 0

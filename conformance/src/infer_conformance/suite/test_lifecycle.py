@@ -9,34 +9,15 @@ import time
 import pytest
 
 import infer
-from infer_conformance.probes import Gate, StepRecorder, StepStall, installed
+from infer_conformance.probes import Gate, StepRecorder, StepStall, installed, track_caches, wait_idle
 
 pytestmark = pytest.mark.conformance
 
 PROMPT = [5, 17, 42, 8, 99, 3, 61]
 
 
-def _wait_idle(model, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while model.active_requests and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert model.active_requests == 0, "the request is still running after it was cancelled"
-
-
-def _track_caches(model):
-    made = []
-    original = model.handle.new_sequence
-
-    def tracking(capacity):
-        made.append(original(capacity))
-        return made[-1]
-
-    model.handle.new_sequence = tracking
-    return made
-
-
 def _assert_stopped(model, recorder, made):
-    _wait_idle(model)
+    wait_idle(model)
     settled = recorder.count()
     time.sleep(0.05)
     assert recorder.count() == settled, "the backend kept stepping after the stream was cancelled"
@@ -45,7 +26,7 @@ def _assert_stopped(model, recorder, made):
 
 @pytest.mark.parametrize("how", ["close", "break", "drop", "context-exit"])
 def test_ending_a_stream_stops_backend_work_within_one_step(fresh_model, how):
-    made = _track_caches(fresh_model)
+    made = track_caches(fresh_model)
     with installed(StepRecorder(fresh_model.handle)) as recorder:
         stream = fresh_model.stream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True)
         if how == "close":
@@ -66,7 +47,7 @@ def test_ending_a_stream_stops_backend_work_within_one_step(fresh_model, how):
 
 
 def test_cancelling_an_asyncio_task_stops_backend_work(fresh_model):
-    made = _track_caches(fresh_model)
+    made = track_caches(fresh_model)
 
     async def consume(started):
         async for _ in fresh_model.astream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True):
@@ -101,7 +82,7 @@ def test_closing_a_stream_during_prefill_stops_before_the_next_chunk(suite):
             assert gate.entered.wait(10)
             stream.close()
             gate.open()
-            _wait_idle(model)
+            wait_idle(model)
             assert recorder.count("prefill") == 1
             assert recorder.count("decode") == 0
     finally:
@@ -119,7 +100,7 @@ def test_a_hanging_step_surfaces_as_a_typed_timeout_and_the_model_stays_usable(f
         stall.release.set()
     assert isinstance(raised.value, TimeoutError)
     assert waited < 1.5, f"the timeout fired {waited:.2f} s after the request started, not ~0.3 s"
-    _wait_idle(fresh_model)
+    wait_idle(fresh_model)
     assert fresh_model.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True).token_ids == baseline
 
 
@@ -130,7 +111,7 @@ def test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end(fresh_model):
         for _ in stream:
             time.sleep(0.001)
     assert time.monotonic() - started < 2.0
-    _wait_idle(fresh_model)
+    wait_idle(fresh_model)
 
 
 def test_async_streams_honour_the_deadline(fresh_model):
@@ -144,4 +125,4 @@ def test_async_streams_honour_the_deadline(fresh_model):
         with pytest.raises(infer.DeadlineExceededError):
             asyncio.run(main())
         stall.release.set()
-    _wait_idle(fresh_model)
+    wait_idle(fresh_model)
