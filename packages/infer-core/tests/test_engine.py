@@ -199,3 +199,15 @@ def test_nan_logits_from_a_backend_end_the_request_with_an_error_naming_the_back
         fake.generate(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
     assert raised.value.backend == "fake"
     assert fake.generate(PROMPT, max_tokens=2, temperature=0, ignore_eos=True).usage.completion_tokens == 2
+
+
+def test_a_reference_that_names_nothing_is_a_typed_not_found_error():
+    with pytest.raises(infer.ModelNotFoundError, match="smollm2-135m-instruct") as raised:
+        infer.load("no-such-model-anywhere")
+    assert isinstance(raised.value, FileNotFoundError)
+
+
+def test_a_folder_no_backend_accepts_is_an_unsupported_model_error(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(infer.UnsupportedModelError, match="no installed backend"):
+        infer.load(tmp_path, backend="fake")

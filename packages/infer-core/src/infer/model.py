@@ -24,7 +24,9 @@ from infer.errors import (
     InvalidParameterError,
     InvalidTokenError,
     ModelError,
+    ModelNotFoundError,
     RequestCancelledError,
+    UnsupportedModelError,
 )
 from infer.log import get_logger
 from infer.results import Completion, TokenEvent
@@ -99,7 +101,14 @@ def load(
             break
     else:
         tried = ", ".join(c.name for c in candidates)
-        raise ModelError(f"no installed backend could load {str(ref)!r} (tried: {tried})", path=path)
+        if path is None:
+            from infer.pull import KNOWN_MODELS
+
+            raise ModelNotFoundError(
+                f"{str(ref)!r} is not a model folder, a .gguf file, a known model ({', '.join(sorted(KNOWN_MODELS))}),"
+                f" an hf:ORG/NAME reference, or a reference an installed backend accepts (tried: {tried})"
+            )
+        raise UnsupportedModelError(f"no installed backend can load {str(path)!r} (tried: {tried})", path=path)
     model = Model(
         handle, candidate, bundle=bundle, prefill_chunk_size=prefill_chunk_size, context_length=context_length
     )
