@@ -340,7 +340,8 @@ class Engine:
             elif request.deadline is not None and now >= request.deadline:
                 assert request.timeout is not None
                 self._retire(request, Failed(DeadlineExceededError(request.timeout, len(request.generated))))
-        prefill, decode = [], []
+        prefill: list[Request] = []
+        decode: list[Request] = []
         for r in self._active:
             if r.cancelled or not r.channel.has_room():
                 continue

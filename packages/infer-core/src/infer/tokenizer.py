@@ -44,7 +44,7 @@ class StreamDecoder:
 
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` completes ("" while a character is still partial)."""
-        text = self._stream.step(self._tok, token_id)
+        text: str | None = self._stream.step(self._tok, token_id)
         if text:
             self._pending.clear()
             return text
