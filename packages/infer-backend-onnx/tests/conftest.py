@@ -13,17 +13,18 @@ from infer.bundle import Bundle
 from infer_backend_onnx import plugin
 from infer_backend_onnx.runtime import OnnxModel
 
-fixtures = pytest.importorskip("infer_conformance.fixtures", reason="needs infer-conformance (the tiny bundle)")
-reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance (the numpy reference)")
-
 
 @pytest.fixture(scope="session")
 def tiny_bundle() -> Bundle:
+    """The conformance suite's tiny Llama bundle (tests that need it skip without infer-conformance)."""
+    fixtures = pytest.importorskip("infer_conformance.fixtures", reason="needs infer-conformance (the tiny bundle)")
     return Bundle.open(fixtures.TINY_LLAMA)
 
 
 @pytest.fixture(scope="session")
 def ref_model(tiny_bundle: Bundle) -> Any:
+    """The numpy reference forward of the tiny bundle."""
+    reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance (the reference)")
     return reference.ReferenceModel(tiny_bundle)
 
 

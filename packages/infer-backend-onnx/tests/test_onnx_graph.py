@@ -12,8 +12,6 @@ from onnx_helpers import PROMPT, Loader, step
 from infer.bundle import Bundle
 from infer_backend_onnx.graph import GraphConfig, build_decoder
 
-reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance")
-
 pytestmark = pytest.mark.integration
 
 #: Largest |logit - reference| measured on the tiny bundle (logits of magnitude ~1), with margin:
@@ -85,6 +83,7 @@ def test_projection_biases_are_applied(biased_bundle: Bundle, build_dir: Path, d
 
     from infer_backend_onnx import plugin
 
+    reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance")
     expected = reference.ReferenceModel(biased_bundle).forward(PROMPT)[-1]
     model = plugin.infer_load(load_spec(biased_bundle, dtype=dtype), {"cache_dir": build_dir, "threads": 1})
     assert model is not None

@@ -29,6 +29,15 @@ def test_backend_info_declares_the_contract_and_is_the_default() -> None:
     assert info.max_batch_size > 1 and info.priority == 100 and info.available
 
 
+def test_backend_info_says_unavailable_when_onnxruntime_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    info = plugin.infer_backend_info()
+    assert not info.available and "onnxruntime" in (info.unavailable_reason or "")
+
+
 def test_importing_the_plugin_does_not_import_onnx_or_onnxruntime() -> None:
     code = (
         "import sys, infer_backend_onnx.plugin as p; p.infer_backend_info(); "
@@ -106,6 +115,17 @@ def test_steps_for_another_backends_model_answer_none() -> None:
     batch = Batch((), token_rows([]))
     assert plugin.infer_prefill(Other(), batch) is None
     assert plugin.infer_decode(Other(), batch) is None
+
+
+def test_steps_on_a_closed_model_raise_model_closed(tiny_bundle: Bundle, build_dir: Path) -> None:
+    from infer.errors import ModelClosedError
+
+    model = plugin.infer_load(load_spec(tiny_bundle), {"cache_dir": build_dir, "threads": 1})
+    assert model is not None
+    cache = model.new_sequence(4)
+    model.close()
+    with pytest.raises(ModelClosedError):
+        plugin.infer_prefill(model, Batch((cache,), token_rows([[1]])))
 
 
 def test_logits_are_float32_rows_of_the_vocabulary(tiny_fp32: OnnxModel) -> None:

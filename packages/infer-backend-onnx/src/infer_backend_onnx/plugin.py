@@ -35,9 +35,13 @@ def _version() -> str:
 @infer.hookimpl
 def infer_backend_info() -> BackendInfo:
     """Describe the backend; cheap, imports no runtime."""
+    from importlib.util import find_spec
+
     from infer_backend_onnx.devices import DEVICES
     from infer_backend_onnx.graph import DTYPES
 
+    # find_spec locates the runtime without importing it: discovery stays fast.
+    missing = [name for name in ("onnx", "onnxruntime") if find_spec(name) is None]
     return BackendInfo(
         name=NAME,
         version=_version(),
@@ -52,6 +56,11 @@ def infer_backend_info() -> BackendInfo:
         # int8-activation kernels differ for one row and many), 3.5e-5 batched vs single.
         logits_atol=1e-4,
         priority=100,
+        unavailable_reason=(
+            f"{' and '.join(missing)} not installed: pip install infer-backend-onnx (or onnxruntime-gpu for CUDA)"
+            if missing
+            else None
+        ),
     )
 
 
