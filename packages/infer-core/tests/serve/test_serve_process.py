@@ -168,6 +168,24 @@ def test_a_hang_hits_the_deadline_504_or_an_error_event_then_the_server_recovers
         assert_recovered(running)
 
 
+def test_a_client_leaving_mid_stream_frees_its_sequence_on_the_real_server():
+    with ServerProcess("-o", "latency=0.02") as running:
+        body = {"model": "fake", "prompt": "x", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert httpx.get(running.url + "/health", timeout=5).json()["active_sequences"] == 1
+            left = time.monotonic()
+        while httpx.get(running.url + "/health", timeout=5).json()["active_sequences"]:
+            assert time.monotonic() - left < 2.0, "the sequence outlived its client"
+            time.sleep(0.01)
+        freed_after = time.monotonic() - left
+        metrics = httpx.get(running.url + "/metrics", timeout=5).text
+    assert freed_after < 1.0  # the ~990 steps left would take 20 s; cancellation takes about one
+    assert 'infer_requests_total{endpoint="/v1/completions",status="499"} 1.0' in metrics
+
+
 # -- hostile input -----------------------------------------------------------------------------
 
 
