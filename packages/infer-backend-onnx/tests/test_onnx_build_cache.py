@@ -46,7 +46,7 @@ def test_truncated_weights_are_detected_and_rebuilt(tiny_bundle: Bundle, tmp_pat
     assert "bytes" in (verify_entry(_entry(tmp_path)) or "")
     model = _load(tiny_bundle, tmp_path)
     assert model.details["cache_hit"] is False
-    assert verify_entry(_entry(tmp_path)) is None
+    assert verify_entry(_entry(tmp_path), deep=True) is None
     assert np.isfinite(step(model, [model.new_sequence(16)], [PROMPT])).all()
 
 
@@ -60,6 +60,20 @@ def test_altered_bytes_of_the_same_size_fail_the_hash_and_are_rebuilt(tiny_bundl
     assert _load(tiny_bundle, tmp_path).details["cache_hit"] is False
 
 
+def test_altered_bytes_with_the_old_mtime_are_caught_by_a_deep_check(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    import os
+
+    _load(tiny_bundle, tmp_path)
+    data = _entry(tmp_path) / "model.onnx.data"
+    before = data.stat()
+    raw = bytearray(data.read_bytes())
+    raw[200] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert verify_entry(_entry(tmp_path)) is None  # the quick check trusts an unmoved file
+    assert "sha256" in (verify_entry(_entry(tmp_path), deep=True) or "")
+
+
 def test_missing_manifest_means_rebuild(tiny_bundle: Bundle, tmp_path: Path) -> None:
     _load(tiny_bundle, tmp_path)
     (_entry(tmp_path) / MANIFEST).unlink()
@@ -70,7 +84,7 @@ def test_manifest_records_each_file_size_and_hash(tiny_bundle: Bundle, tmp_path:
     _load(tiny_bundle, tmp_path)
     manifest = json.loads((_entry(tmp_path) / MANIFEST).read_text())
     assert set(manifest["files"]) == {"model.onnx", "model.onnx.data"}
-    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest["files"].values())
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 and f["mtime_ns"] > 0 for f in manifest["files"].values())
 
 
 def test_each_precision_has_its_own_entry(tiny_bundle: Bundle, tmp_path: Path) -> None:
