@@ -14,8 +14,9 @@ from infer_backend_onnx.graph import GraphConfig, build_decoder
 
 pytestmark = pytest.mark.integration
 
-#: Largest |logit - reference| measured on the tiny bundle (logits of magnitude ~1), with margin:
-#: fp32 ~5e-6, fp16 ~1.5e-2, int4 (block 32, int8 activations) ~2.5.
+#: Largest |logit - reference| measured on the tiny bundle (random weights, logits up to ~15),
+#: with margin: fp32 6.7e-6, fp16 1.4e-2, int4 (symmetric blocks of 32, int8 activations) 2.8.
+#: Random weights are the worst case for 4-bit blocks; on SmolLM2 see the package README.
 TOLERANCE = {"fp32": 1e-5, "fp16": 5e-2, "int4": 4.0}
 
 
