@@ -155,6 +155,16 @@ def test_genai_folder_is_recognised_by_its_config(tmp_path: Path) -> None:
     )
 
 
+def test_asking_an_export_for_another_precision_raises_invalid_parameter(tmp_path: Path) -> None:
+    from infer.errors import InvalidParameterError
+
+    folder = _toy_decoder(tmp_path / "optimum")
+    spec = LoadSpec(backend="onnx", ref=str(folder), path=folder, bundle=None, dtype="int4")
+    with pytest.raises(InvalidParameterError, match="own precision"):
+        plugin.infer_load(spec, {"threads": 1})
+    assert _load(folder).dtype == "fp32"
+
+
 def test_a_graph_without_past_key_values_raises_model_format(tmp_path: Path) -> None:
     folder = _toy_decoder(tmp_path / "nokv", with_past=False)
     with pytest.raises(ModelFormatError, match="past_key_values"):

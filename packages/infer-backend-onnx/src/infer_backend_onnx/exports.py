@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infer.contract import Batch, KVCache
-from infer.errors import BackendError, ModelFormatError
+from infer.errors import BackendError, InvalidParameterError, ModelFormatError
 from infer_backend_onnx.runtime import OnnxHandle, check_row
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class ExportModel(OnnxHandle):
             raise ModelFormatError("cannot tell the vocabulary size: add config.json", path=export.folder)
         self.vocab_size = vocab
         self.context_length = int(genai_model.get("context_length") or config.get("max_position_embeddings") or 2048)
-        self.dtype = "fp16" if self.kv_dtype == np.float16 else "fp32"
+        self.dtype = "fp16" if self.kv_dtype == np.float16 else ("int4" if _has_nbits(export.model) else "fp32")
         self._text_side(config, genai_model)
         self.details = MappingProxyType({**details, "export": export.kind, "graph": str(export.model)})
         self._lock = threading.Lock()
@@ -256,6 +256,14 @@ class ExportModel(OnnxHandle):
         return np.asarray(logits.reshape(-1, logits.shape[-1])[-1], dtype=np.float32)
 
 
+def _has_nbits(model: Path) -> bool:
+    """Whether the graph quantises its weights with ``MatMulNBits`` (read without its weights)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return any(node.op_type == "MatMulNBits" for node in graph.node)
+
+
 def _dim(value: object, *fallbacks: object) -> int | None:
     if isinstance(value, int) and value > 0:
         return value
@@ -274,4 +282,9 @@ def load_export(export: Export, spec: LoadSpec, opts: LoadOptions, device: str) 
         raise ModelFormatError(f"the export's graph {export.model.name} is missing", path=export.model)
     threads = opts.threads or cpu_budget()
     session = make_session(export.model, device, threads)
-    return ExportModel(session, export, device, {"threads": threads, "providers": tuple(session.get_providers())})
+    model = ExportModel(session, export, device, {"threads": threads, "providers": tuple(session.get_providers())})
+    if spec.dtype is not None and spec.dtype != model.dtype:
+        raise InvalidParameterError(
+            "dtype", spec.dtype, f"{model.dtype!r} or none: an export runs in its own precision ({export.model})"
+        )
+    return model
