@@ -88,7 +88,12 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     from infer_backend_onnx.runtime import OnnxModel
     from infer_backend_onnx.threads import cpu_budget
 
-    config = GraphConfig(dtype=spec.dtype or "fp32", block_size=opts.block_size, head_bits=opts.head_bits)
+    # ONNX Runtime's CUDA GroupQueryAttention exists in half precision only: an fp32 graph would
+    # run its attention on the CPU, copying the cache across every step.
+    dtype = spec.dtype or ("fp16" if device == "cuda" else "fp32")
+    if device == "cuda" and dtype != "fp16":
+        raise InvalidParameterError("dtype", dtype, "fp16 on cuda (the CUDA attention kernel runs in half precision)")
+    config = GraphConfig(dtype=dtype, block_size=opts.block_size, head_bits=opts.head_bits)
     content = bundle.content_hash()
     key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"
     started = time.perf_counter()
