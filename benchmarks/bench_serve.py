@@ -25,9 +25,10 @@ Measured on the 2-core development machine (shared with other jobs, so single ru
     int4: 1 stream 147 tok/s, 4 streams 211, 16 streams 286   (16/1 = 1.9x; per server CPU-second 2.1x)
     fp32: 1 stream  21 tok/s, 4 streams  44, 16 streams 217   (16/1 = 10x;  per server CPU-second 7.6x)
 
-fp32 shows the server and the scheduler batching as they should; with int4 the backend's
-batched step costs about as much per token as 16 single steps would save (the int4 matmul
-with int8 activations is compute-bound at 16 rows), which is where the remaining gap to 4x is.
+fp32 shows the server and the scheduler batching as they should. With int4 the ONNX
+backend's decode step at 16 rows costs 6-8x its step at 1 row (measured with
+``Model.run_decode`` directly, no server), so batching gains about 2x there, short of the 4x
+target; the int4 matmul (int8 activations) turning compute-bound at 16 rows is the likely cause.
 
 This is a benchmark, not a test: it asserts nothing. The client shares the machine with the
 server, so on a small machine its own work is part of the figure.
