@@ -90,3 +90,35 @@ def test_projection_biases_are_applied(biased_bundle: Bundle, build_dir: Path, d
     assert model is not None
     got = step(model, [model.new_sequence(32)], [PROMPT])[0]  # type: ignore[arg-type]
     assert np.abs(got - expected).max() <= TOLERANCE[dtype]
+
+
+def test_exact_grid_keeps_q4_1_weights_and_matches_the_reference_closely(
+    tiny_bundle: Bundle, build_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A bundle whose projections lie on a 4-bit grid (as a Q4_1 GGUF import does) loses nothing
+    to requantisation: only the int8 activations differ from the reference."""
+    import shutil
+
+    from onnx_helpers import load_spec
+    from safetensors.numpy import save_file
+    from test_onnx_quantize import _on_grid
+
+    from infer_backend_onnx import plugin
+
+    folder = tmp_path_factory.mktemp("gridded")
+    for f in tiny_bundle.path.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+    tensors = {n: np.asarray(tiny_bundle.weights[n]) for n in tiny_bundle.weights}
+    tensors |= {n: _on_grid(a, 32) for n, a in tensors.items() if n.endswith("_proj.weight")}
+    save_file(tensors, str(folder / "model.safetensors"))
+    gridded = Bundle.open(folder)
+    reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance")
+    expected = reference.ReferenceModel(gridded).forward(PROMPT)[-1]
+    errors = {}
+    for exact in (False, True):
+        opts = {"cache_dir": build_dir, "threads": 1, "exact_grid": exact, "head_bits": 8}
+        model = plugin.infer_load(load_spec(gridded, dtype="int4"), opts)
+        assert model is not None
+        errors[exact] = np.abs(step(model, [model.new_sequence(32)], [PROMPT])[0] - expected).max()  # type: ignore[arg-type]
+    assert errors[True] < errors[False] / 3

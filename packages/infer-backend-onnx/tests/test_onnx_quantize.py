@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infer_backend_onnx.quantize import dequantize, quantize
+from infer_backend_onnx.quantize import dequantize, fit_grid, quantize
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +80,24 @@ def test_zero_weights_stay_exactly_zero(symmetric: bool) -> None:
 
 def test_symmetric_blocks_carry_no_zero_point_tensor() -> None:
     assert quantize(np.ones((2, 32), np.float32), 32, symmetric=True).zero_points is None
+
+
+def _on_grid(w: np.ndarray, block_size: int = 32) -> np.ndarray:
+    """``w`` snapped to a Q4_1-style grid: per block, minimum plus a multiple of (max - min) / 15."""
+    n, k = w.shape
+    b = w.reshape(n, k // block_size, block_size)
+    lo, step = b.min(-1, keepdims=True), (b.max(-1, keepdims=True) - b.min(-1, keepdims=True)) / 15
+    return (lo + np.rint((b - lo) / step) * step).reshape(n, k).astype(np.float32)
+
+
+def test_fit_grid_recovers_a_q4_1_grid_exactly() -> None:
+    w = _on_grid(np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32))
+    fitted = fit_grid(w, 32)
+    assert fitted is not None
+    q, offsets = fitted
+    recon = dequantize(q) + np.repeat(offsets, 32, axis=1)
+    np.testing.assert_allclose(recon, w, atol=1e-6)
+
+
+def test_fit_grid_refuses_weights_off_any_grid() -> None:
+    assert fit_grid(np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32), 32) is None

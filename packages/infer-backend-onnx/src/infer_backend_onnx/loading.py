@@ -25,6 +25,7 @@ OPTIONS: Final = {
     "cache_dir": "a folder path for built graphs (default: infer's cache folder)",
     "block_size": "32 or 64 (int4 quantisation block)",
     "head_bits": "4 or 8 (int4: bits of the output head)",
+    "exact_grid": "true or false (int4: keep weights already on a 4-bit grid, e.g. from a Q4_1 GGUF, exact)",
 }
 
 
@@ -36,6 +37,7 @@ class LoadOptions:
     cache_dir: Path | None = None
     block_size: int = 32
     head_bits: int = 4
+    exact_grid: bool = False
 
 
 def parse_options(options: Mapping[str, Any]) -> LoadOptions:
@@ -55,7 +57,11 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
     head_bits = options.get("head_bits", 4)
     if head_bits not in (4, 8) or isinstance(head_bits, bool):
         raise InvalidParameterError("head_bits", head_bits, OPTIONS["head_bits"])
+    exact_grid = options.get("exact_grid", False)
+    if not isinstance(exact_grid, bool):
+        raise InvalidParameterError("exact_grid", exact_grid, OPTIONS["exact_grid"])
     return LoadOptions(
+        exact_grid=exact_grid,
         head_bits=head_bits,
         threads=threads,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
@@ -93,7 +99,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     dtype = spec.dtype or ("fp16" if device == "cuda" else "fp32")
     if device == "cuda" and dtype != "fp16":
         raise InvalidParameterError("dtype", dtype, "fp16 on cuda (the CUDA attention kernel runs in half precision)")
-    config = GraphConfig(dtype=dtype, block_size=opts.block_size, head_bits=opts.head_bits)
+    config = GraphConfig(dtype=dtype, block_size=opts.block_size, head_bits=opts.head_bits, exact_grid=opts.exact_grid)
     content = bundle.content_hash()
     key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"
     started = time.perf_counter()

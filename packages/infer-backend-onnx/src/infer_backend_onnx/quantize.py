@@ -97,3 +97,38 @@ def dequantize(q: QuantizedWeight) -> npt.NDArray[np.float32]:
         zeros = (_unpack_nibbles(q.zero_points) if q.bits == 4 else q.zero_points)[:, :blocks]
     w = (codes.astype(np.float32) - zeros[..., None].astype(np.float32)) * q.scales[..., None]
     return w.reshape(n, blocks * q.block_size)[:, : q.k]
+
+
+def fit_grid(
+    weight: npt.NDArray[np.floating], block_size: int, *, bits: int = 4, tolerance: float = 1e-3
+) -> tuple[QuantizedWeight, npt.NDArray[np.float32]] | None:
+    """Recover an exact block grid ``w = offset + scale * code``, or ``None`` if ``weight`` has none.
+
+    Weights dequantised from GGUF ``Q4_1`` lie on such a grid (blocks of 32, ``code`` in 0..15,
+    ``offset`` the block minimum). They are returned as codes with a zero point of 0, plus the
+    ``[N, k_blocks]`` offsets, which the graph adds as ``offsets @ block_sums(x)``: requantising
+    them onto a grid that must contain 0 would round every weight a second time. A block matches
+    when every weight is within ``tolerance`` steps of its grid point.
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    n, k = w.shape
+    if k % block_size:
+        return None
+    blocks = w.reshape(n, k // block_size, block_size)
+    lo = blocks.min(axis=-1)
+    scales = (blocks.max(axis=-1) - lo) / ((1 << bits) - 1)
+    safe = np.where(scales > 0, scales, 1.0)
+    codes = np.rint((blocks - lo[..., None]) / safe[..., None])
+    if np.abs(lo[..., None] + codes * scales[..., None] - blocks).max(initial=0.0) > tolerance * float(safe.min()):
+        return None
+    codes_u8 = codes.astype(np.uint8)
+    zeros = np.zeros((n, -(-(k // block_size) // 2) if bits == 4 else k // block_size), np.uint8)
+    q = QuantizedWeight(
+        packed=_pack_nibbles(codes_u8) if bits == 4 else codes_u8,
+        scales=scales.astype(np.float32),
+        zero_points=zeros,
+        k=k,
+        block_size=block_size,
+        bits=bits,
+    )
+    return q, lo.astype(np.float32)
