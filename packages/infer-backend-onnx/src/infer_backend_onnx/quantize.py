@@ -105,8 +105,9 @@ def fit_grid(
     """Recover an exact block grid ``w = offset + scale * code``, or ``None`` if ``weight`` has none.
 
     Weights dequantised from GGUF ``Q4_1`` lie on such a grid (blocks of 32, ``code`` in 0..15,
-    ``offset`` the block minimum). They are returned as codes with a zero point of 0, plus the
-    ``[N, k_blocks]`` offsets, which the graph adds as ``offsets @ block_sums(x)``: requantising
+    ``offset`` the block minimum). They are returned as symmetric codes (``scale * (code - 8)``)
+    plus ``[N, k_blocks]`` offsets (minimum + 8 steps), which the graph adds as
+    ``offsets @ block_sums(x)``: requantising
     them onto a grid that must contain 0 would round every weight a second time. A block matches
     when every weight is within ``tolerance`` steps of its grid point.
     """
@@ -121,14 +122,15 @@ def fit_grid(
     codes = np.rint((blocks - lo[..., None]) / safe[..., None])
     if np.abs(lo[..., None] + codes * scales[..., None] - blocks).max(initial=0.0) > tolerance * float(safe.min()):
         return None
+    # Codes are kept as they are, read against the op's default zero point (2**(bits-1)) so the
+    # product needs no zero-point tensor (the faster kernel); the offsets absorb the shift.
     codes_u8 = codes.astype(np.uint8)
-    zeros = np.zeros((n, -(-(k // block_size) // 2) if bits == 4 else k // block_size), np.uint8)
     q = QuantizedWeight(
         packed=_pack_nibbles(codes_u8) if bits == 4 else codes_u8,
         scales=scales.astype(np.float32),
-        zero_points=zeros,
+        zero_points=None,
         k=k,
         block_size=block_size,
         bits=bits,
     )
-    return q, lo.astype(np.float32)
+    return q, (lo + scales * (1 << (bits - 1))).astype(np.float32)
