@@ -55,7 +55,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "conformance: the shared backend suite")
+    for marker in (
+        "conformance: the shared backend suite",
+        "slow: takes more than a few seconds",
+        "stress: many threads or requests",
+    ):
+        config.addinivalue_line("markers", marker)
     plugins = config.getoption("--infer-plugin", default=[])
     if plugins:
         from infer.plugins import get_registry

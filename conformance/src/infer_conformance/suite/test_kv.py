@@ -12,10 +12,10 @@ pytestmark = pytest.mark.conformance
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
 
 
-def _close(a, b, info):
-    tolerance = max(info.logits_atol, 1e-7)
+def _close(a, b, model):
+    tolerance = max(model.logits_atol, 1e-7)
     diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    assert diff <= tolerance, f"logits differ by {diff:g}, more than the declared logits_atol {info.logits_atol:g}"
+    assert diff <= tolerance, f"logits differ by {diff:g}, more than the declared logits_atol {model.logits_atol:g}"
 
 
 def test_new_cache_is_empty_with_the_requested_capacity(model):
@@ -36,7 +36,7 @@ def test_prefill_appends_exactly_the_prompt_and_decode_appends_one(model):
     seq.release()
 
 
-def test_prefill_in_chunks_continues_the_same_cache(model, info):
+def test_prefill_in_chunks_continues_the_same_cache(model):
     whole = model.new_sequence(len(PROMPT))
     one = model.run_prefill([whole], [PROMPT])
     split = model.new_sequence(len(PROMPT))
@@ -44,7 +44,7 @@ def test_prefill_in_chunks_continues_the_same_cache(model, info):
     assert split.length == 5
     two = model.run_prefill([split], [PROMPT[5:]])
     assert split.length == len(PROMPT)
-    _close(one, two, info)
+    _close(one, two, model)
     whole.release()
     split.release()
 
@@ -60,30 +60,30 @@ def test_release_frees_the_cache_memory_and_is_idempotent(model):
     assert seq.released
 
 
-def test_prefill_then_decode_equals_prefill_of_the_whole_prompt(model, info):
+def test_prefill_then_decode_equals_prefill_of_the_whole_prompt(model):
     full = model.new_sequence(len(PROMPT))
     expected = model.run_prefill([full], [PROMPT])
     inc = model.new_sequence(len(PROMPT))
     model.run_prefill([inc], [PROMPT[:-1]])
     got = model.run_decode([inc], [PROMPT[-1]])
-    _close(expected, got, info)
+    _close(expected, got, model)
     full.release()
     inc.release()
 
 
-def test_several_decode_steps_equal_one_prefill(model, info):
+def test_several_decode_steps_equal_one_prefill(model):
     full = model.new_sequence(len(PROMPT))
     expected = model.run_prefill([full], [PROMPT])
     inc = model.new_sequence(len(PROMPT))
     model.run_prefill([inc], [PROMPT[:4]])
     for token in PROMPT[4:]:
         got = model.run_decode([inc], [token])
-    _close(expected, got, info)
+    _close(expected, got, model)
     full.release()
     inc.release()
 
 
-def test_a_batch_gives_the_same_logits_as_each_row_alone(model, info):
+def test_a_batch_gives_the_same_logits_as_each_row_alone(model):
     rows = [PROMPT, PROMPT[:3], PROMPT[2:9], [11], PROMPT[::-1]]
     singles = []
     for row in rows:
@@ -96,8 +96,8 @@ def test_a_batch_gives_the_same_logits_as_each_row_alone(model, info):
     prefill = model.run_prefill(seqs, rows)
     decode = model.run_decode(seqs, [9] * len(rows))
     for i, (p, d) in enumerate(singles):
-        _close(p, prefill[i], info)
-        _close(d, decode[i], info)
+        _close(p, prefill[i], model)
+        _close(d, decode[i], model)
         assert seqs[i].length == len(rows[i]) + 1
     for seq in seqs:
         seq.release()

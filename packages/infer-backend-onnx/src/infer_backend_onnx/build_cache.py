@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
+from infer.log import get_logger
 
 __all__ = ["MANIFEST", "CacheEntry", "cache_root", "cached_build", "verify_entry"]
 
 MANIFEST: Final = "manifest.json"
 _CHUNK: Final = 8 << 20
-_log = structlog.get_logger("infer.backend.onnx")
+_log = get_logger().bind(backend="onnx")
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:

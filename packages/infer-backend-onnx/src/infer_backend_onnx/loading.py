@@ -26,6 +26,7 @@ OPTIONS: Final = {
     "block_size": "32 or 64 (int4 quantisation block)",
     "head_bits": "4 or 8 (int4: bits of the output head)",
     "exact_grid": "true or false (int4: keep weights already on a 4-bit grid, e.g. from a Q4_1 GGUF, exact)",
+    "batch_invariant": "true or false (default true: int4 rows run one by one so batching never changes results)",
 }
 
 
@@ -38,6 +39,7 @@ class LoadOptions:
     block_size: int = 32
     head_bits: int = 4
     exact_grid: bool = False
+    batch_invariant: bool = True
 
 
 def parse_options(options: Mapping[str, Any]) -> LoadOptions:
@@ -60,8 +62,12 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
     exact_grid = options.get("exact_grid", False)
     if not isinstance(exact_grid, bool):
         raise InvalidParameterError("exact_grid", exact_grid, OPTIONS["exact_grid"])
+    batch_invariant = options.get("batch_invariant", True)
+    if not isinstance(batch_invariant, bool):
+        raise InvalidParameterError("batch_invariant", batch_invariant, OPTIONS["batch_invariant"])
     return LoadOptions(
         exact_grid=exact_grid,
+        batch_invariant=batch_invariant,
         head_bits=head_bits,
         threads=threads,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
@@ -72,19 +78,19 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
 def load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
     """Load what ``spec`` names: a bundle is built (or taken from the cache), an export opened."""
     from infer_backend_onnx.devices import DEVICES, providers_for
+    from infer_backend_onnx.exports import find_export, load_export
 
+    # Decline what is not ours before judging options meant for whichever backend takes it.
+    export = find_export(spec.path) if spec.bundle is None and spec.path is not None else None
+    if spec.bundle is None and export is None:
+        return None
     opts = parse_options(options)
     device = spec.device or DEVICES[0]
     providers_for(device)  # fail early, before a build, when the device cannot run here
     if spec.bundle is not None:
         return _load_bundle(spec.bundle, spec, opts, device)
-    if spec.path is not None:
-        from infer_backend_onnx.exports import find_export, load_export
-
-        export = find_export(spec.path)
-        if export is not None:
-            return load_export(export, spec, opts, device)
-    return None
+    assert export is not None
+    return load_export(export, spec, opts, device)
 
 
 def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str) -> ModelHandle:
@@ -124,6 +130,10 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         kv_dtype=np.float16 if config.dtype == "fp16" else np.float32,
         device=device,
         dtype=config.dtype,
+        # int4 MatMulNBits kernels with int8 activations pick a different path for one row than
+        # for many (logits move by ~0.8 on SmolLM2): running rows one by one keeps a request's
+        # tokens independent of what else is batched with it.
+        row_by_row=config.dtype == "int4" and opts.batch_invariant,
         details={
             "graph": str(entry.model_path),
             "cache_hit": not entry.built,
@@ -131,5 +141,6 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
             "session_s": round(time.perf_counter() - prepared, 3),
             "threads": threads,
             "providers": tuple(session.get_providers()),
+            "batch_invariant": config.dtype != "int4" or opts.batch_invariant,
         },
     )

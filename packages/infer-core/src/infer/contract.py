@@ -198,6 +198,9 @@ class ModelHandle(abc.ABC):
     eos_token_ids: tuple[int, ...] | None = None
     #: Jinja chat template (``None``: the core uses the bundle's, if any).
     chat_template: str | None = None
+    #: Tolerance of this loaded model when it differs from :attr:`BackendInfo.logits_atol`
+    #: (a quantized precision, say); ``None`` means the backend's declared one.
+    logits_atol: float | None = None
     #: Backend-specific facts worth showing (cache paths, providers, thread counts...).
     details: Mapping[str, Any] = MappingProxyType({})
 

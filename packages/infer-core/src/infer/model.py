@@ -183,6 +183,12 @@ class Model:
         return self._handle.dtype
 
     @property
+    def logits_atol(self) -> float:
+        """Max logit difference this model guarantees between equivalent computations."""
+        own = self._handle.logits_atol
+        return self._backend.info.logits_atol if own is None else own
+
+    @property
     def vocab_size(self) -> int:
         """Number of logits per token."""
         return self._handle.vocab_size

@@ -1,0 +1,45 @@
+"""int4 results must not depend on what else shares the batch; other refs are declined untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx_helpers import load_spec, step
+
+import infer
+from infer.contract import LoadSpec
+from infer_backend_onnx import plugin
+
+
+def test_int4_runs_rows_one_by_one_so_a_batch_gives_each_row_its_solo_logits(load_tiny):
+    model = load_tiny("int4")
+    assert model.row_by_row and model.details["batch_invariant"]
+    rows = [[5, 17, 42, 8], [3, 1], [9, 9, 9]]
+    solo = [step(model, [model.new_sequence(8)], [row])[0] for row in rows]
+    batched = step(model, [model.new_sequence(8) for _ in rows], rows)
+    for i, row_logits in enumerate(solo):
+        assert np.array_equal(row_logits, batched[i])
+
+
+def test_batched_int4_kernels_are_an_explicit_opt_in(load_tiny):
+    model = load_tiny("int4", batch_invariant=False)
+    assert not model.row_by_row and not model.details["batch_invariant"]
+
+
+def test_fp32_keeps_batched_runs_and_declares_the_backend_tolerance(tiny_fp32):
+    assert not tiny_fp32.row_by_row
+    assert tiny_fp32.logits_atol is None
+
+
+def test_int4_declares_its_own_looser_tolerance(load_tiny):
+    assert load_tiny("int4").logits_atol == pytest.approx(1.5)
+
+
+def test_a_reference_that_is_not_ours_is_declined_before_options_are_judged():
+    spec = LoadSpec(backend="onnx", ref="fake", path=None, bundle=None)
+    assert plugin.infer_load(spec, {"vocab_size": 600}) is None
+
+
+def test_a_bad_batch_invariant_value_is_refused_by_name(tiny_bundle):
+    with pytest.raises(infer.InvalidParameterError, match="batch_invariant"):
+        plugin.infer_load(load_spec(tiny_bundle), {"batch_invariant": "yes"})
