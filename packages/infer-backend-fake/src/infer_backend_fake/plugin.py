@@ -176,10 +176,9 @@ class FakeModel(infer.ModelHandle):
         """Append every row's tokens to its cache and return the last-token logits."""
         self._fault_injection()
         hashes = [_own(kv).append(ids) for kv, ids in zip(batch.sequences, batch.tokens, strict=True)]
-        rows = [h % _ROWS for h in hashes]
-        if len(rows) == 1:  # a view, not a copy: the common decode case costs nothing
-            return self.table[rows[0] : rows[0] + 1]
-        return self.table[rows]
+        # A fresh array per step, as a real backend returns: the caller may keep or modify it,
+        # and it is hot in cache for the sampler, as a just-computed output would be.
+        return self.table[[h % _ROWS for h in hashes]]
 
     def _fault_injection(self) -> None:
         self.steps += 1

@@ -349,8 +349,8 @@ class Engine:
         if prefill:
             self._prefill(prefill[: self.max_batch_size])
         if decode:
-            tokens = [np.array((r.next_token,), dtype=np.int32) for r in decode]
-            logits = self._run_step("decode", decode, tokens)
+            ids = np.array([r.next_token for r in decode], dtype=np.int32)
+            logits = self._run_step("decode", decode, [ids[i : i + 1] for i in range(len(decode))])
             if logits is not None:
                 self._sample(decode, logits)
         return bool(prefill or decode)
@@ -382,7 +382,7 @@ class Engine:
     def _run_step(
         self, kind: str, requests: list[Request], tokens: Sequence[npt.NDArray[np.int32]]
     ) -> npt.NDArray[np.float32] | None:
-        batch = Batch(tuple(r.kv for r in requests if r.kv is not None), token_rows(tokens))
+        batch = Batch(tuple(r.kv for r in requests if r.kv is not None), tuple(tokens))
         try:
             return self.step(kind, batch)
         except InferError as exc:
