@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, final
 import numpy as np
 import numpy.typing as npt
 
-from infer.contract import Batch, KVCache, ModelHandle, check_logits, token_rows
+from infer.contract import Batch, KVCache, ModelHandle, check_logits
 from infer.errors import BackendError, DeadlineExceededError, InferError, ModelClosedError
 from infer.log import get_logger
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
