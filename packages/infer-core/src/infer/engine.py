@@ -399,8 +399,8 @@ class Engine:
             for request in requests:
                 self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
             return
-        for i, request in enumerate(requests):
-            self._accept(request, int(chosen[i]), logits[i])
+        for i, token in enumerate(chosen.tolist()):
+            self._accept(requests[i], token, logits[i])
 
     def _accept(self, request: Request, token: int, row: npt.NDArray[np.float32]) -> None:
         now = time.perf_counter()
@@ -425,11 +425,12 @@ class Engine:
         if finish is not None and request.stops is not None:
             delta += request.stops.flush()
         request.text.append(delta)
-        event = TokenEvent(len(request.generated) - 1, token, delta, lp, top)
-        if request.events is not None:
-            request.events.append(event)
-        if request.stream_events:
-            request.channel.put(event)
+        if request.stream_events or request.events is not None:
+            event = TokenEvent(len(request.generated) - 1, token, delta, lp, top)
+            if request.events is not None:
+                request.events.append(event)
+            if request.stream_events:
+                request.channel.put(event)
         if finish is None:
             request.next_token = token
         else:
