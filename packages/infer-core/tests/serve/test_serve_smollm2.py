@@ -98,11 +98,18 @@ def test_memory_is_stable_across_rounds_of_32_streams(server):
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
             await asyncio.gather(*(run(client, i) for i in range(CONCURRENT)))
 
-    asyncio.run(round_())  # the runtime's arena grows to the batch once
+    # Warm-up: the runtime's arena and the allocator reach the high-water mark of the batch
+    # shapes that concurrent requests produce (measured: it settles after two rounds).
+    asyncio.run(round_())
+    asyncio.run(round_())
     before = settled_rss(server)
     asyncio.run(round_())
+    asyncio.run(round_())
     grown = settled_rss(server) - before
-    assert grown < 16 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB in a second round"
+    # A leak of what a request holds shows at once: the KV caches of one round (32 sequences of
+    # ~60 tokens, 46 KB per token) are ~90 MiB. What is allowed is one extension of the
+    # runtime's arena, which grows in steps of up to ~40 MiB and keeps what it took.
+    assert grown < 64 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB over two more rounds"
 
 
 def settled_rss(server: ServerProcess) -> int:
