@@ -8,8 +8,9 @@ print(model.generate(messages=[{"role": "user", "content": "What is 2+2?"}], tem
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from infer._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from infer.contract import CONTRACT_VERSION, BackendInfo, Batch, Capability, KVCache, LoadSpec, ModelHandle
@@ -127,14 +128,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'infer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("infer", globals(), _LAZY, __all__)

@@ -7,8 +7,9 @@ register the command) needs neither Starlette nor uvicorn.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from infer._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from infer.serve.app import create_app
@@ -24,14 +25,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'infer.serve' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("infer.serve", globals(), _LAZY, __all__)
