@@ -277,26 +277,29 @@ class Engine:
 
     def step(self, kind: str, batch: Batch) -> npt.NDArray[np.float32]:
         """Run prefill or decode on ``batch``, split to the backend's max batch size."""
-        self._refresh_calls()
+        if self.hooks.pm.generation != self._generation:
+            self._refresh_calls()
         hook = self._prefill_call if kind == "prefill" else self._decode_call
-        backend = self.handle.backend
-        outputs = []
-        size = len(batch.sequences)
+        size, most = len(batch.sequences), self.max_batch_size
         with self.step_lock:
-            for start in range(0, size, self.max_batch_size):
-                rows = batch if size <= self.max_batch_size else batch.rows(start, start + self.max_batch_size)
-                try:
-                    out = hook(model=self.handle, batch=rows)
-                except InferError:
-                    raise
-                except Exception as exc:
-                    raise BackendError(
-                        f"backend {backend!r} failed during {kind}: {type(exc).__name__}: {exc}", backend=backend
-                    ) from exc
-                if out is None:
-                    raise BackendError(f"backend {backend!r} did not implement infer_{kind}", backend=backend)
-                outputs.append(check_logits(out, len(rows.sequences), self.handle.vocab_size, backend))
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+            if size <= most:
+                return self._call(hook, kind, batch, size)
+            parts = [self._call(hook, kind, batch.rows(i, i + most), min(most, size - i)) for i in range(0, size, most)]
+        return np.concatenate(parts)
+
+    def _call(self, hook: Any, kind: str, batch: Batch, rows: int) -> npt.NDArray[np.float32]:
+        backend = self.handle.backend
+        try:
+            out = hook(self.handle, batch)
+        except InferError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"backend {backend!r} failed during {kind}: {type(exc).__name__}: {exc}", backend=backend
+            ) from exc
+        if out is None:
+            raise BackendError(f"backend {backend!r} did not implement infer_{kind}", backend=backend)
+        return check_logits(out, rows, self.handle.vocab_size, backend)
 
     # -- the scheduler thread ---------------------------------------------------------------
 
@@ -334,23 +337,29 @@ class Engine:
     def _iterate(self) -> bool:
         """One scheduling round; return whether any backend step ran."""
         now = time.monotonic()
-        for request in list(self._active):
-            if request.cancelled:
-                self._retire(request, None)
-            elif request.deadline is not None and now >= request.deadline:
-                assert request.timeout is not None
-                self._retire(request, Failed(DeadlineExceededError(request.timeout, len(request.generated))))
         prefill: list[Request] = []
         decode: list[Request] = []
+        ending: list[Request] = []
         for r in self._active:
-            if r.cancelled or not r.channel.has_room():
-                continue
-            (prefill if r.next_token is None else decode).append(r)
+            if r.cancelled or (r.deadline is not None and now >= r.deadline):
+                ending.append(r)
+            elif r.channel.has_room():
+                (prefill if r.next_token is None else decode).append(r)
+        for r in ending:
+            if r.cancelled:
+                self._retire(r, None)
+            else:
+                assert r.timeout is not None
+                self._retire(r, Failed(DeadlineExceededError(r.timeout, len(r.generated))))
         if prefill:
             self._prefill(prefill[: self.max_batch_size])
         if decode:
-            ids = np.array([r.next_token for r in decode], dtype=np.int32)
-            logits = self._run_step("decode", decode, [ids[i : i + 1] for i in range(len(decode))])
+            if len(decode) == 1:
+                tokens = [np.array((decode[0].next_token,), dtype=np.int32)]
+            else:
+                ids = np.array([r.next_token for r in decode], dtype=np.int32)
+                tokens = [ids[i : i + 1] for i in range(len(decode))]
+            logits = self._run_step("decode", decode, tokens)
             if logits is not None:
                 self._sample(decode, logits)
         return bool(prefill or decode)
@@ -394,7 +403,7 @@ class Engine:
         params = [r.params for r in requests]
         states = [r.sampler for r in requests]
         try:
-            chosen = self._sample_call(logits=logits, params=params, states=states)
+            chosen = self._sample_call(logits, params, states)
         except Exception as exc:  # noqa: BLE001
             for request in requests:
                 self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))

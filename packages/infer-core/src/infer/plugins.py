@@ -66,19 +66,27 @@ class RoutedHooks:
     pm: PluginManager
 
     def direct(self, caller: Any) -> Any:
-        """A callable equivalent to ``caller`` for the plugins registered right now.
+        """A callable taking the hook's arguments positionally, equivalent to ``caller`` now.
 
         When a hook has exactly one implementation and no wrapper, that implementation is
         called straight away, skipping pluggy's per-call bookkeeping on the per-token path.
         The result is valid until ``pm.generation`` changes (a plugin was added or removed).
         """
+        spec_args = tuple(caller.spec.argnames)
         impls = caller.get_hookimpls()
         if len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper:
-            return caller
-        function, argnames = impls[0].function, impls[0].argnames
 
-        def call(**kwargs: Any) -> Any:
-            return function(*[kwargs[name] for name in argnames])
+            def through_pluggy(*args: Any) -> Any:
+                return caller(**dict(zip(spec_args, args, strict=True)))
+
+            return through_pluggy
+        function, argnames = impls[0].function, tuple(impls[0].argnames)
+        if argnames == spec_args:
+            return function  # the common case: same arguments, same order
+        picks = [spec_args.index(name) for name in argnames]
+
+        def call(*args: Any) -> Any:
+            return function(*[args[i] for i in picks])
 
         return call
 
