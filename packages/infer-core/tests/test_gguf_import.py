@@ -29,7 +29,7 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
 def test_import_reproduces_the_dequantized_weights_in_hugging_face_layout(tmp_path: Path, qtype: Q) -> None:
     expected = write_tiny_gguf(tmp_path / "tiny.gguf", qtype)
     bundle = Bundle.open(import_gguf(tmp_path / "tiny.gguf", tmp_path / "out"))
