@@ -103,13 +103,16 @@ def test_memory_is_stable_across_rounds_of_32_streams(server):
     asyncio.run(round_())
     asyncio.run(round_())
     before = settled_rss(server)
-    asyncio.run(round_())
-    asyncio.run(round_())
-    grown = settled_rss(server) - before
-    # A leak of what a request holds shows at once: the KV caches of one round (32 sequences of
-    # ~60 tokens, 46 KB per token) are ~90 MiB. What is allowed is one extension of the
-    # runtime's arena, which grows in steps of up to ~40 MiB and keeps what it took.
-    assert grown < 64 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB over two more rounds"
+    after = []
+    for _ in range(4):
+        asyncio.run(round_())
+        after.append(settled_rss(server))
+    # RSS moves up and back down by tens of MiB with the batch shapes of the moment (ORT's arena,
+    # the allocator's free lists), so the least of four rounds is compared. A leak of what a
+    # request holds grows every round: one round's KV caches (32 sequences of ~60 tokens, 46 KB
+    # per token) are ~90 MiB, so four leaking rounds would lift even the least by far more.
+    grown = min(after) - before
+    assert grown < 48 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB (rounds: {[a >> 20 for a in after]} MiB)"
 
 
 def settled_rss(server: ServerProcess) -> int:
