@@ -391,7 +391,7 @@ class Engine:
     def _run_step(
         self, kind: str, requests: list[Request], tokens: Sequence[npt.NDArray[np.int32]]
     ) -> npt.NDArray[np.float32] | None:
-        batch = Batch(tuple(r.kv for r in requests if r.kv is not None), tuple(tokens))
+        batch = Batch(tuple([r.kv for r in requests if r.kv is not None]), tuple(tokens))
         try:
             return self.step(kind, batch)
         except InferError as exc:
@@ -409,13 +409,13 @@ class Engine:
                 self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
             return
         for i, token in enumerate(chosen.tolist()):
-            self._accept(requests[i], token, logits[i])
+            self._accept(requests[i], token, logits, i)
 
-    def _accept(self, request: Request, token: int, row: npt.NDArray[np.float32]) -> None:
+    def _accept(self, request: Request, token: int, logits: npt.NDArray[np.float32], row: int) -> None:
         now = time.perf_counter()
         request.sampler.append(token)
         params = request.params
-        lp, top = (logprobs(row, token, params.top_logprobs)) if params.logprobs else (None, ())
+        lp, top = (logprobs(logits[row], token, params.top_logprobs)) if params.logprobs else (None, ())
         first = not request.generated
         request.generated.append(token)
         if first:
