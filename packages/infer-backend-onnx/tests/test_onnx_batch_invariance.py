@@ -11,9 +11,9 @@ from infer.contract import LoadSpec
 from infer_backend_onnx import plugin
 
 
-def test_int4_runs_rows_one_by_one_so_a_batch_gives_each_row_its_solo_logits(load_tiny):
+def test_int4_gives_each_row_of_a_batch_its_solo_logits(load_tiny):
     model = load_tiny("int4")
-    assert model.row_by_row and model.details["batch_invariant"]
+    assert model.pad_single_rows and model.details["batch_invariant"]
     rows = [[5, 17, 42, 8], [3, 1], [9, 9, 9]]
     solo = [step(model, [model.new_sequence(8)], [row])[0] for row in rows]
     batched = step(model, [model.new_sequence(8) for _ in rows], rows)
@@ -23,11 +23,11 @@ def test_int4_runs_rows_one_by_one_so_a_batch_gives_each_row_its_solo_logits(loa
 
 def test_batched_int4_kernels_are_an_explicit_opt_in(load_tiny):
     model = load_tiny("int4", batch_invariant=False)
-    assert not model.row_by_row and not model.details["batch_invariant"]
+    assert not model.pad_single_rows and not model.details["batch_invariant"]
 
 
-def test_fp32_keeps_batched_runs_and_declares_the_backend_tolerance(tiny_fp32):
-    assert not tiny_fp32.row_by_row
+def test_fp32_runs_lone_rows_as_they_are_and_declares_the_backend_tolerance(tiny_fp32):
+    assert not tiny_fp32.pad_single_rows
     assert tiny_fp32.logits_atol is None
 
 

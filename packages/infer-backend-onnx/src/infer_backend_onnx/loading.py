@@ -26,7 +26,7 @@ OPTIONS: Final = {
     "block_size": "32 or 64 (int4 quantisation block)",
     "head_bits": "4 or 8 (int4: bits of the output head)",
     "exact_grid": "true or false (int4: keep weights already on a 4-bit grid, e.g. from a Q4_1 GGUF, exact)",
-    "batch_invariant": "true or false (default true: int4 rows run one by one so batching never changes results)",
+    "batch_invariant": "true or false (default true: int4 never runs a lone row, so batching never changes results)",
 }
 
 
@@ -130,10 +130,9 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         kv_dtype=np.float16 if config.dtype == "fp16" else np.float32,
         device=device,
         dtype=config.dtype,
-        # int4 MatMulNBits kernels with int8 activations pick a different path for one row than
-        # for many (logits move by ~0.8 on SmolLM2): running rows one by one keeps a request's
-        # tokens independent of what else is batched with it.
-        row_by_row=config.dtype == "int4" and opts.batch_invariant,
+        # int4 MatMulNBits with int8 activations takes another path for a single row than for
+        # many: single-row steps are paired with a scratch row (see OnnxModel.pad_single_rows).
+        pad_single_rows=config.dtype == "int4" and opts.batch_invariant,
         details={
             "graph": str(entry.model_path),
             "cache_hit": not entry.built,

@@ -170,7 +170,7 @@ class OnnxModel(OnnxHandle):
         device: str,
         dtype: str,
         details: Mapping[str, Any],
-        row_by_row: bool = False,
+        pad_single_rows: bool = False,
     ) -> None:
         from infer_backend_onnx.devices import ort_device
 
@@ -187,8 +187,12 @@ class OnnxModel(OnnxHandle):
         self.details = MappingProxyType(dict(details))
         self._lock = threading.Lock()
         self._closed = False
-        #: Run every row of a batch on its own (kernels whose results depend on the batch size).
-        self.row_by_row = row_by_row
+        #: Never run a one-row, one-token step: int4 MatMulNBits takes another kernel path for a
+        #: single row (logits move by ~0.8 on SmolLM2), while every row of a run of two or more
+        #: rows gets bit-identical results whatever the other rows are. A lone row is paired with
+        #: a scratch row, so a request's tokens never depend on what else is batched with it.
+        self.pad_single_rows = pad_single_rows
+        self._companion: OnnxKVCache | None = None
         #: Measured on SmolLM2 (logits up to ~28): prefill vs prefill+decode differ by 2.9e-5 at
         #: fp32, 0.032 at fp16 and 0.67 at int4 (one-row and many-row kernels round differently).
         self.logits_atol = LOGITS_ATOL.get(dtype)
@@ -247,12 +251,13 @@ class OnnxModel(OnnxHandle):
             seqs = self._check(batch, decode)
             sizes = [t.size for t in batch.tokens]
             out = np.empty((batch.size, self.vocab_size), np.float32)
-            groups = [[r] for r in range(len(seqs))] if self.row_by_row else _groups(seqs, sizes)
-            for rows in groups:
+            for rows in _groups(seqs, sizes):
                 out[rows] = self._run([seqs[r] for r in rows], [batch.tokens[r] for r in rows])
             return out
 
     def _run(self, seqs: list[OnnxKVCache], tokens: list[npt.NDArray[np.int32]]) -> _Logits:
+        if self.pad_single_rows and len(seqs) == 1 and tokens[0].size == 1:
+            return self._run_paired(seqs[0], tokens[0])
         sizes = np.array([t.size for t in tokens])
         lengths = np.array([s.length for s in seqs])
         totals = lengths + sizes
@@ -264,6 +269,19 @@ class OnnxModel(OnnxHandle):
         for seq, n in zip(seqs, sizes, strict=True):
             seq._length += int(n)
         return logits
+
+    def _run_paired(self, seq: OnnxKVCache, token: npt.NDArray[np.int32]) -> _Logits:
+        """One token for one row, run as a two-row step beside a scratch row that stays empty."""
+        companion = self._companion
+        if companion is None:
+            companion = self._companion = OnnxKVCache(self, 1)
+        companion._length = 0  # the scratch row only ever holds the token of the current step
+        seqs = [seq, companion]
+        totals = np.array([seq.length + 1, 1])
+        block = self._place(seqs, int(totals[0]))
+        logits = self._run_decode(block, [token, token], totals)
+        seq._length += 1
+        return logits[:1]
 
     def _run_decode(
         self, block: KVBlock, tokens: list[npt.NDArray[np.int32]], totals: npt.NDArray[np.int64]
