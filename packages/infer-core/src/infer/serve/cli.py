@@ -29,7 +29,10 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     ``model_args`` adds the arguments every model command shares (model, ``--backend``,
     ``--device``, ``--dtype``, ``-o KEY=VALUE``), so the model is loaded as ``infer run`` loads it.
     """
-    from infer.cli import _positive_int
+    from infer.cli import _positive_int, bounded
+
+    non_negative_int = bounded(int, minimum=0, inclusive=True, expected="an integer >= 0")
+    seconds = bounded(float, minimum=0, inclusive=False, expected="a positive number of seconds")
 
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     model_args(p)
@@ -38,32 +41,12 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     p.add_argument("--name", help="model name clients send (default: MODEL as given)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-concurrency", type=_positive_int, default=32, help="requests generating at once")
-    p.add_argument("--max-queue", type=_non_negative_int, default=256, help="requests waiting before 429")
+    p.add_argument("--max-queue", type=non_negative_int, default=256, help="requests waiting before 429")
     p.add_argument("--max-prompt-tokens", type=_positive_int, help="longest prompt accepted, in tokens")
     p.add_argument("--max-body-bytes", type=_positive_int, default=2 * 1024 * 1024, help="largest request body")
-    p.add_argument("--timeout", type=_positive_float, help="seconds a request may take (504 past it)")
-    p.add_argument("--grace", type=_positive_float, default=DEFAULT_GRACE, help="seconds to drain on SIGTERM")
+    p.add_argument("--timeout", type=seconds, help="seconds a request may take (504 past it)")
+    p.add_argument("--grace", type=seconds, default=DEFAULT_GRACE, help="seconds to drain on SIGTERM")
     p.set_defaults(func=_cmd_serve)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def _drained(signum: int, frame: FrameType | None) -> None:
