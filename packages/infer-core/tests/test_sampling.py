@@ -622,6 +622,26 @@ def test_presence_and_frequency_penalties_ignore_prompt_tokens() -> None:
     assert state.process_logits(row)[[1, 2, 3]].tolist() == [0.0, -3.0, 0.0]
 
 
+def test_process_logits_writes_into_out_when_given_and_leaves_the_row_alone() -> None:
+    params = SamplingParams(repetition_penalty=2.0, logit_bias={0: 1.0})
+    state = SamplerState(params, [1], 4)
+    row = np.array([1.0, 4.0, -2.0, 0.5], dtype=np.float32)
+    out = np.full(4, np.nan, dtype=np.float32)
+    result = state.process_logits(row, out=out)
+    assert result is out
+    assert out.tolist() == [2.0, 2.0, -2.0, 0.5]
+    assert row.tolist() == [1.0, 4.0, -2.0, 0.5]
+
+
+def test_sampling_many_rows_in_turn_reuses_no_result_across_rows() -> None:
+    # rows share the sampler's scratch buffer: each row's penalties must apply to its own logits only
+    params = SamplingParams(temperature=0.0, repetition_penalty=10.0)
+    states = [SamplerState(params, [0], 3), SamplerState(params, [1], 3), SamplerState(params, [], 3)]
+    logits = np.array([[5.0, 4.0, 0.0], [5.0, 4.0, 0.0], [0.0, 1.0, 3.0]], dtype=np.float32)
+    assert sample(logits, [params] * 3, states).tolist() == [1, 0, 2]
+    assert logits[0].tolist() == [5.0, 4.0, 0.0]
+
+
 def test_repetition_penalty_steers_greedy_away_from_a_seen_token() -> None:
     row = np.array([0.0, 2.0, 1.9, -1.0, -1.05], dtype=np.float32)
     params = SamplingParams(temperature=0.0, repetition_penalty=1.1)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Final, final
 import numpy as np
 import numpy.typing as npt
 
+from infer.errors import BackendError
+
 if TYPE_CHECKING:
     import tokenizers
 
@@ -212,10 +214,13 @@ class ModelHandle(abc.ABC):
         """Free the model's resources. The core calls it once; the default does nothing."""
 
 
+_FLOAT32: Final = np.dtype(np.float32)
+
+
 def check_logits(logits: object, rows: int, vocab_size: int, backend: str) -> npt.NDArray[np.float32]:
     """Validate what a backend returned for a step: float32 ``[rows, vocab_size]``."""
-    from infer.errors import BackendError
-
+    if type(logits) is np.ndarray and logits.dtype is _FLOAT32 and logits.shape == (rows, vocab_size):
+        return logits  # the per-step case, checked in one line
     if not isinstance(logits, np.ndarray):
         raise BackendError(f"backend {backend!r} returned {type(logits).__name__}, not a numpy array", backend=backend)
     if logits.shape != (rows, vocab_size):

@@ -354,15 +354,37 @@ class Engine:
         if prefill:
             self._prefill(prefill[: self.max_batch_size])
         if decode:
-            if len(decode) == 1:
-                tokens = [np.array((decode[0].next_token,), dtype=np.int32)]
-            else:
-                ids = np.array([r.next_token for r in decode], dtype=np.int32)
-                tokens = [ids[i : i + 1] for i in range(len(decode))]
-            logits = self._run_step("decode", decode, tokens)
-            if logits is not None:
-                self._sample(decode, logits)
+            self._decode(decode)
+            if len(decode) == 1 and not prefill:
+                self._decode_alone(decode[0])
         return bool(prefill or decode)
+
+    def _decode(self, requests: list[Request]) -> None:
+        if len(requests) == 1:
+            tokens = [np.array((requests[0].next_token,), dtype=np.int32)]
+        else:
+            ids = np.array([r.next_token for r in requests], dtype=np.int32)
+            tokens = [ids[i : i + 1] for i in range(len(requests))]
+        logits = self._run_step("decode", requests, tokens)
+        if logits is not None:
+            self._sample(requests, logits)
+
+    def _decode_alone(self, request: Request) -> None:
+        """Step a request that decodes alone back to back, while nothing else needs the scheduler.
+
+        The same steps as going round :meth:`_run` once per token, without re-scanning every
+        request: it hands back as soon as the request ends, is cancelled, passes its deadline or
+        fills its channel, another request arrives, or the model closes.
+        """
+        while (
+            request.next_token is not None
+            and not request.cancelled
+            and not self._pending
+            and not self._closed
+            and (request.deadline is None or time.monotonic() < request.deadline)
+            and request.channel.has_room()
+        ):
+            self._decode([request])
 
     def _prefill(self, requests: list[Request]) -> None:
         for request in requests:

@@ -22,6 +22,7 @@ import functools
 import math
 import numbers
 import operator
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -57,6 +58,23 @@ _BLOCKED_DRAW_MIN = 8192
 _DRAW_BLOCK = 256
 # Who reported non-finite logits: the sampler cannot know which backend produced the row.
 _LOGITS_SOURCE = "unknown (reported by the sampler)"
+
+_local = threading.local()
+
+
+def _scratch(like: FloatRow, slot: int) -> FloatRow:
+    """This thread's buffer shaped like the row ``like``; slot 0 holds a processed row, 1 its transforms.
+
+    Sampling needs a row-sized copy or two per token. Allocated afresh each time, a 49,152-float
+    row costs several times its copy (measured 79 us against 17 us beside a backend's fresh
+    logits), so each thread keeps one per slot, vocabulary size and dtype.
+    """
+    buffers: dict[tuple[int, np.dtype[Any], int], FloatRow] = _local.__dict__.setdefault("buffers", {})
+    key = (like.shape[0], like.dtype, slot)
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = np.empty(like.shape[0], dtype=like.dtype)
+    return buffer
 
 
 #: A row of logits (float32 from backends; other float widths work too).
@@ -362,11 +380,14 @@ class SamplerState:
         self._ban_ids = np.fromiter((t for t, b in bias.items() if b == BAN_BIAS), dtype=np.int64)
         self._bias_source = bias
 
-    def process_logits(self, row: FloatRow, params: SamplingParams | None = None) -> FloatRow:
+    def process_logits(
+        self, row: FloatRow, params: SamplingParams | None = None, *, out: FloatRow | None = None
+    ) -> FloatRow:
         """``row`` after the logit bias and the penalties of ``params`` (default: the state's).
 
         The first links of the chain, exposed for plugins that sample by their own rules. ``row``
-        itself is never written: the result is a copy, or ``row`` itself when nothing applies.
+        itself is never written: the result is a copy (into ``out`` when given, a row-sized
+        array of the same dtype), or ``row`` itself when nothing applies.
         """
         if params is None:
             params = self.params
@@ -378,7 +399,11 @@ class SamplerState:
         occur = (presence != 0.0 or frequency != 0.0) and self._n_gen > 0
         if not (repeat or occur or params.logit_bias):
             return row
-        row = row.copy()
+        if out is None:
+            row = row.copy()
+        else:
+            out[...] = row
+            row = out
         if self._bias_ids.size:
             row[self._bias_ids] += self._bias_values
         if self._ban_ids.size:
@@ -604,7 +629,7 @@ def _sample_row(row: FloatRow, params: SamplingParams, rng: np.random.Generator,
             return _draw_nucleus(ids, values, top=top, mass=None, params=params, u=u)
         weights = _weights(values, top, inv_t)
     elif top_p < 1.0:
-        scaled = row - row.dtype.type(top)
+        scaled = np.subtract(row, row.dtype.type(top), out=_scratch(row, 1))
         scaled *= row.dtype.type(inv_t)
         probs = np.exp(scaled, out=scaled)
         mass = top_p * float(np.add.reduce(probs, dtype=np.float64))
@@ -624,7 +649,7 @@ def _sample_row(row: FloatRow, params: SamplingParams, rng: np.random.Generator,
         ids = (row >= cut - 1e-6 * (abs(cut) + 1.0)).nonzero()[0]
         weights = _weights(row[ids], top, inv_t)
     else:
-        scaled = row - row.dtype.type(top)
+        scaled = np.subtract(row, row.dtype.type(top), out=_scratch(row, 1))
         scaled *= row.dtype.type(inv_t)
         return _draw(np.exp(scaled, out=scaled), u)
     if min_p > 0.0:
@@ -666,7 +691,8 @@ def sample(
         state, p = states[i], params[i]
         if state.vocab_size != vocab:
             raise InvalidParameterError("logits", logits.shape, f"{state.vocab_size} columns, the state's vocabulary")
-        row = state.process_logits(logits[i], p)
+        raw = logits[i]
+        row = state.process_logits(raw, p, out=_scratch(raw, 0))
         if p.greedy:
             token = int(row.argmax())
             if not math.isfinite(row[token]):
@@ -692,7 +718,7 @@ def logprobs(logits_row: npt.ArrayLike, token_id: int, top_n: int) -> tuple[floa
     top = float(row[row.argmax()])
     if not math.isfinite(top):
         raise _bad_row(0, top)
-    shifted = row - row.dtype.type(top)
+    shifted = np.subtract(row, row.dtype.type(top), out=_scratch(row, 1))
     log_total = top + math.log(float(np.add.reduce(np.exp(shifted, out=shifted), dtype=np.float64)))
     alternatives: tuple[tuple[int, float], ...] = ()
     if top_n:
