@@ -186,6 +186,21 @@ def test_requests_from_many_threads_are_batched_into_shared_decode_steps():
         model.close()
 
 
+def test_a_request_arriving_while_another_decodes_alone_joins_its_steps_at_once():
+    model = infer.load("fake", backend="fake", latency=0.002)
+    try:
+        with installed(StepRecorder(model.handle)) as recorder:
+            long = iter(model.stream([1, 2, 3], max_tokens=300, ignore_eos=True))
+            next(long)  # the long request is now decoding alone
+            short = model.generate([4, 5, 6], max_tokens=5, ignore_eos=True)
+            remaining = sum(1 for _ in long)
+        assert short.usage.completion_tokens == 5
+        assert remaining > 200  # the short one ran beside it, not after it
+        assert any(kind == "decode" and size == 2 for kind, size, *_ in recorder.calls)
+    finally:
+        model.close()
+
+
 def test_nan_logits_from_a_backend_end_the_request_with_an_error_naming_the_backend(fake):
     import numpy as np
 

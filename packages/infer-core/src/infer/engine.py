@@ -434,15 +434,15 @@ class Engine:
             self._accept(requests[i], token, logits, i)
 
     def _accept(self, request: Request, token: int, logits: npt.NDArray[np.float32], row: int) -> None:
-        now = time.perf_counter()
         request.sampler.append(token)
         params = request.params
         lp, top = (logprobs(logits[row], token, params.top_logprobs)) if params.logprobs else (None, ())
-        first = not request.generated
-        request.generated.append(token)
-        if first:
-            request.t_first = now
-            self._log.info("request.first_token", request_id=request.id, ttft_s=round(now - request.t_submit, 6))
+        generated = request.generated
+        generated.append(token)
+        if len(generated) == 1:
+            request.t_first = time.perf_counter()
+            ttft = round(request.t_first - request.t_submit, 6)
+            self._log.info("request.first_token", request_id=request.id, ttft_s=ttft)
         finish: FinishReason | None = None
         if (token in request.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             finish = "stop"
@@ -451,13 +451,13 @@ class Engine:
             delta, hit = request.stops.feed(delta)
             if hit:
                 finish = "stop"
-        if finish is None and len(request.generated) >= request.max_new:
+        if finish is None and len(generated) >= request.max_new:
             finish = "length"
         if finish is not None and request.stops is not None:
             delta += request.stops.flush()
         request.text.append(delta)
         if request.stream_events or request.events is not None:
-            event = TokenEvent(len(request.generated) - 1, token, delta, lp, top)
+            event = TokenEvent(len(generated) - 1, token, delta, lp, top)
             if request.events is not None:
                 request.events.append(event)
             if request.stream_events:
@@ -465,7 +465,7 @@ class Engine:
         if finish is None:
             request.next_token = token
         else:
-            self._retire(request, Done(self._completion(request, finish, now)))
+            self._retire(request, Done(self._completion(request, finish, time.perf_counter())))
 
     def _completion(self, request: Request, finish: FinishReason, now: float) -> Completion:
         n = len(request.generated)

@@ -46,7 +46,8 @@ class StreamDecoder:
         """The text that ``token_id`` completes ("" while a character is still partial)."""
         text: str | None = self._stream.step(self._tok, token_id)
         if text:
-            self._pending.clear()
+            if self._pending:
+                self._pending.clear()
             return text
         self._pending.append(token_id)
         if len(self._pending) < MAX_PENDING_TOKENS:
