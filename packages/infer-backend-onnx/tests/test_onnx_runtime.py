@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import sys
+
 import numpy as np
 import pytest
 from onnx_helpers import PROMPT, step
 
 from infer.contract import KVCache
 from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
-from infer_backend_onnx.runtime import OnnxModel
+from infer_backend_onnx.runtime import OnnxModel, host_zeros
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +184,35 @@ def test_the_same_cache_twice_in_a_batch_is_refused(tiny_fp32: OnnxModel) -> Non
 def test_identical_inputs_give_bit_identical_logits(tiny_fp32: OnnxModel) -> None:
     runs = [step(tiny_fp32, [tiny_fp32.new_sequence(16)], [PROMPT]) for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_host_zeros_is_a_writable_zero_array_of_the_given_shape() -> None:
+    array = host_zeros((2, 3, 5), np.float16)
+    assert array.shape == (2, 3, 5) and array.dtype == np.float16
+    assert not array.any()
+    array[1, 2, 4] = 7.0
+    assert array.sum() == 7.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc (Linux only)")
+def test_freed_kv_sized_arrays_give_their_memory_back_to_the_os() -> None:
+    # Once a large chunk was freed, glibc serves chunks of that size from its heap, and a freed
+    # chunk below a live allocation stays in the process: what KV blocks did as batches changed
+    # shape between smaller allocations that live on. Mapped arrays leave nothing behind.
+    np.ones(24 << 18, np.float32)  # 24 MiB allocated and freed: raises glibc's mmap threshold
+    gc.collect()
+    before = _rss_mib()
+    blocks, live = [], []
+    for _ in range(16):
+        blocks.append(host_zeros((4 << 18,), np.float32))  # 16 x 4 MiB
+        blocks[-1][:] = 1.0
+        live.append(np.ones(1024, np.float32))  # outlives the blocks
+    assert _rss_mib() - before > 48
+    del blocks
+    gc.collect()
+    assert _rss_mib() - before < 8

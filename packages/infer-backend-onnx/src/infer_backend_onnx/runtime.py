@@ -11,11 +11,18 @@ block; its first step puts it in one sized to the request. When a batch groups s
 live in different blocks (or in another order), they move into a new shared block once, and
 later steps with the same batch run without copying. A sequence that outgrows its block moves
 into one of twice the capacity (never past the model's context).
+
+Host-side blocks are anonymous memory maps rather than heap arrays. Batches change shape as
+requests come and go, and glibc keeps freed heap chunks of these sizes for reuse, so a burst of
+concurrent requests left the process hundreds of MiB above its baseline for good (measured on
+SmolLM2 int4: +190 MiB after 32 concurrent requests, +25 MiB with maps, whose pages go back
+to the OS the moment their block is freed).
 """
 
 from __future__ import annotations
 
 import abc
+import mmap
 import threading
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -30,11 +37,22 @@ from infer.errors import BackendError, ContextLengthError, EmptyPromptError, Inv
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["KVBlock", "OnnxHandle", "OnnxKVCache", "OnnxModel", "check_row"]
+__all__ = ["KVBlock", "OnnxHandle", "OnnxKVCache", "OnnxModel", "check_row", "host_zeros"]
 
 _Logits = npt.NDArray[np.float32]
 #: Largest ratio of padded to real tokens for which first prompts share one padded run.
 _MAX_PADDING = 1.25
+
+
+def host_zeros(shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    """A zero-filled array in its own anonymous memory map, unmapped when the array is freed.
+
+    Pages are mapped lazily, so a large array costs only what is written to it.
+    """
+    kind = np.dtype(dtype)
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(count * kind.itemsize, 1))
+    return np.frombuffer(buffer, dtype=kind, count=count).reshape(shape)
 
 
 class OnnxHandle(ModelHandle):
@@ -62,8 +80,7 @@ class KVBlock:
         shape = (rows, model.kv_heads, capacity, model.head_dim)
         self.host: list[np.ndarray[Any, Any]] | None = None
         if model.ort_device == "cpu":
-            # Zeroed pages are mapped lazily by the OS: a large capacity costs only what is written.
-            self.host = [np.zeros(shape, model.kv_dtype) for _ in range(2 * model.layers)]
+            self.host = [host_zeros(shape, model.kv_dtype) for _ in range(2 * model.layers)]
             self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.host]
         else:
             self.values = [
@@ -143,7 +160,7 @@ class _DecodeBinding:
             self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.logits: np.ndarray[Any, Any] | None = None
         if model.ort_device == "cpu":
-            self.logits = np.empty((rows, model.vocab_size), np.float32)
+            self.logits = host_zeros((rows, model.vocab_size), np.float32)
             self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         else:
             self.io.bind_output("logits", "cpu")
