@@ -21,6 +21,29 @@ def test_int4_gives_each_row_of_a_batch_its_solo_logits(load_tiny):
         assert np.array_equal(row_logits, batched[i])
 
 
+def test_int4_decode_alone_in_company_and_beside_free_rows_gives_identical_logits(load_tiny):
+    model = load_tiny("int4")
+    prompts = [[5, 17, 42, 8], [3, 1], [9, 9, 9]]
+
+    def prefilled() -> list:
+        caches = [model.new_sequence(16) for _ in prompts]
+        for cache, prompt in zip(caches, prompts, strict=True):
+            step(model, [cache], [prompt])
+        return caches
+
+    alone = prefilled()
+    solo = [step(model, [cache], [[7]], decode=True)[0] for cache in alone]
+    solo_two = [step(model, [alone[i]], [[11]], decode=True)[0] for i in (0, 2)]
+    caches = prefilled()
+    together = step(model, caches, [[7]] * 3, decode=True)
+    caches[1].release()  # its row stands free in the next step
+    step_two = step(model, [caches[0], caches[2]], [[11], [11]], decode=True)
+    for i, expected in enumerate(solo):
+        assert np.array_equal(together[i], expected)
+    for row, expected in enumerate(solo_two):
+        assert np.array_equal(step_two[row], expected)
+
+
 def test_batched_int4_kernels_are_an_explicit_opt_in(load_tiny):
     model = load_tiny("int4", batch_invariant=False)
     assert not model.pad_single_rows and not model.details["batch_invariant"]

@@ -7,12 +7,13 @@ import os
 import sys
 
 import numpy as np
+import numpy.typing as npt
 import pytest
-from onnx_helpers import PROMPT, step
+from onnx_helpers import PROMPT, Loader, step
 
 from infer.contract import KVCache
 from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
-from infer_backend_onnx.runtime import OnnxModel, host_zeros
+from infer_backend_onnx.runtime import OnnxKVCache, OnnxModel, host_zeros
 
 pytestmark = pytest.mark.integration
 
@@ -216,3 +217,75 @@ def test_freed_kv_sized_arrays_give_their_memory_back_to_the_os() -> None:
     del blocks
     gc.collect()
     assert _rss_mib() - before < 8
+
+
+def _alone(model: OnnxModel, history: list[int], token: int) -> npt.NDArray[np.float32]:
+    """Next-token logits of ``history + [token]`` fed to a fresh cache on its own."""
+    cache = model.new_sequence(len(history) + 1)
+    step(model, [cache], [history])
+    return step(model, [cache], [[token]], decode=True)[0]
+
+
+def _decoding(model: OnnxModel, prompts: list[list[int]]) -> list[OnnxKVCache]:
+    caches = [model.new_sequence(64) for _ in prompts]
+    for cache, prompt in zip(caches, prompts, strict=True):
+        step(model, [cache], [prompt])
+    step(model, caches, [[5]] * len(caches), decode=True)  # one shared decode block from here
+    return caches
+
+
+def test_a_sequence_leaving_a_decode_batch_frees_its_row_and_the_others_stay_put(tiny_fp32: OnnxModel) -> None:
+    prompts = [PROMPT[:4], PROMPT[:7], PROMPT[2:9], PROMPT[1:6]]
+    caches = _decoding(tiny_fp32, prompts)
+    block = caches[0]._block
+    caches[1].release()
+    logits = step(tiny_fp32, [caches[0], caches[2], caches[3]], [[9]] * 3, decode=True)
+    assert all(c._block is block for c in (caches[0], caches[2], caches[3]))
+    for row, i in enumerate((0, 2, 3)):
+        np.testing.assert_allclose(logits[row], _alone(tiny_fp32, [*prompts[i], 5], 9), atol=ATOL, rtol=0)
+
+
+def test_a_newcomer_takes_a_free_row_of_the_running_block(tiny_fp32: OnnxModel) -> None:
+    prompts = [PROMPT[:4], PROMPT[:7], PROMPT[2:9], PROMPT[1:6]]
+    caches = _decoding(tiny_fp32, prompts)
+    block = caches[0]._block
+    caches[1].release()
+    newcomer = tiny_fp32.new_sequence(64)
+    step(tiny_fp32, [newcomer], [PROMPT[3:11]])
+    batch = [caches[3], newcomer, caches[0], caches[2]]  # any order
+    logits = step(tiny_fp32, batch, [[7]] * 4, decode=True)
+    assert newcomer._block is block and newcomer._row == 1
+    expected = [[*prompts[3], 5], PROMPT[3:11], [*prompts[0], 5], [*prompts[2], 5]]
+    for row, history in enumerate(expected):
+        np.testing.assert_allclose(logits[row], _alone(tiny_fp32, history, 7), atol=ATOL, rtol=0)
+
+
+def test_a_batch_missing_a_row_still_in_use_moves_to_its_own_block(tiny_fp32: OnnxModel) -> None:
+    prompts = [PROMPT[:4], PROMPT[:7], PROMPT[2:9]]
+    caches = _decoding(tiny_fp32, prompts)
+    shared = caches[0]._block
+    step(tiny_fp32, [caches[0], caches[2]], [[9], [9]], decode=True)  # caches[1] sits this step out
+    assert caches[0]._block is not shared and caches[1]._block is shared
+    np.testing.assert_allclose(
+        step(tiny_fp32, [caches[1]], [[9]], decode=True)[0], _alone(tiny_fp32, [*prompts[1], 5], 9), atol=ATOL, rtol=0
+    )
+
+
+def test_a_block_with_most_rows_free_is_compacted(tiny_fp32: OnnxModel) -> None:
+    caches = _decoding(tiny_fp32, [PROMPT[:4], PROMPT[:5], PROMPT[:6], PROMPT[:7]])
+    shared = caches[0]._block
+    for cache in caches[1:3]:
+        cache.release()
+    step(tiny_fp32, [caches[0], caches[3]], [[9], [9]], decode=True)
+    block = caches[0]._block
+    assert block is not shared and block is not None and block.rows == 2
+
+
+def test_with_pairing_a_lone_sequence_decodes_beside_a_free_row(load_tiny: Loader) -> None:
+    model = load_tiny("int4")
+    assert model.pad_single_rows
+    cache = model.new_sequence(32)
+    step(model, [cache], [PROMPT[:5]])
+    step(model, [cache], [[9]], decode=True)
+    block = cache._block
+    assert block is not None and block.rows == 2 and block.holder(1) is None
