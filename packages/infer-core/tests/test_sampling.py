@@ -642,6 +642,47 @@ def test_sampling_many_rows_in_turn_reuses_no_result_across_rows() -> None:
     assert logits[0].tolist() == [5.0, 4.0, 0.0]
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"temperature": 0.0, "repetition_penalty": 1.3},
+        {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1},
+        {"temperature": 0.9, "presence_penalty": 0.5, "frequency_penalty": 0.3, "logit_bias": {7: 5.0, 9: -100}},
+    ],
+)
+def test_borrowed_rows_draw_what_copied_rows_draw_and_are_left_as_they_were(config: dict[str, Any]) -> None:
+    rng = np.random.default_rng(12)
+    params = SamplingParams(seed=3, **config)
+    prompt = rng.integers(0, VOCAB, 300)
+    borrowed, copied = SamplerState(params, prompt, VOCAB), SamplerState(params, prompt, VOCAB)
+    for _ in range(30):
+        logits = np.stack([lm_row(rng), lm_row(rng)])
+        before = logits.copy()
+        got = sample(logits, [params] * 2, [borrowed] * 2, borrow_rows=True)
+        assert np.array_equal(logits, before)
+        assert got.tolist() == sample(logits, [params] * 2, [copied] * 2).tolist()
+        for token in got.tolist():
+            borrowed.append(token)
+            copied.append(token)
+
+
+def test_a_borrowed_row_is_restored_when_sampling_it_fails() -> None:
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    state = SamplerState(params, [1, 2], 4)
+    logits = np.array([[3.0, 2.0, np.nan, 1.0]], dtype=np.float32)
+    before = logits.copy()
+    with pytest.raises(BackendError):
+        sample(logits, [params], [state], borrow_rows=True)
+    np.testing.assert_array_equal(logits, before)
+
+
+def test_a_read_only_row_is_never_borrowed() -> None:
+    params = SamplingParams(temperature=0.0, repetition_penalty=10.0)
+    logits = np.array([[5.0, 4.0, 0.0]], dtype=np.float32)
+    logits.flags.writeable = False
+    assert sample(logits, [params], [SamplerState(params, [0], 3)], borrow_rows=True).tolist() == [1]
+
+
 def test_repetition_penalty_steers_greedy_away_from_a_seen_token() -> None:
     row = np.array([0.0, 2.0, 1.9, -1.0, -1.05], dtype=np.float32)
     params = SamplingParams(temperature=0.0, repetition_penalty=1.1)

@@ -391,24 +391,38 @@ class SamplerState:
         """
         if params is None:
             params = self.params
-        if params.logit_bias is not self._bias_source:
-            self._prepare_bias(params.logit_bias)
-        penalty = params.repetition_penalty
-        presence, frequency = params.presence_penalty, params.frequency_penalty
-        repeat = penalty != 1.0 and self._n_seen > 0
-        occur = (presence != 0.0 or frequency != 0.0) and self._n_gen > 0
-        if not (repeat or occur or params.logit_bias):
+        if not self._applies(params):
             return row
         if out is None:
             row = row.copy()
         else:
             out[...] = row
             row = out
+        self._apply(row, params)
+        return row
+
+    def _applies(self, params: SamplingParams) -> bool:
+        """Whether a bias or a penalty changes any logit of a row this step."""
+        if params.logit_bias is not self._bias_source:
+            self._prepare_bias(params.logit_bias)
+        if params.logit_bias:
+            return True
+        if self._n_seen and params.repetition_penalty != 1.0:
+            return True
+        return bool(self._n_gen and (params.presence_penalty or params.frequency_penalty))
+
+    def _touched(self) -> list[npt.NDArray[np.int64]]:
+        """The ids :meth:`_apply` may write (generated ids are among the seen ones)."""
+        return [ids for ids in (self._seen_ids[: self._n_seen], self._bias_ids, self._ban_ids) if ids.size]
+
+    def _apply(self, row: FloatRow, params: SamplingParams) -> None:
+        """Apply the bias and penalties of ``params`` to ``row`` in place."""
         if self._bias_ids.size:
             row[self._bias_ids] += self._bias_values
         if self._ban_ids.size:
             row[self._ban_ids] = -np.inf
-        if repeat:
+        penalty = params.repetition_penalty
+        if penalty != 1.0 and self._n_seen:
             # Positive logits divide by the penalty, negative ones multiply: for a penalty above 1
             # that is the smaller of the two products (the larger below 1), with no sign test.
             ids = self._seen_ids[: self._n_seen]
@@ -417,10 +431,10 @@ class SamplerState:
             seen *= row.dtype.type(penalty)
             (np.minimum if penalty > 1.0 else np.maximum)(seen, divided, out=seen)
             row[ids] = seen
-        if occur:
+        presence, frequency = params.presence_penalty, params.frequency_penalty
+        if (presence or frequency) and self._n_gen:
             ids = self._gen_ids[: self._n_gen]
             row[ids] -= presence + frequency * self._gen_counts[: self._n_gen]
-        return row
 
 
 # --------------------------------------------------------------------------- the chain
@@ -670,12 +684,16 @@ def sample(
     logits: npt.NDArray[np.floating[Any]],
     params: Sequence[SamplingParams],
     states: Sequence[SamplerState],
+    *,
+    borrow_rows: bool = False,
 ) -> npt.NDArray[np.int64]:
     """Choose one token per row of ``logits`` (``[B, vocab]``); returns int64 ``[B]``.
 
     Row ``i`` uses ``params[i]`` and draws from ``states[i].rng`` only (one draw per sampled
     token, none when greedy), so its tokens depend on its seed, not on the batch. ``logits`` is
-    never modified. Raises :class:`~infer.errors.InvalidParameterError` when the shapes disagree
+    never modified; with ``borrow_rows`` a writable row is penalised in place and restored before
+    the call returns, which saves copying it (for arrays no other thread reads meanwhile, as the
+    engine's own logits). Raises :class:`~infer.errors.InvalidParameterError` when the shapes disagree
     and :class:`~infer.errors.BackendError` for a row with NaN, +inf, or nothing but -inf.
     The caller records the chosen tokens with :meth:`SamplerState.append`.
     """
@@ -691,16 +709,33 @@ def sample(
         state, p = states[i], params[i]
         if state.vocab_size != vocab:
             raise InvalidParameterError("logits", logits.shape, f"{state.vocab_size} columns, the state's vocabulary")
-        raw = logits[i]
-        row = state.process_logits(raw, p, out=_scratch(raw, 0))
-        if p.greedy:
-            token = int(row.argmax())
-            if not math.isfinite(row[token]):
-                raise _bad_row(i, float(row[token]))
-            chosen[i] = token
+        row = logits[i]
+        if not state._applies(p):
+            chosen[i] = _choose(row, p, state.rng, i)
+        elif borrow_rows and row.flags.writeable:
+            saved = [(ids, row[ids]) for ids in state._touched()]
+            try:
+                state._apply(row, p)
+                chosen[i] = _choose(row, p, state.rng, i)
+            finally:
+                for ids, values in saved:
+                    row[ids] = values
         else:
-            chosen[i] = _sample_row(row, p, state.rng, i)
+            scratch = _scratch(row, 0)
+            scratch[...] = row
+            state._apply(scratch, p)
+            chosen[i] = _choose(scratch, p, state.rng, i)
     return chosen
+
+
+def _choose(row: FloatRow, params: SamplingParams, rng: np.random.Generator, index: int) -> int:
+    """The token for one processed row: its argmax when greedy, else a draw through the chain."""
+    if params.greedy:
+        token = int(row.argmax())
+        if not math.isfinite(row[token]):
+            raise _bad_row(index, float(row[token]))
+        return token
+    return _sample_row(row, params, rng, index)
 
 
 def logprobs(logits_row: npt.ArrayLike, token_id: int, top_n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
@@ -738,5 +773,5 @@ class DefaultSampler:
         params: Sequence[SamplingParams],
         states: Sequence[SamplerState],
     ) -> npt.NDArray[np.int64]:
-        """Sample with :func:`sample`."""
-        return sample(logits, params, states)
+        """Sample with :func:`sample`, penalising the engine's own logits rows in place."""
+        return sample(logits, params, states, borrow_rows=True)
