@@ -20,15 +20,16 @@ reads the weights once per step for every stream, so it should be well above 1 (
 at 16 streams on SmolLM2 int4).
 
 Measured on the 2-core development machine (shared with other jobs, so single runs vary by
-2x; 128 new tokens, median of 3 rounds):
+2x):
 
-    int4: 1 stream 147 tok/s, 4 streams 211, 16 streams 286   (16/1 = 1.9x; per server CPU-second 2.1x)
-    fp32: 1 stream  21 tok/s, 4 streams  44, 16 streams 217   (16/1 = 10x;  per server CPU-second 7.6x)
+    int4 (64 new tokens, 2 rounds): 1 stream 128 tok/s, 4 streams 218, 16 streams 302  (16/1 = 2.36x)
+    fp32 (128 new tokens, 3 rounds): 1 stream  21 tok/s, 4 streams  44, 16 streams 217  (16/1 = 10x)
 
-fp32 shows the server and the scheduler batching as they should. With int4 the ONNX
-backend's decode step at 16 rows costs 6-8x its step at 1 row (measured with
-``Model.run_decode`` directly, no server), so batching gains about 2x there, short of the 4x
-target; the int4 matmul (int8 activations) turning compute-bound at 16 rows is the likely cause.
+fp32 shows the server and the scheduler batching as they should. With int4 the ONNX backend's
+decode step is bound by its int4 matmuls: an ORT profile of a 16-row step gives MatMulNBits
+26.5 of 38.8 ms, computing at ~81 GMAC/s with int8 activations on the two AVX2 cores, where a
+2-row step does ~35 GMAC/s of memory-bound work. So at 16 rows a step costs about 6x one at 2,
+and batching gains 2-3x there, short of the 4x target.
 
 This is a benchmark, not a test: it asserts nothing. The client shares the machine with the
 server, so on a small machine its own work is part of the figure.
