@@ -70,3 +70,33 @@ def test_streams_on_the_real_model_are_concurrent_and_match_sequential_runs(smol
                 pool.map(lambda p: model.generate(p, max_tokens=12, temperature=0, ignore_eos=True).token_ids, prompts)
             )
     assert concurrent == sequential
+
+
+def test_int4_requests_joining_and_leaving_a_batch_get_the_tokens_they_get_alone(smollm2, tmp_path):
+    # int4 kernels round a lone row differently from rows in company; the backend pairs lone rows
+    # and reuses free rows as requests come and go, so a request's tokens never depend on timing.
+    runnable("onnx")
+    import random
+    import threading
+
+    rng = random.Random(1)
+    prompts = [f"Tell me fact number {i} about the sea." for i in range(12)]
+    lengths = [rng.randint(16, 40) for _ in prompts]
+    delays = [rng.random() * 0.4 for _ in prompts]
+    with infer.load(smollm2, backend="onnx", dtype="int4", cache_dir=tmp_path) as model:
+        alone = [
+            model.generate(p, max_tokens=n, temperature=0, ignore_eos=True).token_ids
+            for p, n in zip(prompts, lengths, strict=True)
+        ]
+        together: list[tuple[int, ...]] = [()] * len(prompts)
+
+        def run(i: int) -> None:
+            time.sleep(delays[i])
+            together[i] = model.generate(prompts[i], max_tokens=lengths[i], temperature=0, ignore_eos=True).token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    assert together == alone
