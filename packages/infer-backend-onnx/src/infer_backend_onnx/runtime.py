@@ -369,8 +369,8 @@ class OnnxModel(OnnxHandle):
                 free = [r for r in range(home.rows) if r not in taken and home.holder(r) is None]
                 in_use_elsewhere = home.rows - len(taken) - len(free)
                 spare = len(free) - len(newcomers)
-                # a newcomer is copied into a free row of host memory (a device block moves whole)
-                targets = home.host if home.host is not None or newcomers else []
+                # newcomers are copied into free rows of host memory; a device block moves whole
+                targets: Sequence[npt.NDArray[Any]] | None = home.host if newcomers else ()
                 fits = 0 <= spare <= max(home.rows // 4, least - len(seqs))
                 if fits and not in_use_elsewhere and targets is not None:
                     for seq, row in zip(newcomers, free, strict=False):
