@@ -340,7 +340,8 @@ class OnnxModel(OnnxHandle):
         io.bind_output("logits", "cpu")
         self.bind_kv(io, block)
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        logits: _Logits = io.get_outputs()[0].numpy()
+        return logits
 
     def _place(self, seqs: list[OnnxKVCache], need: int) -> KVBlock:
         """The block holding ``seqs`` as its rows in order, able to take ``need`` tokens per row."""
