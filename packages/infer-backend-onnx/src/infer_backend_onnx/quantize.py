@@ -40,12 +40,18 @@ class QuantizedWeight:
     bits: int
 
 
-def _pack_nibbles(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """Pack the last axis (even length) two codes per byte, even index in the low nibble."""
+def _pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
+    """Codes as stored: 4-bit ones two per byte along the last axis (even length), even index in
+    the low nibble; 8-bit ones as they are."""
+    if bits == 8:
+        return codes
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _unpack_nibbles(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def _unpack(packed: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
+    """The codes that :func:`_pack` stored."""
+    if bits == 8:
+        return packed
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
@@ -76,9 +82,9 @@ def quantize(
     if not symmetric:
         zero_u8 = zero.astype(np.uint8)
         if bits == 4:
-            zero_u8 = _pack_nibbles(np.pad(zero_u8, ((0, 0), (0, blocks % 2))))
+            zero_u8 = _pack(np.pad(zero_u8, ((0, 0), (0, blocks % 2))), bits)
     return QuantizedWeight(
-        packed=_pack_nibbles(codes) if bits == 4 else codes,
+        packed=_pack(codes, bits),
         scales=scales.astype(np.float32),
         zero_points=zero_u8,
         k=k,
@@ -90,11 +96,11 @@ def quantize(
 def dequantize(q: QuantizedWeight) -> npt.NDArray[np.float32]:
     """The ``[N, K]`` float32 weight that ``q`` encodes (what ``MatMulNBits`` multiplies by)."""
     n, blocks, _ = q.packed.shape
-    codes = _unpack_nibbles(q.packed) if q.bits == 4 else q.packed
+    codes = _unpack(q.packed, q.bits)
     if q.zero_points is None:
         zeros = np.full((n, blocks), 1 << (q.bits - 1), np.uint8)
     else:
-        zeros = (_unpack_nibbles(q.zero_points) if q.bits == 4 else q.zero_points)[:, :blocks]
+        zeros = _unpack(q.zero_points, q.bits)[:, :blocks]
     w = (codes.astype(np.float32) - zeros[..., None].astype(np.float32)) * q.scales[..., None]
     return w.reshape(n, blocks * q.block_size)[:, : q.k]
 
@@ -126,7 +132,7 @@ def fit_grid(
     # product needs no zero-point tensor (the faster kernel); the offsets absorb the shift.
     codes_u8 = codes.astype(np.uint8)
     q = QuantizedWeight(
-        packed=_pack_nibbles(codes_u8) if bits == 4 else codes_u8,
+        packed=_pack(codes_u8, bits),
         scales=scales.astype(np.float32),
         zero_points=None,
         k=k,

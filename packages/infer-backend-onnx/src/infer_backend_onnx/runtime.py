@@ -29,6 +29,7 @@ import abc
 import mmap
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
@@ -358,12 +359,17 @@ class OnnxModel(OnnxHandle):
     def _decode_block(self, seqs: list[OnnxKVCache], need: int) -> KVBlock:
         """A block holding every sequence of ``seqs`` in some row, its other rows free."""
         least = 2 if self.pad_single_rows else 1  # rows a decode step runs on
-        counts: dict[int, int] = {}
-        for seq in seqs:
-            if seq._block is not None:
-                counts[id(seq._block)] = counts.get(id(seq._block), 0) + 1
+        home = seqs[0]._block
+        if (
+            home is not None
+            and home.capacity >= need
+            and home.rows == len(seqs) >= least
+            and all(s._block is home for s in seqs)
+        ):
+            return home  # the steady state: the batch fills its block
+        counts = Counter(s._block for s in seqs if s._block is not None)
         if counts:
-            home = max((s._block for s in seqs if s._block is not None), key=lambda b: counts[id(b)])
+            home = counts.most_common(1)[0][0]
             if home.capacity >= need and home.rows >= least:
                 taken = {s._row for s in seqs if s._block is home}
                 newcomers = [s for s in seqs if s._block is not home]

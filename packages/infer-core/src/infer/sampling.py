@@ -710,9 +710,9 @@ def sample(
         if state.vocab_size != vocab:
             raise InvalidParameterError("logits", logits.shape, f"{state.vocab_size} columns, the state's vocabulary")
         row = logits[i]
-        if not state._applies(p):
-            chosen[i] = _choose(row, p, state.rng, i)
-        elif borrow_rows and row.flags.writeable:
+        if not (borrow_rows and row.flags.writeable):
+            row = state.process_logits(row, p, out=_scratch(row, 0))
+        elif state._applies(p):
             saved = [(ids, row[ids]) for ids in state._touched()]
             try:
                 state._apply(row, p)
@@ -720,11 +720,8 @@ def sample(
             finally:
                 for ids, values in saved:
                     row[ids] = values
-        else:
-            scratch = _scratch(row, 0)
-            scratch[...] = row
-            state._apply(scratch, p)
-            chosen[i] = _choose(scratch, p, state.rng, i)
+            continue
+        chosen[i] = _choose(row, p, state.rng, i)
     return chosen
 
 
