@@ -326,9 +326,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         now = time.monotonic()
-        return any(
-            r.cancelled or (r.deadline is not None and now >= r.deadline) or r.channel.has_room() for r in self._active
-        )
+        return any(_ending(r, now) or r.channel.has_room() for r in self._active)
 
     def _wait_time(self) -> float | None:
         deadlines = [r.deadline for r in self._active if r.deadline is not None]
@@ -341,7 +339,7 @@ class Engine:
         decode: list[Request] = []
         ending: list[Request] = []
         for r in self._active:
-            if r.cancelled or (r.deadline is not None and now >= r.deadline):
+            if _ending(r, now):
                 ending.append(r)
             elif r.channel.has_room():
                 (prefill if r.next_token is None else decode).append(r)
@@ -378,10 +376,9 @@ class Engine:
         """
         while (
             request.next_token is not None
-            and not request.cancelled
             and not self._pending
             and not self._closed
-            and (request.deadline is None or time.monotonic() < request.deadline)
+            and not _ending(request, time.monotonic())
             and request.channel.has_room()
         ):
             self._decode([request])
@@ -511,6 +508,11 @@ class Engine:
         else:
             fields["finish_reason"] = "cancelled"
         self._log.info("request.finished", **fields)
+
+
+def _ending(request: Request, now: float) -> bool:
+    """Whether ``request`` is to be retired before another step: cancelled, or past its deadline."""
+    return request.cancelled or (request.deadline is not None and now >= request.deadline)
 
 
 def _as_typed(exc: BaseException, backend: str, what: str) -> InferError:
