@@ -100,3 +100,28 @@ def test_int4_requests_joining_and_leaving_a_batch_get_the_tokens_they_get_alone
         for thread in threads:
             thread.join(120)
     assert together == alone
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_smollm2_answers_under_a_json_schema_with_json_that_validates(smollm2, temperature):
+    import json
+
+    import jsonschema
+
+    runnable("onnx")
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40}},
+        "required": ["city", "country"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+    with infer.load(smollm2, backend="onnx", dtype="int4") as model:
+        reply = model.generate(
+            messages=[{"role": "user", "content": "Name the capital of France and its country as JSON."}],
+            response_format=fmt,
+            temperature=temperature,
+            seed=5,
+            max_tokens=64,
+        )
+    assert reply.finish_reason == "stop", reply.text
+    jsonschema.validate(json.loads(reply.text), schema)

@@ -103,3 +103,29 @@ def test_bench_reports_throughput_ttft_and_memory_as_json():
     for key in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mib", "engine_overhead_us_per_token"):
         assert report[key] > 0, key
     assert report["backend"] == "fake" and report["new_tokens"] == 16
+
+
+def test_run_with_a_regex_prints_text_matching_it(tmp_path):
+    result = infer_cli("run", "fake", "hi", "--backend", "fake", "--regex", "[ab]{3}-[0-9]", "--temperature", "1")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) == 5 and result.stdout[3] == "-"
+
+
+def test_run_with_a_json_schema_file_prints_json_that_validates(tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    result = infer_cli("run", "fake", "hi", "--backend", "fake", "--json-schema", str(path), "--temperature", "1")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)) == {"ok"}
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "cannot read"), ("{not json", "not JSON"),
+                                                  ('{"type": "bogus"}', "bogus")])
+def test_a_bad_schema_file_is_one_line_naming_the_problem_with_exit_2(tmp_path, content, message):
+    path = tmp_path / "schema.json"
+    if content is not None:
+        path.write_text(content)
+    result = infer_cli("run", "fake", "hi", "--backend", "fake", "--json-schema", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = ["main"]
@@ -75,6 +76,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, help="seconds before the request is abandoned")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON schema")
+    shape.add_argument("--json-mode", action="store_true", help="constrain the output to a JSON object")
+    shape.add_argument("--regex", metavar="PATTERN", help="constrain the output to match this regular expression")
+    shape.add_argument("--grammar", metavar="FILE", help="constrain the output to this Lark or GBNF grammar")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="measure prompt and decode throughput, TTFT and peak RSS")
@@ -168,6 +174,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "repetition_penalty": args.repetition_penalty,
             "seed": args.seed,
             "stop": tuple(args.stop),
+            "response_format": _response_format(args),
         }
         if args.raw or model.chat_template is None:
             stream = model.stream(prompt, timeout=args.timeout, **sampling)
@@ -192,6 +199,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         model.close()
     return 0
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``response_format`` that ``--json-schema``, ``--json-mode``, ``--regex`` or ``--grammar`` ask for."""
+    from infer.errors import GrammarError
+
+    if args.regex is not None:
+        return {"type": "regex", "pattern": args.regex}
+    if args.json_mode:
+        return {"type": "json_object"}
+    flag, path = ("--json-schema", args.json_schema) if args.json_schema is not None else ("--grammar", args.grammar)
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GrammarError(f"{flag} {path}: cannot read the file: {exc}") from exc
+    if flag == "--grammar":
+        return {"type": "grammar", "grammar": text}
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GrammarError(f"{flag} {path}: not JSON: {exc}") from exc
+    return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema, "strict": True}}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ already catch, so ``except ValueError`` or ``except TimeoutError`` keeps working
     │   └── UnsupportedModelError (ValueError)
     ├── RequestError (ValueError)
     │   ├── InvalidParameterError
+    │   │   └── GrammarError
     │   ├── InvalidTokenError
     │   ├── EmptyPromptError
     │   ├── ContextLengthError
@@ -40,6 +41,7 @@ __all__ = [
     "ContractVersionError",
     "DeadlineExceededError",
     "EmptyPromptError",
+    "GrammarError",
     "InferError",
     "InvalidParameterError",
     "InvalidTokenError",
@@ -131,6 +133,15 @@ class InvalidParameterError(RequestError):
         self.parameter = parameter
         self.value = value
         self.expected = expected
+
+
+class GrammarError(InvalidParameterError):
+    """A ``response_format`` (JSON schema, regex or grammar) is malformed or does not compile."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("response_format", None, "a valid JSON schema, regex or grammar")
+        self.args = (f"invalid response_format: {problem}",)
+        self.problem = problem
 
 
 class InvalidTokenError(RequestError):

@@ -36,6 +36,7 @@ from infer.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from infer.bundle import Bundle
     from infer.plugins import Backend, Registry
+    from infer.structured import Constraint, TokenizerGrammars
 
 __all__ = ["AsyncTokenStream", "Model", "TokenStream", "load"]
 
@@ -159,6 +160,7 @@ class Model:
             prefill_chunk_size=prefill_chunk_size,
         )
         self._closed = False
+        self._grammars: TokenizerGrammars | None = None
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -303,6 +305,9 @@ class Model:
             from infer.errors import ModelClosedError
 
             raise ModelClosedError("the model is closed; load it again to generate")
+        if "response_format" in sampling:
+            sampling = dict(sampling)
+            sampling["constraint"] = self.compile_response_format(sampling.pop("response_format"))
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
         if unknown:
             raise InvalidParameterError(unknown[0], sampling[unknown[0]], f"one of {sorted(_SAMPLING_FIELDS)}")
@@ -333,6 +338,22 @@ class Model:
         )
         self._engine.submit(request)
         return request
+
+    def compile_response_format(self, response_format: object) -> Constraint | None:
+        """Compile a ``response_format`` (JSON schema, Pydantic model, regex, grammar) for this model.
+
+        Returns the :class:`~infer.structured.Constraint` to pass as ``SamplingParams(constraint=...)``,
+        or ``None`` for plain text; ``generate``/``stream`` accept ``response_format=`` and call
+        this. Raises :class:`~infer.errors.GrammarError` naming what does not compile.
+        """
+        from infer.structured import TokenizerGrammars, use_constraints
+
+        if self._grammars is None:
+            self._grammars = TokenizerGrammars(self.tokenizer.backend, self.vocab_size, sorted(self.eos_token_ids))
+        constraint = self._grammars.compile(response_format)
+        if constraint is not None:
+            use_constraints(self._backend.hooks.pm)
+        return constraint
 
     def _prompt_ids(
         self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None

@@ -26,13 +26,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
 from infer.errors import BackendError, InvalidParameterError, InvalidTokenError
 from infer.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from infer.structured import Constraint
 
 # Only what `infer` itself re-exports; sample(), logprobs() and DefaultSampler are public here,
 # for the engine and for plugins, but not part of the top-level API.
@@ -153,6 +156,18 @@ def _logit_bias(value: object, vocab_size: int | None) -> Mapping[int, float]:
     return MappingProxyType(bias)
 
 
+def _constraint(value: object, ignore_eos: object) -> Constraint | None:
+    if value is None:
+        return None
+    from infer.structured import Constraint
+
+    if not isinstance(value, Constraint):
+        raise InvalidParameterError("constraint", value, "None or a Constraint (pass response_format=)")
+    if ignore_eos:
+        raise InvalidParameterError("ignore_eos", ignore_eos, "False with a constraint: constrained output ends at eos")
+    return value
+
+
 def _no_bias() -> Mapping[int, float]:
     return MappingProxyType({})
 
@@ -200,6 +215,9 @@ class SamplingParams:
     logprobs: bool = False
     #: With ``logprobs``, also report this many most likely alternatives per token, in [0, 20].
     top_logprobs: int = 0
+    #: Structured output: a compiled :class:`~infer.structured.Constraint` that limits every
+    #: token to what its grammar allows next (``Model.generate(response_format=...)`` makes it).
+    constraint: Constraint | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name, value in self._checked(vocab_size=None).items():
@@ -237,6 +255,7 @@ class SamplingParams:
             "ignore_eos": _flag("ignore_eos", self.ignore_eos),
             "logprobs": logprobs_flag,
             "top_logprobs": top_logprobs,
+            "constraint": _constraint(self.constraint, self.ignore_eos),
         }
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -298,9 +317,11 @@ class SamplerState:
         "_n_seen",
         "_seen",
         "_seen_ids",
+        "extras",
         "num_generated",
         "params",
         "rng",
+        "token_mask",
         "vocab_size",
     )
 
@@ -312,6 +333,12 @@ class SamplerState:
     rng: np.random.Generator
     #: How many tokens :meth:`append` has recorded.
     num_generated: int
+    #: Set by a plugin for one draw: ``True`` where the next token may be chosen (bool ``[vocab]``),
+    #: ``None`` when every token may. The chain bans the others before penalties and top-k/top-p;
+    #: a backend that samples on its device must honour it too.
+    token_mask: npt.NDArray[np.bool_] | None
+    #: Per-request storage for sampling plugins, keyed by plugin name; the core never reads it.
+    extras: dict[str, Any]
 
     def __init__(self, params: SamplingParams, prompt_ids: npt.ArrayLike, vocab_size: int) -> None:
         params.validate(vocab_size)
@@ -326,6 +353,8 @@ class SamplerState:
         self.vocab_size = vocab_size
         self.rng = np.random.default_rng(params.seed)
         self.num_generated = 0
+        self.token_mask = None
+        self.extras = {}
         seen = np.unique(prompt)
         self._seen: set[int] = set(seen.tolist())
         self._n_seen = int(seen.size)
@@ -405,7 +434,7 @@ class SamplerState:
         """Whether a bias or a penalty changes any logit of a row this step."""
         if params.logit_bias is not self._bias_source:
             self._prepare_bias(params.logit_bias)
-        if params.logit_bias:
+        if params.logit_bias or self.token_mask is not None:
             return True
         if self._n_seen and params.repetition_penalty != 1.0:
             return True
@@ -416,7 +445,9 @@ class SamplerState:
         return [ids for ids in (self._seen_ids[: self._n_seen], self._bias_ids, self._ban_ids) if ids.size]
 
     def _apply(self, row: FloatRow, params: SamplingParams) -> None:
-        """Apply the bias and penalties of ``params`` to ``row`` in place."""
+        """Apply the token mask, the bias and the penalties of ``params`` to ``row`` in place."""
+        if self.token_mask is not None:
+            np.copyto(row, row.dtype.type(-np.inf), where=~self.token_mask)
         if self._bias_ids.size:
             row[self._bias_ids] += self._bias_values
         if self._ban_ids.size:
@@ -710,7 +741,8 @@ def sample(
         if state.vocab_size != vocab:
             raise InvalidParameterError("logits", logits.shape, f"{state.vocab_size} columns, the state's vocabulary")
         row = logits[i]
-        if not (borrow_rows and row.flags.writeable):
+        # A masked row is processed in a copy: restoring it would mean saving most of the row anyway.
+        if not (borrow_rows and row.flags.writeable and state.token_mask is None):
             row = state.process_logits(row, p, out=_scratch(row, 0))
         elif state._applies(p):
             saved = [(ids, row[ids]) for ids in state._touched()]
