@@ -18,6 +18,7 @@ subset all three accept.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -91,12 +92,8 @@ def bench_llguidance(tok_json: str, vocab: int, eos: int, walks: dict[str, list[
 
         matcher, t_compile = timed(build)
         bits = np.empty((vocab + 31) // 32, dtype=np.int32)
-        times = []
-        for token in walks[name]:
-            _, t = timed(lambda: matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes))
-            times.append(t)
-            assert matcher.consume_token(token), (name, matcher.get_error())
-        out[name] = summary(t_compile, times)
+        mask = functools.partial(matcher.unsafe_compute_mask_ptr, bits.ctypes.data, bits.nbytes)
+        out[name] = summary(t_compile, walk(mask, matcher.consume_token, walks[name]))
     return out
 
 
@@ -114,13 +111,8 @@ def bench_xgrammar(tok_json: str, vocab: int, eos: int, walks: dict[str, list[in
             return xgrammar.GrammarMatcher(compiled)
 
         matcher, t_compile = timed(build)
-        bitmask = xgrammar.allocate_token_bitmask(1, vocab)
-        times = []
-        for token in walks[name]:
-            _, t = timed(lambda: matcher.fill_next_token_bitmask(bitmask))
-            times.append(t)
-            assert matcher.accept_token(token), name
-        out[name] = summary(t_compile, times)
+        mask = functools.partial(matcher.fill_next_token_bitmask, xgrammar.allocate_token_bitmask(1, vocab))
+        out[name] = summary(t_compile, walk(mask, matcher.accept_token, walks[name]))
     return out
 
 
@@ -142,12 +134,7 @@ def bench_outlines(tok_json: str, vocab: int, eos: int, walks: dict[str, list[in
         except Exception as exc:  # noqa: BLE001 - a library's refusal is a figure here
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
             continue
-        times = []
-        for token in walks[name]:
-            _, t = timed(guide.get_tokens)
-            times.append(t)
-            guide.advance(token)
-        out[name] = summary(t_compile, times)
+        out[name] = summary(t_compile, walk(guide.get_tokens, guide.advance, walks[name]))
     return out
 
 
@@ -169,6 +156,18 @@ def _vocab_from_hf(outlines_core: Any, hf: Any, eos: int) -> Any:
     return outlines_core.Vocabulary(eos, mapping)
 
 
+def walk(mask: Callable[[], object], advance: Callable[[int], object], tokens: list[int]) -> list[float]:
+    """Seconds each next-token mask took along ``tokens`` (each token is fed after its mask)."""
+    times = []
+    for token in tokens:
+        start = time.perf_counter()
+        mask()
+        times.append(time.perf_counter() - start)
+        if advance(token) is False:
+            raise AssertionError(f"the matcher refused token {token} of a valid instance")
+    return times
+
+
 def summary(t_compile: float, times: list[float]) -> dict[str, float]:
     """Compile time and mask-time statistics in ms / us."""
     return {
@@ -184,7 +183,7 @@ def main() -> None:
     from transformers import PreTrainedTokenizerFast
 
     path = sys.argv[1]
-    tok_json = open(path, encoding="utf-8").read()  # noqa: PTH123, SIM115
+    tok_json = open(path, encoding="utf-8").read()  # noqa: SIM115
     hf = PreTrainedTokenizerFast(tokenizer_file=path)
     vocab, eos = 49152, 2
     walks = {name: hf.encode(json.dumps(INSTANCES[name]), add_special_tokens=False) for name in SCHEMAS}
