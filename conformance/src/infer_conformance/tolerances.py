@@ -31,12 +31,12 @@ its distance from float32 weights, so the suite's bound stands alone there.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BOUNDS", "Bound", "bound_for", "grade_logits"]
+__all__ = ["BOUNDS", "Bound", "assert_consistent", "bound_for", "grade_logits"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,14 @@ def grade_logits(got: npt.NDArray[np.floating], golden: npt.NDArray[np.floating]
     assert overlap >= bound.top_k_overlap, (
         f"{what}: the top-{k} tokens overlap the goldens' by {overlap:.2f} on average, below {bound.top_k_overlap}"
     )
+
+
+def assert_consistent(a: npt.NDArray[np.floating], b: npt.NDArray[np.floating], model: Any, what: str) -> None:
+    """Assert that two computations of the same logits agree within the model's declared ``logits_atol``.
+
+    This is the backend's self-consistency (prefill against decode, chunked against whole,
+    batched against alone), which it states itself; distance from the goldens is :func:`grade_logits`.
+    """
+    tolerance = max(model.logits_atol, 1e-7)
+    diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    assert diff <= tolerance, f"{what}: logits differ by {diff:g}, more than the declared logits_atol {tolerance:g}"
