@@ -11,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-__all__ = ["DATA", "GOLDENS", "SMOLLM2_GOLDENS", "TINY_LLAMA", "TINY_LLAMA_GOLDENS"]
+__all__ = [
+    "DATA",
+    "FAMILY_FIXTURES",
+    "GOLDENS",
+    "SMOLLM2_GOLDENS",
+    "TINY_LLAMA",
+    "TINY_LLAMA_GOLDENS",
+    "goldens_of",
+]
 
 #: Folder of the package data.
 DATA: Final = Path(__file__).resolve().parent / "data"
@@ -23,3 +31,12 @@ GOLDENS: Final = DATA / "goldens"
 TINY_LLAMA_GOLDENS: Final = GOLDENS / "tiny-llama"
 #: Greedy continuations of SmolLM2-135M-Instruct (fp32), prompts and ids included.
 SMOLLM2_GOLDENS: Final = GOLDENS / "smollm2.json"
+#: Family name -> tiny bundle of that family. The goldens of bundle ``X`` are
+#: ``GOLDENS / f"{X.name}.npz"`` and ``.json`` (the format ``tools/py_ref/make_goldens.py``
+#: writes); the suite grades a backend on every family listed here that it loads.
+FAMILY_FIXTURES: Final[dict[str, Path]] = {"llama": TINY_LLAMA}
+
+
+def goldens_of(fixture: Path) -> tuple[Path, Path]:
+    """The logits (``.npz``) and prompts/greedy (``.json``) golden files of a fixture bundle."""
+    return GOLDENS / f"{fixture.name}.npz", GOLDENS / f"{fixture.name}.json"

@@ -8,22 +8,30 @@ Options:
 ``--infer-dtype DTYPE``      precision (default: the backend's)
 ``--infer-option KEY=VALUE`` backend load option, JSON value (repeatable)
 ``--infer-plugin MOD[:ATTR]`` register a backend object that is not installed as an entry point
+``--infer-report FILE``      write the run's certificate as JSON
 
-Capabilities declared in ``infer_backend_info`` decide which tests apply; a test that does not
-apply is skipped with the reason, never passed silently.
+Capabilities declared in ``infer_backend_info`` decide which tests apply (:func:`require`); a
+test that does not apply is skipped with the reason, never passed silently. The run ends with a
+certificate (:mod:`infer_conformance.certificate`) of what was checked and with what outcome.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-__all__ = ["SuiteConfig"]
+from infer_conformance.certificate import Certificate
+
+__all__ = ["SuiteConfig", "require"]
+
+_CERTIFICATE = pytest.StashKey[Certificate]()
+_KEYS = pytest.StashKey[dict[str, list[str]]]()
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,19 @@ class SuiteConfig:
         options = {**self.options, **overrides}
         return infer.load(self.model, backend=self.backend, device=self.device, dtype=self.dtype, **options)
 
+    def load_ref(self, ref: str | Path, **overrides: Any) -> Any:
+        """Load another model (a family fixture, say) with the configured backend, device, dtype and options."""
+        import infer
+
+        options = {**self.options, **overrides}
+        return infer.load(ref, backend=self.backend, device=self.device, dtype=self.dtype, **options)
+
+    def info(self) -> Any:
+        """The backend's declared :class:`infer.BackendInfo`, without loading a model."""
+        from infer.plugins import get_registry
+
+        return get_registry().backend(self.backend).info
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("infer-conformance", "infer backend conformance suite")
@@ -52,6 +73,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--infer-dtype", help="precision to load")
     group.addoption("--infer-option", action="append", default=[], metavar="KEY=VALUE", help="backend load option")
     group.addoption("--infer-plugin", action="append", default=[], metavar="MOD[:ATTR]", help="register a backend")
+    group.addoption("--infer-report", metavar="FILE", help="write the certificate of the run as JSON to FILE")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,6 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "conformance: the shared backend suite",
         "slow: takes more than a few seconds",
         "stress: many threads or requests",
+        "certifies(key): what a suite test certifies (family:NAME, capability:NAME, contract:NAME)",
     ):
         config.addinivalue_line("markers", marker)
     plugins = config.getoption("--infer-plugin", default=[])
@@ -72,6 +95,64 @@ def pytest_configure(config: pytest.Config) -> None:
             if attr:
                 obj = getattr(obj, attr)
             registry.register_backend(obj, name=ref)
+    config.stash[_CERTIFICATE] = Certificate()
+    config.stash[_KEYS] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keys = config.stash[_KEYS]
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.startswith("infer_conformance.suite"):
+            keys[item.nodeid] = [key for mark in item.iter_markers("certifies") for key in mark.args]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    keys = item.config.stash[_KEYS].get(item.nodeid)
+    if keys is not None:
+        _record(item.config.stash[_CERTIFICATE], report, keys)
+    return report
+
+
+def _record(certificate: Certificate, report: pytest.TestReport, keys: list[str]) -> None:
+    previous = certificate.outcomes.get(report.nodeid)
+    if report.failed:
+        outcome, reason = "failed", None
+    elif report.skipped:
+        outcome, reason = "skipped", _skip_reason(report)
+    elif report.when == "call":
+        outcome, reason = "passed", None
+    else:
+        return
+    if previous is not None and not (previous == "passed" and outcome == "failed"):
+        return  # setup decided it (skipped or failed), or the call did and teardown passed
+    certificate.record(report.nodeid, keys, outcome, reason)
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    certificate = config.stash.get(_CERTIFICATE, None)
+    if certificate is None or not certificate.outcomes or not config.getoption("--infer-backend"):
+        return
+    terminalreporter.section("infer conformance certificate")
+    for line in certificate.lines():
+        terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    report = config.getoption("--infer-report", default=None)
+    certificate = config.stash.get(_CERTIFICATE, None)
+    if report and certificate is not None:
+        certificate.write(Path(report))
 
 
 def _config(pytestconfig: pytest.Config) -> SuiteConfig:
@@ -106,9 +187,25 @@ def suite(pytestconfig: pytest.Config) -> SuiteConfig:
 
 
 @pytest.fixture(scope="session")
-def model(suite: SuiteConfig) -> Iterator[Any]:
+def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[Any]:
     """One model shared by the tests that leave it as they found it."""
+    import infer
+
     loaded = suite.load()
+    info = loaded.info
+    certificate = pytestconfig.stash.get(_CERTIFICATE, None)
+    if certificate is not None:
+        certificate.facts.update(
+            backend=info.name,
+            version=info.version,
+            contract_version=info.contract_version,
+            core_contract_version=infer.CONTRACT_VERSION,
+            device=loaded.device,
+            dtype=loaded.dtype,
+            model=suite.model,
+            declared_capabilities=sorted(c.value for c in info.capabilities),
+            logits_atol=loaded.logits_atol,
+        )
     yield loaded
     loaded.close()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from infer import hookimpl
 
-__all__ = ["Gate", "StepRecorder", "StepStall", "installed", "track_caches", "wait_idle"]
+__all__ = ["Gate", "StepDelay", "StepRecorder", "StepStall", "installed", "track_caches", "wait_idle"]
 
 
 class StepRecorder:
@@ -68,6 +68,32 @@ class StepStall:
             self._seen += 1
             if self._seen == self._at:
                 self.release.wait(self._seconds)
+        return (yield)
+
+
+class StepDelay:
+    """Makes every prefill and decode call on one model take at least ``seconds`` longer.
+
+    Slows a stream down through the contract, so that a test about deadlines does not depend
+    on how fast the backend or the machine is (nor on the context length capping the stream).
+    """
+
+    def __init__(self, handle: Any, seconds: float) -> None:
+        self._handle = handle
+        self._seconds = seconds
+
+    def _delay(self, model: Any) -> None:
+        if model is self._handle:
+            time.sleep(self._seconds)
+
+    @hookimpl(wrapper=True)
+    def infer_prefill(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
+        self._delay(model)
+        return (yield)
+
+    @hookimpl(wrapper=True)
+    def infer_decode(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
+        self._delay(model)
         return (yield)
 
 

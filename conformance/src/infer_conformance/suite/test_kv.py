@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from infer_conformance.probes import track_caches, wait_idle
+from infer_conformance.tolerances import assert_consistent
 
-pytestmark = pytest.mark.conformance
+pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:kv-cache")]
 
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
-
-
-def _close(a, b, model):
-    tolerance = max(model.logits_atol, 1e-7)
-    diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    assert diff <= tolerance, f"logits differ by {diff:g}, more than the declared logits_atol {model.logits_atol:g}"
 
 
 def test_new_cache_is_empty_with_the_requested_capacity(model):
@@ -44,7 +38,7 @@ def test_prefill_in_chunks_continues_the_same_cache(model):
     assert split.length == 5
     two = model.run_prefill([split], [PROMPT[5:]])
     assert split.length == len(PROMPT)
-    _close(one, two, model)
+    assert_consistent(one, two, model, "prefill in two chunks against one")
     whole.release()
     split.release()
 
@@ -66,7 +60,7 @@ def test_prefill_then_decode_equals_prefill_of_the_whole_prompt(model):
     inc = model.new_sequence(len(PROMPT))
     model.run_prefill([inc], [PROMPT[:-1]])
     got = model.run_decode([inc], [PROMPT[-1]])
-    _close(expected, got, model)
+    assert_consistent(expected, got, model, "decode after prefill against one prefill")
     full.release()
     inc.release()
 
@@ -78,29 +72,9 @@ def test_several_decode_steps_equal_one_prefill(model):
     model.run_prefill([inc], [PROMPT[:4]])
     for token in PROMPT[4:]:
         got = model.run_decode([inc], [token])
-    _close(expected, got, model)
+    assert_consistent(expected, got, model, "decode after prefill against one prefill")
     full.release()
     inc.release()
-
-
-def test_a_batch_gives_the_same_logits_as_each_row_alone(model):
-    rows = [PROMPT, PROMPT[:3], PROMPT[2:9], [11], PROMPT[::-1]]
-    singles = []
-    for row in rows:
-        seq = model.new_sequence(len(row) + 2)
-        prefill = model.run_prefill([seq], [row])
-        decode = model.run_decode([seq], [9])
-        singles.append((prefill[0], decode[0]))
-        seq.release()
-    seqs = [model.new_sequence(len(row) + 2) for row in rows]
-    prefill = model.run_prefill(seqs, rows)
-    decode = model.run_decode(seqs, [9] * len(rows))
-    for i, (p, d) in enumerate(singles):
-        _close(p, prefill[i], model)
-        _close(d, decode[i], model)
-        assert seqs[i].length == len(rows[i]) + 1
-    for seq in seqs:
-        seq.release()
 
 
 def test_every_cache_a_request_made_is_released_when_it_ends(fresh_model):

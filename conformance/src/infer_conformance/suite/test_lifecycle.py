@@ -9,7 +9,7 @@ import time
 import pytest
 
 import infer
-from infer_conformance.probes import Gate, StepRecorder, StepStall, installed, track_caches, wait_idle
+from infer_conformance.probes import Gate, StepDelay, StepRecorder, StepStall, installed, track_caches, wait_idle
 
 pytestmark = pytest.mark.conformance
 
@@ -105,13 +105,19 @@ def test_a_hanging_step_surfaces_as_a_typed_timeout_and_the_model_stays_usable(f
 
 
 def test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end(fresh_model):
-    stream = fresh_model.stream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True, timeout=0.2)
-    started = time.monotonic()
-    with pytest.raises(infer.DeadlineExceededError):
-        for _ in stream:
-            time.sleep(0.001)
-    assert time.monotonic() - started < 2.0
-    wait_idle(fresh_model)
+    # 20 ms per step: the stream would need several seconds to reach its end, whatever the
+    # backend's speed, so only the 0.2 s deadline can end it.
+    longest = fresh_model.context_length - len(PROMPT)
+    with installed(StepDelay(fresh_model.handle, 0.02)), installed(StepRecorder(fresh_model.handle)) as recorder:
+        stream = fresh_model.stream(PROMPT, max_tokens=longest, temperature=0, ignore_eos=True, timeout=0.2)
+        started = time.monotonic()
+        with pytest.raises(infer.DeadlineExceededError):
+            for _ in stream:
+                pass
+        waited = time.monotonic() - started
+        wait_idle(fresh_model)
+    assert waited < 1.5, f"the 0.2 s deadline ended the stream only after {waited:.2f} s"
+    assert recorder.count("decode") < longest - 1, "the stream ran to its end instead of stopping at the deadline"
 
 
 def test_async_streams_honour_the_deadline(fresh_model):

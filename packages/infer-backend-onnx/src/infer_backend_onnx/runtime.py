@@ -435,8 +435,13 @@ def _groups(seqs: Sequence[OnnxKVCache], sizes: Sequence[int]) -> list[list[int]
     Prefill is compute-bound, so padding costs what it adds (measured on SmolLM2 int4: eight
     prompts of 9 to 64 tokens padded into one run went at 2/3 the speed of one run per length).
     The attention op masks right padding only when no row has a past, which is why rows with
-    history are always grouped by length.
+    history are always grouped by length; and it takes a past for one row only when that row
+    feeds several tokens (a later prefill chunk), so such rows run alone.
     """
+    if max(sizes) > 1 and any(s.length for s in seqs):
+        fresh = [r for r, s in enumerate(seqs) if s.length == 0]
+        first = _groups([seqs[r] for r in fresh], [sizes[r] for r in fresh]) if fresh else []
+        return [[fresh[i] for i in group] for group in first] + [[r] for r, s in enumerate(seqs) if s.length]
     if len(set(sizes)) == 1:
         return [list(range(len(seqs)))]
     if all(s.length == 0 for s in seqs) and len(sizes) * max(sizes) <= _MAX_PADDING * sum(sizes):

@@ -58,6 +58,9 @@ class Capability(str, enum.Enum):
     DEVICE_SAMPLING = "device_sampling"
     #: load options inject faults (latency, hangs, errors, corrupted cache).
     FAULT_INJECTION = "fault_injection"
+    #: the logits are made up, not computed from the model's weights (a test double such as the
+    #: fake): the conformance suite reports the golden and reference checks as skipped for it.
+    SYNTHETIC = "synthetic"
 
 
 @final

@@ -1,0 +1,256 @@
+"""Declared capabilities are promises: each is tested when declared and skipped, saying so, when not.
+
+Every member of :class:`infer.Capability` has tests here (``conformance/tests`` checks that none
+is forgotten when the contract grows one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import infer
+from infer.sampling import SamplerState, SamplingParams, sample
+from infer_conformance.plugin import require
+from infer_conformance.tolerances import assert_consistent
+
+pytestmark = pytest.mark.conformance
+
+PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
+Cap = infer.Capability
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _workload(model):
+    """Chunked and batched prefill, then decode steps: every logits array returned, copied."""
+    rows = [PROMPT, PROMPT[:5], PROMPT[::-1]]
+    seqs = [model.new_sequence(len(PROMPT) + 8) for _ in rows]
+    out = [model.run_prefill(seqs, [r[:3] for r in rows]).copy()]
+    out.append(model.run_prefill(seqs, [r[3:] or [1] for r in rows]).copy())
+    for step in range(6):
+        out.append(model.run_decode(seqs, [7 + step, 11, 13 * step % 50]).copy())
+    for seq in seqs:
+        seq.release()
+    return out
+
+
+@pytest.mark.certifies("capability:deterministic")
+def test_deterministic_backends_repeat_prefill_and_decode_bit_for_bit(model):
+    require(model.info, Cap.DETERMINISTIC)
+    first = _workload(model)
+    seq = model.new_sequence(32)  # unrelated work in between must not leak into the next run
+    model.run_prefill([seq], [[9, 8, 7, 6, 5]])
+    seq.release()
+    second = _workload(model)
+    for step, (a, b) in enumerate(zip(first, second, strict=True)):
+        differ = int(np.count_nonzero(_bits(a) != _bits(b)))
+        assert differ == 0, f"step {step}: {differ} logits differ between two identical runs (declared DETERMINISTIC)"
+
+
+@pytest.mark.certifies("capability:deterministic")
+def test_deterministic_backends_give_bit_identical_logits_on_a_fresh_model(suite, model):
+    require(model.info, Cap.DETERMINISTIC)
+    with suite.load() as other:
+        for step, (a, b) in enumerate(zip(_workload(model), _workload(other), strict=True)):
+            assert np.array_equal(_bits(a), _bits(b)), f"step {step}: two loads of the same model differ"
+
+
+@pytest.mark.certifies("capability:batch")
+def test_a_ragged_batch_gives_the_same_logits_as_each_row_alone(model):
+    require(model.info, Cap.BATCH)
+    rows = [PROMPT, PROMPT[:3], PROMPT[2:9], [11], PROMPT[::-1]]
+    singles = []
+    for row in rows:
+        seq = model.new_sequence(len(row) + 2)
+        prefill = model.run_prefill([seq], [row])
+        decode = model.run_decode([seq], [9])
+        singles.append((prefill[0].copy(), decode[0].copy()))
+        seq.release()
+    seqs = [model.new_sequence(len(row) + 2) for row in rows]
+    prefill = model.run_prefill(seqs, rows).copy()
+    decode = model.run_decode(seqs, [9] * len(rows))
+    for i, (p, d) in enumerate(singles):
+        assert_consistent(p, prefill[i], model, f"prefill row {i} ({len(rows[i])} tokens)")
+        assert_consistent(d, decode[i], model, f"decode row {i}")
+        assert seqs[i].length == len(rows[i]) + 1
+    for seq in seqs:
+        seq.release()
+
+
+@pytest.mark.certifies("capability:batch")
+def test_a_batched_prefill_continuing_earlier_chunks_equals_each_row_alone(model):
+    # The core chunks long prompts, so rows of one prefill batch may already hold earlier chunks.
+    require(model.info, Cap.BATCH)
+    rows = [PROMPT, PROMPT[::-1], PROMPT[3:]]
+    alone = []
+    for row in rows:
+        seq = model.new_sequence(len(row))
+        alone.append(model.run_prefill([seq], [row])[0].copy())
+        seq.release()
+    seqs = [model.new_sequence(len(row)) for row in rows]
+    model.run_prefill(seqs, [row[:4] for row in rows])
+    together = model.run_prefill(seqs, [row[4:] for row in rows])
+    for i, expected in enumerate(alone):
+        assert_consistent(expected, together[i], model, f"row {i}: second chunk in a batch against one prefill alone")
+    for seq in seqs:
+        seq.release()
+
+
+@pytest.mark.certifies("capability:batch")
+def test_a_decode_batch_of_caches_at_different_lengths_equals_each_alone(model):
+    require(model.info, Cap.BATCH)
+    prompts = [PROMPT[: n + 1] for n in range(0, len(PROMPT), 3)]
+    alone = []
+    for prompt in prompts:
+        seq = model.new_sequence(len(prompt) + 3)
+        model.run_prefill([seq], [prompt])
+        alone.append([model.run_decode([seq], [t])[0].copy() for t in (4, 5, 6)])
+        seq.release()
+    seqs = [model.new_sequence(len(p) + 3) for p in prompts]
+    for seq, prompt in zip(seqs, prompts, strict=True):
+        model.run_prefill([seq], [prompt])
+    for step, token in enumerate((4, 5, 6)):
+        together = model.run_decode(seqs, [token] * len(seqs))
+        for i in range(len(seqs)):
+            assert_consistent(
+                alone[i][step], together[i], model, f"decode step {step}, row {i} at length {len(prompts[i]) + step}"
+            )
+    for seq in seqs:
+        seq.release()
+
+
+# -- device sampling ----------------------------------------------------------------------------
+
+EXACT = {
+    "greedy": SamplingParams(temperature=0),
+    "top_k=1": SamplingParams(temperature=1.0, top_k=1),
+    "top_p->0": SamplingParams(temperature=1.0, top_p=1e-9),
+    "penalties": SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=1.0, frequency_penalty=0.5),
+    "logit_bias": SamplingParams(temperature=0, logit_bias={3: 100.0}),
+}
+
+
+def _device_sampler(suite):
+    from infer.plugins import get_registry
+
+    return get_registry().backend(suite.backend).hooks.sample
+
+
+def _states(params, history, vocab, seed=None):
+    out = []
+    for p in params:
+        state = SamplerState(p.replace(seed=seed) if seed is not None else p, PROMPT, vocab)
+        for token in history:
+            state.append(token)
+        out.append(state)
+    return out
+
+
+def _rows(model):
+    seqs = [model.new_sequence(len(PROMPT)) for _ in range(3)]
+    logits = model.run_prefill(seqs, [PROMPT, PROMPT[:4], PROMPT[6:]]).copy()
+    for seq in seqs:
+        seq.release()
+    return logits
+
+
+@pytest.mark.certifies("capability:device_sampling")
+@pytest.mark.parametrize("case", sorted(EXACT))
+def test_the_device_sampler_equals_the_reference_sampler_where_it_is_deterministic(suite, model, case):
+    require(model.info, Cap.DEVICE_SAMPLING)
+    logits = _rows(model)
+    history = [int(np.argmax(logits[0])), 3, 3]  # makes the penalties bite on the favourite token
+    params = [EXACT[case]] * len(logits)
+    got = _device_sampler(suite)(logits=logits.copy(), params=params, states=_states(params, history, model.vocab_size))
+    expected = sample(logits.copy(), params, _states(params, history, model.vocab_size))
+    assert np.asarray(got).tolist() == expected.tolist(), f"{case}: the device sampler chose differently"
+
+
+def _chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at the normal quantile ``z`` (3.09: p = 0.001), Wilson-Hilferty."""
+    c = 2.0 / (9.0 * df)
+    return df * (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+@pytest.mark.certifies("capability:device_sampling")
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, top_k=20),
+        SamplingParams(temperature=1.0, top_p=0.7),
+        SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5),
+    ],
+    ids=["temperature+top_k", "top_p", "min_p+penalties"],
+)
+def test_the_device_sampler_draws_from_the_reference_distribution(suite, model, params):
+    require(model.info, Cap.DEVICE_SAMPLING)
+    row = _rows(model)[:1] * np.float32(0.25)  # flatter, so many tokens take part
+    history = [int(np.argmax(row[0]))]
+    draws = 3000
+    device, reference = Counter(), Counter()
+    device_state = _states([params], history, model.vocab_size, seed=11)
+    reference_state = _states([params], history, model.vocab_size, seed=12)
+    sampler = _device_sampler(suite)
+    for _ in range(draws):
+        device[int(np.asarray(sampler(logits=row.copy(), params=[params], states=device_state))[0])] += 1
+        reference[int(sample(row.copy(), [params], reference_state)[0])] += 1
+    # Two-sample chi-square over the tokens either side drew; rare ones are pooled so every cell
+    # expects at least 5 draws. Seeded, so the verdict is the same on every run.
+    tokens = sorted(set(device) | set(reference), key=lambda t: -(device[t] + reference[t]))
+    cells, pooled = [], [0, 0]
+    for t in tokens:
+        if device[t] + reference[t] >= 10:
+            cells.append((device[t], reference[t]))
+        else:
+            pooled = [pooled[0] + device[t], pooled[1] + reference[t]]
+    if sum(pooled):
+        cells.append((pooled[0], pooled[1]))
+    stat = sum((a - b) ** 2 / (a + b) for a, b in cells)
+    df = max(len(cells) - 1, 1)
+    never = sorted(t for t in device if t not in reference and device[t] >= 10)
+    assert not never, f"the device sampler drew tokens the reference never drew: {never[:10]}"
+    assert stat <= _chi_square_critical(df), (
+        f"the device sampler's draws differ from the reference sampler's: chi-square {stat:.1f} on {df} degrees "
+        f"of freedom (critical {_chi_square_critical(df):.1f} at p=0.001)"
+    )
+
+
+# -- fault injection and synthetic logits -------------------------------------------------------
+
+
+@pytest.mark.certifies("capability:fault_injection")
+def test_injected_faults_surface_as_typed_errors_and_the_model_recovers(suite):
+    info = suite.info()
+    require(info, Cap.FAULT_INJECTION)
+    with suite.load(raise_at_step=2) as model:
+        with pytest.raises(infer.BackendError):
+            model.generate(PROMPT, max_tokens=4, temperature=0, ignore_eos=True)
+        assert model.generate(PROMPT, max_tokens=4, temperature=0, ignore_eos=True).usage.completion_tokens == 4
+
+
+@pytest.mark.certifies("capability:fault_injection")
+def test_injected_latency_slows_every_step(suite):
+    import time
+
+    require(suite.info(), Cap.FAULT_INJECTION)
+    with suite.load(latency=0.02) as model:
+        started = time.monotonic()
+        model.generate(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
+        assert time.monotonic() - started >= 5 * 0.02
+
+
+@pytest.mark.certifies("capability:synthetic")
+def test_a_synthetic_backend_is_never_chosen_by_default(suite):
+    info = suite.info()
+    require(info, Cap.SYNTHETIC)
+    from infer.plugins import get_registry
+
+    real = [b for b in get_registry().ranked() if Cap.SYNTHETIC not in b.info.capabilities]
+    assert info.priority < 0, f"synthetic backend {info.name!r} has priority {info.priority}: it could be the default"
+    assert all(b.info.priority > info.priority for b in real)

@@ -1,0 +1,113 @@
+"""Long contexts: positions up to ``context_length`` work, and every position still matters.
+
+A KV cache that silently wraps, a window that drops old tokens, or positions that saturate pass
+every short test; these fill the context (prefill in chunks, then decode to the end), decode
+across every power of two, and check that the first token still moves the last logits. When
+the model is a bundle and the backend computes real logits, the end of the context is also
+graded against the numpy reference forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import infer
+from infer_conformance.tolerances import assert_consistent, bound_for, grade_logits
+
+pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:long-context")]
+
+CHUNK = 64
+TAIL = 8  # tokens decoded one by one at the end of the context
+
+
+def _tokens(model, n, seed=0):
+    # Ids from the whole vocabulary except the last 64 (special tokens), seeded: the same every run.
+    high = max(model.vocab_size - 64, 2)
+    return np.random.default_rng(seed).integers(1, high, size=n).tolist()
+
+
+def _prefill_chunked(model, seq, ids):
+    logits = None
+    for start in range(0, len(ids), CHUNK):
+        logits = model.run_prefill([seq], [ids[start : start + CHUNK]])
+    return logits[0].copy()
+
+
+def _reference(suite, model):
+    """The numpy reference of the model under test, or ``None`` when there is none to compare with."""
+    if infer.Capability.SYNTHETIC in model.info.capabilities:
+        return None
+    from infer.bundle import Bundle, is_bundle
+    from infer.resolve import resolve_model
+
+    path = resolve_model(suite.model) or Path(suite.model)
+    if not is_bundle(path):
+        return None
+    from infer_conformance.reference import ReferenceModel
+
+    return ReferenceModel(Bundle.open(path))
+
+
+def test_a_context_filled_by_chunked_prefill_then_decode_reaches_its_last_position(suite, model):
+    ctx = model.context_length
+    ids = _tokens(model, ctx)
+    seq = model.new_sequence(ctx)
+    got = [_prefill_chunked(model, seq, ids[:-TAIL])]
+    for token in ids[-TAIL:-1]:
+        got.append(model.run_decode([seq], [token])[0].copy())
+    assert seq.length == ctx - 1
+    got.append(model.run_decode([seq], [ids[-1]])[0].copy())
+    assert seq.length == ctx
+    seq.release()
+    whole = model.new_sequence(ctx)
+    assert_consistent(_prefill_chunked(model, whole, ids), got[-1], model, f"the last of {ctx} positions")
+    whole.release()
+    reference = _reference(suite, model)
+    if reference is not None:
+        cache = reference.new_cache()
+        expected = [reference.step(cache, ids[:-TAIL])[-1]] + [reference.step(cache, [t])[-1] for t in ids[-TAIL:]]
+        bound = bound_for(model.dtype, model.logits_atol)
+        grade_logits(np.stack(got), np.stack(expected), bound, f"the last {TAIL + 1} of {ctx} positions")
+
+
+def test_decode_across_every_power_of_two_equals_one_prefill(model):
+    ctx = model.context_length
+    ids = _tokens(model, ctx, seed=1)
+    power = 2
+    while power < ctx:
+        # Prefill up to just before the boundary, then decode across it.
+        end = min(power + 2, ctx)
+        seq = model.new_sequence(end)
+        _prefill_chunked(model, seq, ids[: power - 1])
+        for token in ids[power - 1 : end]:
+            stepped = model.run_decode([seq], [token])[0].copy()
+        seq.release()
+        whole = model.new_sequence(end)
+        assert_consistent(_prefill_chunked(model, whole, ids[:end]), stepped, model, f"decode across position {power}")
+        whole.release()
+        power *= 2
+
+
+def test_the_first_token_still_changes_the_logits_at_the_end_of_the_context(model):
+    ctx = model.context_length
+    ids = _tokens(model, ctx, seed=2)
+    other = [1 if ids[0] != 1 else 2, *ids[1:]]
+    last = []
+    for prompt in (ids, other):
+        seq = model.new_sequence(ctx)
+        last.append(_prefill_chunked(model, seq, prompt))
+        seq.release()
+    assert not np.array_equal(last[0], last[1]), (
+        f"changing the first of {ctx} tokens left the last logits unchanged: the start of the context is lost"
+    )
+
+
+def test_generation_runs_to_the_context_length_and_stops_there(model):
+    ctx = model.context_length
+    prompt = _tokens(model, ctx - TAIL, seed=3)
+    completion = model.generate(prompt, max_tokens=2 * TAIL, temperature=0, ignore_eos=True)
+    assert completion.finish_reason == "length"
+    assert completion.usage.prompt_tokens + completion.usage.completion_tokens == ctx

@@ -1,0 +1,115 @@
+"""How close a backend must come to the goldens: bounds the suite owns, one per precision.
+
+The goldens are float32 logits from transformers (``tools/py_ref``). A backend is graded at the
+precision it loaded (``Model.dtype``) against the bound below; the ``logits_atol`` it declares
+may tighten that bound (``min``), never loosen it: a backend cannot pass by declaring 1.0.
+
+Why these numbers (measured with the ONNX backend on the tiny Llama fixture, whose logits reach
+about 13.5 in magnitude; SmolLM2-135M's reach about 28):
+
+- ``fp32``: two correct float32 implementations differ by summation order only: the ONNX
+  backend is 7.6e-6 from the goldens, the float64 numpy reference ~1e-6. ``1e-4`` leaves an
+  order of magnitude for other kernels, while a wrong RoPE pairing or grouped-query mapping moves
+  logits by 0.1 to several units.
+- ``fp16`` / ``bf16``: 11 (8) significant bits per activation; the ONNX fp16 graph is 0.016
+  from the goldens. ``5e-2`` is 3x that; bf16 has 8x fp16's rounding step, hence ``0.15``
+  (not measured here: no backend offers bf16 yet). Both stay far below what a maths bug does.
+- ``int8`` / ``int4``: weight quantization moves logits by a sizeable fraction of their range
+  (ONNX int4 is up to 3.3 from the goldens), so an absolute bound cannot separate "quantized"
+  from "wrong". They are graded on what quantization must keep: at every teacher-forced step the
+  golden next token is among the backend's top 5, and the backend's top 5 overlaps the golden
+  top 5 by at least 60% on average (ONNX int4: 100% and 83%), with a loose absolute bound (5.0
+  for int4, 2.0 for int8, an estimate: no int8 backend yet) that catches gross errors such as
+  wrong scales or garbage rows. Greedy continuations are compared exactly only at fp32/fp16;
+  for quantized precisions the first greedy token must be among the golden top 5.
+
+The declared ``logits_atol`` tightens the floating-point bounds. For quantized precisions it
+describes the backend's self-consistency (prefill against decode, batched against alone), not
+its distance from float32 weights, so the suite's bound stands alone there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["BOUNDS", "Bound", "assert_consistent", "bound_for", "grade_logits"]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a backend computing at one precision must achieve against the goldens."""
+
+    #: Precision this bound applies to.
+    dtype: str
+    #: Largest absolute difference from a golden logit.
+    atol: float
+    #: Quantized weights: graded by top-k agreement; otherwise greedy must equal the goldens exactly.
+    quantized: bool = False
+    #: Size of the top-k sets compared at every position (quantized precisions).
+    top_k: int = 5
+    #: Least mean fraction of the golden top-k found in the backend's top-k (quantized precisions).
+    top_k_overlap: float = 0.6
+
+
+#: The suite's bounds, by precision name (``BackendInfo.dtypes`` / ``Model.dtype``).
+BOUNDS: Final[dict[str, Bound]] = {
+    "fp32": Bound("fp32", atol=1e-4),
+    "fp16": Bound("fp16", atol=5e-2),
+    "bf16": Bound("bf16", atol=0.15),
+    "int8": Bound("int8", atol=2.0, quantized=True),
+    "int4": Bound("int4", atol=5.0, quantized=True),
+}
+
+
+def bound_for(dtype: str, declared_atol: float) -> Bound:
+    """The bound for ``dtype``, tightened by the backend's declared tolerance for floating-point precisions.
+
+    Raises :class:`KeyError` naming the known precisions when the suite has no bound for ``dtype``
+    (a new precision needs a bound argued for here before a backend can be certified at it).
+    """
+    if dtype not in BOUNDS:
+        raise KeyError(f"the suite has no golden bound for dtype {dtype!r}; known: {', '.join(BOUNDS)}")
+    bound = BOUNDS[dtype]
+    if not bound.quantized and declared_atol < bound.atol:
+        return replace(bound, atol=declared_atol)
+    return bound
+
+
+def grade_logits(got: npt.NDArray[np.floating], golden: npt.NDArray[np.floating], bound: Bound, what: str) -> None:
+    """Assert that rows of logits ``got`` meet ``bound`` against ``golden`` (both ``[rows, vocab]``)."""
+    got64, gold64 = np.atleast_2d(got).astype(np.float64), np.atleast_2d(golden).astype(np.float64)
+    assert got64.shape == gold64.shape, f"{what}: logits of shape {got64.shape}, the goldens have {gold64.shape}"
+    diff = np.abs(got64 - gold64)
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    assert diff[worst] <= bound.atol, (
+        f"{what}: logit {worst[1]} of row {worst[0]} is off the golden by {diff[worst]:.3g}, more than the "
+        f"{bound.dtype} bound {bound.atol:g}"
+    )
+    if not bound.quantized:
+        return
+    k = bound.top_k
+    mine = np.argsort(-got64, axis=1, kind="stable")[:, :k]
+    theirs = np.argsort(-gold64, axis=1, kind="stable")[:, :k]
+    for row in range(len(mine)):
+        assert theirs[row, 0] in mine[row], (
+            f"{what}: row {row}: the golden next token {theirs[row, 0]} is not among the backend's top {k}"
+        )
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)])
+    assert overlap >= bound.top_k_overlap, (
+        f"{what}: the top-{k} tokens overlap the goldens' by {overlap:.2f} on average, below {bound.top_k_overlap}"
+    )
+
+
+def assert_consistent(a: npt.NDArray[np.floating], b: npt.NDArray[np.floating], model: Any, what: str) -> None:
+    """Assert that two computations of the same logits agree within the model's declared ``logits_atol``.
+
+    This is the backend's self-consistency (prefill against decode, chunked against whole,
+    batched against alone), which it states itself; distance from the goldens is :func:`grade_logits`.
+    """
+    tolerance = max(model.logits_atol, 1e-7)
+    diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    assert diff <= tolerance, f"{what}: logits differ by {diff:g}, more than the declared logits_atol {tolerance:g}"
