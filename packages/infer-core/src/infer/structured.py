@@ -51,7 +51,14 @@ if TYPE_CHECKING:
     from infer.plugins import PluginManager
     from infer.sampling import SamplerState, SamplingParams
 
-__all__ = ["ConstrainedSampler", "Constraint", "TokenizerGrammars", "grammar_source", "use_constraints"]
+__all__ = [
+    "ConstrainedSampler",
+    "Constraint",
+    "TokenizerGrammars",
+    "grammar_source",
+    "strict_schema",
+    "use_constraints",
+]
 
 #: JSON is generated compactly, with the separators ``json.dumps`` uses by default: small models
 #: wander into runs of whitespace when a grammar allows it anywhere.
@@ -75,7 +82,7 @@ def grammar_source(response_format: object) -> tuple[str, str] | None:
     schema_of = getattr(response_format, "model_json_schema", None)
     if isinstance(response_format, type) and callable(schema_of):
         # A class describes exactly its fields, as OpenAI's strict mode reads one.
-        return "json_schema", _dumps(_strict(schema_of()))
+        return "json_schema", _dumps(strict_schema(schema_of()))
     if not isinstance(response_format, Mapping):
         raise GrammarError(
             f"response_format must be a mapping or a Pydantic model class, not {type(response_format).__name__}"
@@ -93,7 +100,7 @@ def grammar_source(response_format: object) -> tuple[str, str] | None:
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(spec, Mapping) or not isinstance(schema, Mapping):
             raise GrammarError('response_format of type "json_schema" needs json_schema.schema, a JSON schema object')
-        return "json_schema", _dumps(_strict(schema) if spec.get("strict") else schema)
+        return "json_schema", _dumps(strict_schema(schema) if spec.get("strict") else schema)
     field = "pattern" if kind == "regex" else "grammar"
     text = response_format.get(field)
     if not isinstance(text, str) or not text:
@@ -101,19 +108,19 @@ def grammar_source(response_format: object) -> tuple[str, str] | None:
     return kind, text
 
 
-def _strict(schema: Any) -> Any:
+def strict_schema(schema: Any) -> Any:
     """``schema`` with ``additionalProperties: false`` on every object that does not say otherwise.
 
     OpenAI's strict mode forbids keys a schema does not list; JSON Schema alone allows them, so
     a model would be free to wander into extra keys.
     """
     if isinstance(schema, Mapping):
-        out = {key: _strict(value) for key, value in schema.items()}
+        out = {key: strict_schema(value) for key, value in schema.items()}
         if ("properties" in out or out.get("type") == "object") and "additionalProperties" not in out:
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
-        return [_strict(item) for item in schema]
+        return [strict_schema(item) for item in schema]
     return schema
 
 
