@@ -14,8 +14,10 @@ from infer_conformance.tolerances import assert_consistent
 pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:resources")]
 
 MiB = 1024 * 1024
-#: Memory a round of full-context caches aims at: large enough that a leak shows above allocator noise.
+#: Memory a round of full-context caches aims at (2 to 16 caches): a leak of 3 rounds shows above
+#: the slack on a real model; the tiny fixture's caches are too small to fill it.
 ROUND_BYTES = 64 * MiB
+ROUNDS = 3
 #: Growth allowed on top of one round's caches: allocator slack and lazily built kernels, not a leak.
 SLACK = 16 * MiB
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
@@ -39,18 +41,18 @@ def test_caches_at_full_context_released_repeatedly_give_their_memory_back(model
 
     process = psutil.Process()
     per_cache = max(_full(model, 1), 1)
-    count = int(np.clip(ROUND_BYTES // per_cache, 2, 64))
+    count = int(np.clip(ROUND_BYTES // per_cache, 2, 16))
     # Two warm-up rounds: kernels, arenas and allocator pools settle (ONNX Runtime's arena grows
     # once more on the second run of a new batch shape, then stays flat).
     round_bytes = max(_full(model, count) for _ in range(2))
     gc.collect()
     before = process.memory_info().rss
-    for _ in range(4):
+    for _ in range(ROUNDS):
         _full(model, count)
     gc.collect()
     grown = process.memory_info().rss - before
     assert grown <= round_bytes + SLACK, (
-        f"RSS grew by {grown / MiB:.1f} MiB over 4 rounds of {count} released full-context caches "
+        f"RSS grew by {grown / MiB:.1f} MiB over {ROUNDS} rounds of {count} released full-context caches "
         f"({round_bytes / MiB:.1f} MiB a round): released caches keep their memory"
     )
 
