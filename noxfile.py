@@ -6,6 +6,7 @@ nox -s bench         infer bench on the fake and ONNX backends, and the sampler 
 nox -s fixtures      regenerate the tiny Llama fixture (deterministic)
 nox -s goldens       regenerate golden references with transformers + torch (dev only)
 nox -s tests         the test matrix, through tox (the README's command)
+nox -s stress        the conformance suite 20 runs in a row on fake and onnx (flake hunt; -- BACKEND... to choose)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PACKAGES = [
     "packages/infer-backend-fake",
     "packages/infer-backend-onnx",
     "packages/infer-backend-coreml",
+    "packages/infer-backend-numpy",
     "conformance",
 ]
 nox.options.sessions = ["tests"]
@@ -96,3 +98,19 @@ def goldens(session: nox.Session) -> None:
     """Regenerate golden references with transformers + torch (never a project dependency)."""
     session.install("torch==2.13.0", "transformers", "gguf", "-e", "packages/infer-core", "-e", "conformance")
     session.run("python", "tools/py_ref/make_goldens.py", *session.posargs)
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """The whole conformance suite 20 runs in a row per backend: any failure is a flake to fix."""
+    backends = session.posargs or ["fake", "onnx"]
+    packages = ["packages/infer-core", "packages/infer-backend-fake", "packages/infer-backend-onnx", "conformance"]
+    if "numpy" in backends:
+        packages.append("packages/infer-backend-numpy")
+    session.install("pytest", "pytest-timeout", "hypothesis", *(arg for package in packages for arg in ("-e", package)))
+    for backend in backends:
+        for run in range(1, 21):
+            session.log(f"{backend}: run {run} of 20")
+            session.run(
+                "pytest", "--pyargs", "infer_conformance", "--infer-backend", backend, "-q", "-p", "no:cacheprovider"
+            )

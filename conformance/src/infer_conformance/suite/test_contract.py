@@ -45,17 +45,3 @@ def test_vocab_covers_the_tokenizer(model):
     assert model.vocab_size >= model.tokenizer.vocab_size - 64  # models may pad or trim added tokens
     ids = model.encode("hello world")
     assert all(0 <= i < model.vocab_size for i in ids)
-
-
-def test_vocab_matches_the_bundle_config(suite, model):
-    from pathlib import Path
-
-    from infer.bundle import is_bundle
-    from infer.resolve import resolve_model
-
-    path = resolve_model(suite.model) or Path(suite.model)
-    if not is_bundle(path):
-        pytest.skip("the model under test is not a bundle folder: no config.json to compare with")
-    import json
-
-    assert model.vocab_size == json.loads((path / "config.json").read_text())["vocab_size"]
