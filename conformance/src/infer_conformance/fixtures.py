@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-__all__ = ["DATA", "GOLDENS", "SMOLLM2_GOLDENS", "TINY_LLAMA", "TINY_LLAMA_GOLDENS"]
+__all__ = ["DATA", "FAMILY_FIXTURES", "GOLDENS", "SMOLLM2_GOLDENS", "TINY_LLAMA", "TINY_LLAMA_GOLDENS"]
 
 #: Folder of the package data.
 DATA: Final = Path(__file__).resolve().parent / "data"
@@ -23,3 +23,12 @@ GOLDENS: Final = DATA / "goldens"
 TINY_LLAMA_GOLDENS: Final = GOLDENS / "tiny-llama"
 #: Greedy continuations of SmolLM2-135M-Instruct (fp32), prompts and ids included.
 SMOLLM2_GOLDENS: Final = GOLDENS / "smollm2.json"
+#: A tiny bundle per model family (tools/make_family_fixtures.py), by family name; the goldens
+#: of fixture folder ``X`` are ``GOLDENS / f"{X.name}.npz"`` and ``.json``.
+FAMILY_FIXTURES: Final[dict[str, Path]] = {
+    "llama": TINY_LLAMA,
+    "mistral": DATA / "tiny-mistral",
+    "qwen3": DATA / "tiny-qwen3",
+    "gemma3": DATA / "tiny-gemma3",
+    "gemma2": DATA / "tiny-gemma2",
+}
