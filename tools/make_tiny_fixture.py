@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +135,29 @@ def make_weights(seed: int) -> dict[str, np.ndarray]:
     return weights
 
 
-def build(out: Path, seed: int) -> Path:
-    """Write the bundle to ``out`` (replaced whole, through a temporary sibling folder)."""
+def write_bundle(out: Path, fill: Callable[[Path], None]) -> Path:
+    """Let ``fill`` write a bundle into a temporary sibling folder, then replace ``out`` with it whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        fill(tmp)
+        # mkdtemp makes the folder private; the fixture is ordinary repository data.
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build(out: Path, seed: int) -> Path:
+    """Write the bundle to ``out`` (replaced whole, through a temporary sibling folder)."""
+
+    def fill(tmp: Path) -> None:
         tok = train_tokenizer()
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
@@ -159,17 +178,8 @@ def build(out: Path, seed: int) -> Path:
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
         save_file(make_weights(seed), str(tmp / "model.safetensors"), metadata={"format": "pt", "seed": str(seed)})
-        # mkdtemp makes the folder private; the fixture is ordinary repository data.
-        tmp.chmod(0o755)
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_bundle(out, fill)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The numpy reference forward: self-consistency, input checks, variants, and the goldens."""
+"""The numpy reference forward: self-consistency, input checks, variants, and every family's goldens."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,10 +15,12 @@ from safetensors.numpy import load_file, save_file
 
 from infer.bundle import Bundle
 from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
-from infer_conformance.fixtures import SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
+from infer_conformance.fixtures import FAMILY_FIXTURES, GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA
 from infer_conformance.reference import ReferenceModel
 
 pytestmark = pytest.mark.unit
+
+Family = tuple[ReferenceModel, dict[str, np.ndarray], dict[str, Any]]
 
 IDS = [5, 77, 300, 12, 12, 250, 3, 99, 180, 41, 7]
 
@@ -120,35 +123,75 @@ def test_qwen2_qkv_bias_is_added(tiny: ReferenceModel, tmp_path: Path) -> None:
     assert np.abs(biased.forward(IDS) - tiny.forward(IDS)).max() > 1e-2
 
 
-def _tiny_goldens() -> tuple[dict[str, np.ndarray], dict[str, object]]:
-    npz, meta = TINY_LLAMA_GOLDENS.with_suffix(".npz"), TINY_LLAMA_GOLDENS.with_suffix(".json")
+FAMILIES = sorted(FAMILY_FIXTURES)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> tuple[ReferenceModel, dict[str, np.ndarray], dict[str, Any]]:
+    """The reference of one family fixture with its transformers goldens."""
+    folder = FAMILY_FIXTURES[request.param]
+    npz, meta = GOLDENS / f"{folder.name}.npz", GOLDENS / f"{folder.name}.json"
     if not npz.is_file():
         pytest.skip(f"{npz} not generated yet (tools/py_ref/make_goldens.py)")
     with np.load(npz) as data:
         arrays = dict(data)
-    return arrays, json.loads(meta.read_text())
+    return ReferenceModel(Bundle.open(folder)), arrays, json.loads(meta.read_text())
 
 
-def test_full_forward_matches_the_transformers_goldens(tiny: ReferenceModel) -> None:
-    arrays, meta = _tiny_goldens()
-    for n, prompt in enumerate(meta["prompts"]):  # type: ignore[arg-type]
-        np.testing.assert_allclose(tiny.forward(prompt["ids"]), arrays[f"full_{n}"], atol=1e-5, rtol=0)
+# float64 against transformers' float32: the goldens' own rounding grows with the logit scale.
+GOLDEN_ATOL = 5e-5
 
 
-def test_prefill_and_decode_match_the_transformers_goldens(tiny: ReferenceModel) -> None:
-    arrays, meta = _tiny_goldens()
-    for n, prompt in enumerate(meta["prompts"]):  # type: ignore[arg-type]
+def test_full_forward_matches_the_transformers_goldens(family: Family) -> None:
+    model, arrays, meta = family
+    for n, prompt in enumerate(meta["prompts"]):
+        np.testing.assert_allclose(model.forward(prompt["ids"]), arrays[f"full_{n}"], atol=GOLDEN_ATOL, rtol=0)
+
+
+def test_prefill_and_decode_match_the_transformers_goldens(family: Family) -> None:
+    model, arrays, meta = family
+    for n, prompt in enumerate(meta["prompts"]):
         ids = prompt["ids"]
-        cache = tiny.new_cache()
-        got = [tiny.step(cache, ids[:-1]), *(tiny.step(cache, [t]) for t in [ids[-1], *prompt["greedy"][:-1]])]
-        np.testing.assert_allclose(got[0], arrays[f"prefill_{n}"], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(np.concatenate(got[1:]), arrays[f"decode_{n}"], atol=1e-5, rtol=0)
+        cache = model.new_cache()
+        got = [model.step(cache, ids[:-1]), *(model.step(cache, [t]) for t in [ids[-1], *prompt["greedy"][:-1]])]
+        np.testing.assert_allclose(got[0], arrays[f"prefill_{n}"], atol=GOLDEN_ATOL, rtol=0)
+        np.testing.assert_allclose(np.concatenate(got[1:]), arrays[f"decode_{n}"], atol=GOLDEN_ATOL, rtol=0)
 
 
-def test_greedy_continuations_match_the_transformers_goldens(tiny: ReferenceModel) -> None:
-    _, meta = _tiny_goldens()
-    for prompt in meta["prompts"]:  # type: ignore[attr-defined]
-        assert tiny.greedy(prompt["ids"], len(prompt["greedy"])) == prompt["greedy"]
+def test_greedy_continuations_match_the_transformers_goldens(family: Family) -> None:
+    model, _, meta = family
+    for prompt in meta["prompts"]:
+        assert model.greedy(prompt["ids"], len(prompt["greedy"])) == prompt["greedy"]
+
+
+def test_windowed_family_prompts_run_far_past_the_window(family: Family) -> None:
+    model, _, meta = family
+    windows = [w for w in model.spec.sliding_windows if w is not None]
+    if windows:
+        assert min(len(p["ids"]) for p in meta["prompts"]) > 3 * max(windows)
+
+
+def test_chunked_prefill_past_the_window_matches_the_full_forward() -> None:
+    model = ReferenceModel(Bundle.open(FAMILY_FIXTURES["gemma3"]))
+    ids = [int(t) for t in np.random.default_rng(1).integers(0, model.vocab_size, 70)]
+    cache = model.new_cache()
+    chunks = [model.step(cache, ids[i : i + 13]) for i in range(0, len(ids), 13)]
+    np.testing.assert_allclose(np.concatenate(chunks), model.forward(ids), atol=1e-5, rtol=0)
+
+
+def test_sliding_window_changes_logits_only_past_the_window(tmp_path: Path) -> None:
+    windowed = Bundle.open(FAMILY_FIXTURES["mistral"])
+    window = windowed.spec.sliding_windows[0]
+    assert window is not None
+    out = tmp_path / "unwindowed"
+    shutil.copytree(FAMILY_FIXTURES["mistral"], out)
+    cfg = json.loads((out / "config.json").read_text()) | {"sliding_window": None}
+    (out / "config.json").write_text(json.dumps(cfg))
+    ids = [int(t) for t in np.random.default_rng(2).integers(0, windowed.spec.vocab_size, 3 * window)]
+    a, b = ReferenceModel(windowed).forward(ids), ReferenceModel(Bundle.open(out)).forward(ids)
+    # A query at position p sees `window` keys: up to p = window - 1 that is every key.
+    np.testing.assert_allclose(a[:window], b[:window], atol=1e-6, rtol=0)
+    assert np.abs(a[window:] - b[window:]).max(axis=-1).min() > 1e-4
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@ Writes into conformance/src/infer_conformance/data/goldens/:
 * ``tiny-llama.npz`` + ``tiny-llama.json``: for 3 fixed prompts on the tiny fixture, the logits of
   a full forward (every position), of a prefill of all but the last prompt token, and of the 16
   decode steps that follow (last prompt token, then each greedy token), plus the 16 greedy ids;
+* the same for every family fixture ``data/tiny-<family>`` (tools/make_family_fixtures.py), named
+  after its folder, with prompts of 60-100 tokens that run far past the fixtures' window of 16;
 * ``smollm2.json`` (with ``--smollm2``): greedy continuations (up to 48 tokens, stopping at an
   end-of-turn id) of SmolLM2-135M-Instruct in float32, as transformers loads the GGUF, for chat
   and raw prompts, with the prompt ids.
@@ -30,7 +32,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from infer_conformance.fixtures import GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA, TINY_LLAMA_GOLDENS
+from infer_conformance.fixtures import DATA, GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA
 
 TINY_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -38,6 +40,20 @@ TINY_PROMPTS = [
     [{"role": "user", "content": "What is two plus two?"}],
 ]
 TINY_NEW_TOKENS = 16
+
+#: Prompts of the family fixtures (tools/make_family_fixtures.py): 60-100 tokens, several times
+#: their sliding window of 16, so that the 16 decode steps too run far past it.
+FAMILY_PROMPTS = [
+    "Once upon a time a little robot learned to paint the sky blue, then green, then gold. "
+    "The weather today is sunny with a light breeze; tomorrow it will rain in the hills. "
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(i, i * i)\n"
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14159 -17 1e-5 and more numbers 7 8 9",
+    [
+        {"role": "system", "content": "you are a helpful assistant. Keep answers brief and clear."},
+        {"role": "user", "content": "What is two plus two? Tell me about the weather today and the little robot."},
+    ],
+]
 
 SMOLLM2_CHATS = [
     "What is 2+2?",
@@ -87,30 +103,44 @@ def versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def tiny() -> None:
-    """Goldens of the tiny fixture."""
-    model = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+def fixture_goldens(folder: Path, prompts: list[Any], source: str) -> None:
+    """Goldens of one tiny fixture folder, written to ``GOLDENS / folder.name`` (.npz and .json)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     arrays: dict[str, np.ndarray] = {}
-    prompts = []
-    for n, prompt in enumerate(TINY_PROMPTS):
+    cases = []
+    for n, prompt in enumerate(prompts):
         text, ids = encode(tokenizer, prompt)
         arrays[f"full_{n}"] = model(torch.tensor([ids])).logits[0].float().numpy()
         prefill, steps, greedy = greedy_steps(model, ids, TINY_NEW_TOKENS, stop=set())
         arrays[f"prefill_{n}"] = prefill
         arrays[f"decode_{n}"] = np.stack(steps)
-        prompts.append({"text": text, "ids": ids, "greedy": greedy, "greedy_text": tokenizer.decode(greedy)})
+        cases.append({"text": text, "ids": ids, "greedy": greedy, "greedy_text": tokenizer.decode(greedy)})
     GOLDENS.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(TINY_LLAMA_GOLDENS.with_suffix(".npz"), **{k: v.astype(np.float32) for k, v in arrays.items()})
+    out = GOLDENS / folder.name
+    np.savez_compressed(out.with_suffix(".npz"), **{k: v.astype(np.float32) for k, v in arrays.items()})
     meta = {
-        "model": "tiny-llama (tools/make_tiny_fixture.py)",
-        "produced_by": "tools/py_ref/make_goldens.py (transformers, float32)",
+        "model": f"{folder.name} ({source})",
+        "produced_by": "tools/py_ref/make_goldens.py (transformers, float32, eager attention)",
         "versions": versions(),
         "arrays": "full_N [T, vocab]; prefill_N [T-1, vocab]; decode_N [16, vocab] (feeding ids[-1], then greedy[:-1])",
-        "prompts": prompts,
+        "prompts": cases,
     }
-    TINY_LLAMA_GOLDENS.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {TINY_LLAMA_GOLDENS}.npz/.json")
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {out}.npz/.json ({', '.join(str(len(c['ids'])) for c in cases)} prompt tokens)")
+
+
+def tiny() -> None:
+    """Goldens of the tiny Llama fixture."""
+    fixture_goldens(TINY_LLAMA, TINY_PROMPTS, "tools/make_tiny_fixture.py")
+
+
+def families(names: list[str]) -> None:
+    """Goldens of the family fixtures (every ``data/tiny-*`` folder but tiny-llama, or ``names``)."""
+    folders = [DATA / n for n in names] if names else sorted(DATA.glob("tiny-*"))
+    for folder in folders:
+        if folder.name != TINY_LLAMA.name:
+            fixture_goldens(folder, FAMILY_PROMPTS, "tools/make_family_fixtures.py")
 
 
 @torch.no_grad()
@@ -156,9 +186,13 @@ def main() -> None:
     """Command-line entry."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct GGUF file (skip its goldens when absent)")
+    parser.add_argument("--family", action="append", default=[], help="only this family fixture (repeatable)")
+    parser.add_argument("--skip-tiny", action="store_true", help="leave the tiny-llama goldens as they are")
     args = parser.parse_args()
     torch.manual_seed(0)
-    tiny()
+    if not args.skip_tiny:
+        tiny()
+    families(args.family)
     if args.smollm2:
         smollm2(args.smollm2)
 

@@ -31,10 +31,17 @@ GOLDENS: Final = DATA / "goldens"
 TINY_LLAMA_GOLDENS: Final = GOLDENS / "tiny-llama"
 #: Greedy continuations of SmolLM2-135M-Instruct (fp32), prompts and ids included.
 SMOLLM2_GOLDENS: Final = GOLDENS / "smollm2.json"
-#: Family name -> tiny bundle of that family. The goldens of bundle ``X`` are
-#: ``GOLDENS / f"{X.name}.npz"`` and ``.json`` (the format ``tools/py_ref/make_goldens.py``
-#: writes); the suite grades a backend on every family listed here that it loads.
-FAMILY_FIXTURES: Final[dict[str, Path]] = {"llama": TINY_LLAMA}
+#: Family name -> tiny bundle of that family (tools/make_family_fixtures.py). The goldens of
+#: bundle ``X`` are ``GOLDENS / f"{X.name}.npz"`` and ``.json`` (the format
+#: ``tools/py_ref/make_goldens.py`` writes); the suite grades a backend on every family listed
+#: here that it loads.
+FAMILY_FIXTURES: Final[dict[str, Path]] = {
+    "llama": TINY_LLAMA,
+    "mistral": DATA / "tiny-mistral",
+    "qwen3": DATA / "tiny-qwen3",
+    "gemma3": DATA / "tiny-gemma3",
+    "gemma2": DATA / "tiny-gemma2",
+}
 
 
 def goldens_of(fixture: Path) -> tuple[Path, Path]:

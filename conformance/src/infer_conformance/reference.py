@@ -1,10 +1,13 @@
-"""A plain numpy forward pass of the Llama family: the oracle every backend is checked against.
+"""A plain numpy forward pass of every registered family: the oracle backends are checked against.
 
 The model is written for clarity, not speed: weights are read as float32 (as a bundle ships
 them), held and multiplied in float64, so the reference's own rounding is far below
-any backend tolerance. It covers what :class:`infer.bundle.ArchSpec` describes: RMSNorm,
-rotary embeddings (plain, ``linear`` and ``llama3`` scaling), grouped-query attention,
-SwiGLU, tied or separate output head and the q/k/v biases of qwen2.
+any backend tolerance. It covers what :class:`infer.arch.ArchSpec` describes, reading only
+the spec's fields (never ``model_type``): RMSNorm (plain or ``1 + w``, two or four per layer),
+per-head q/k norm, rotary embeddings (plain, ``linear`` and ``llama3`` scaling, a second base
+for sliding-window layers), grouped-query attention with per-layer sliding windows, scale and
+soft-capping, SwiGLU or GELU-tanh gated MLP, embedding scale, tied or separate output head,
+biases, and final logit soft-capping.
 
 Two ways in: :meth:`ReferenceModel.forward` runs a whole sequence at once, and
 :meth:`ReferenceModel.step` feeds tokens into a :class:`ReferenceCache` (prefill, then one
@@ -24,7 +27,8 @@ import numpy.typing as npt
 from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
 
 if TYPE_CHECKING:
-    from infer.bundle import ArchSpec, Bundle
+    from infer.arch import ArchSpec
+    from infer.bundle import Bundle
 
 __all__ = ["ReferenceCache", "ReferenceModel"]
 
@@ -41,7 +45,7 @@ class ReferenceCache:
 
 
 class ReferenceModel:
-    """The numpy oracle for a Llama-family :class:`~infer.bundle.Bundle`."""
+    """The numpy oracle for a :class:`~infer.bundle.Bundle` of any registered family."""
 
     def __init__(self, bundle: Bundle) -> None:
         self.spec: ArchSpec = bundle.spec
@@ -51,7 +55,13 @@ class ReferenceModel:
             name: np.asarray(bundle.weights[name], dtype=np.float32).astype(np.float64)
             for name in self.spec.expected_shapes()
         }
-        self._inv_freq = self.spec.rope_inv_freq()
+        s = self.spec
+        if s.norm_offset:
+            # (1 + w) norms: fold the offset into the weights once.
+            for name in self.weights:
+                if name.endswith("norm.weight"):
+                    self.weights[name] = self.weights[name] + s.norm_offset
+        self._inv_freq = [s.rope_inv_freq(n) for n in range(s.num_hidden_layers)]
 
     @property
     def vocab_size(self) -> int:
@@ -75,20 +85,28 @@ class ReferenceModel:
         """
         tokens = self._check(cache, ids)
         s, w = self.spec, self.weights
-        x = w["model.embed_tokens.weight"][tokens]
+        x = w["model.embed_tokens.weight"][tokens] * s.embedding_scale
         positions = np.arange(cache.length, cache.length + len(tokens))
-        rope = self._rope(positions)
         for n in range(s.num_hidden_layers):
             p = f"model.layers.{n}."
-            x = x + self._attention(n, _rms_norm(x, w[p + "input_layernorm.weight"], s.rms_norm_eps), cache, rope)
-            h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], s.rms_norm_eps)
+            attn = self._attention(n, self._norm(x, p + "input_layernorm"), cache, positions)
+            if s.sandwich_norms:
+                attn = self._norm(attn, p + "post_attention_layernorm")
+            x = x + attn
+            h = self._norm(x, s.pre_mlp_norm(n).removesuffix(".weight"))
             gate = self._linear(h, p + "mlp.gate_proj")
             up = self._linear(h, p + "mlp.up_proj")
-            x = x + self._linear(gate / (1.0 + np.exp(-gate)) * up, p + "mlp.down_proj")
+            mlp = self._linear(_ACTIVATIONS[s.hidden_act](gate) * up, p + "mlp.down_proj")
+            if s.sandwich_norms:
+                mlp = self._norm(mlp, p + "post_feedforward_layernorm")
+            x = x + mlp
         cache.length += len(tokens)
-        x = _rms_norm(x, w["model.norm.weight"], s.rms_norm_eps)
+        x = self._norm(x, "model.norm")
         head = w["model.embed_tokens.weight"] if s.tie_word_embeddings else w["lm_head.weight"]
-        return (x @ head.T).astype(np.float32)
+        logits = x @ head.T
+        if s.final_softcap is not None:
+            logits = s.final_softcap * np.tanh(logits / s.final_softcap)
+        return logits.astype(np.float32)
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of ``ids`` (prefill then one decode step per token), stopping at an eos id."""
@@ -114,8 +132,11 @@ class ReferenceModel:
             raise ContextLengthError(cache.length + int(tokens.size), self.spec.max_position_embeddings)
         return tokens
 
-    def _rope(self, positions: npt.NDArray[np.int64]) -> tuple[F64, F64]:
-        angles = positions[:, None].astype(np.float64) * self._inv_freq[None, :]
+    def _norm(self, x: F64, prefix: str) -> F64:
+        return _rms_norm(x, self.weights[prefix + ".weight"], self.spec.rms_norm_eps)
+
+    def _rope(self, layer: int, positions: npt.NDArray[np.int64]) -> tuple[F64, F64]:
+        angles = positions[:, None].astype(np.float64) * self._inv_freq[layer][None, :]
         # Half-split layout (the Hugging Face one): dimension i pairs with i + head_dim/2.
         angles = np.concatenate([angles, angles], axis=-1)
         return np.cos(angles), np.sin(angles)
@@ -125,24 +146,34 @@ class ReferenceModel:
         bias = self.weights.get(prefix + ".bias")
         return y if bias is None else y + bias
 
-    def _attention(self, n: int, h: F64, cache: ReferenceCache, rope: tuple[F64, F64]) -> F64:
-        cos, sin = rope
+    def _attention(self, n: int, h: F64, cache: ReferenceCache, positions: npt.NDArray[np.int64]) -> F64:
+        cos, sin = self._rope(n, positions)
         p = f"model.layers.{n}."
         s = self.spec
         t, d = h.shape[0], s.head_dim
         q = self._linear(h, p + "self_attn.q_proj").reshape(t, s.num_attention_heads, d).transpose(1, 0, 2)
         k = self._linear(h, p + "self_attn.k_proj").reshape(t, s.num_key_value_heads, d).transpose(1, 0, 2)
         v = self._linear(h, p + "self_attn.v_proj").reshape(t, s.num_key_value_heads, d).transpose(1, 0, 2)
+        if s.qk_norm:
+            # Per head, over head_dim, before the rotation.
+            q, k = self._norm(q, p + "self_attn.q_norm"), self._norm(k, p + "self_attn.k_norm")
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys = np.concatenate([cache.keys[n], k], axis=1)
         values = np.concatenate([cache.values[n], v], axis=1)
         cache.keys[n], cache.values[n] = keys, values
         group = s.num_attention_heads // s.num_key_value_heads
         keys, values = np.repeat(keys, group, axis=0), np.repeat(values, group, axis=0)
-        scores = q @ keys.transpose(0, 2, 1) / math.sqrt(d)
+        scores = q @ keys.transpose(0, 2, 1) * s.scale
+        if s.attention_softcap is not None:
+            scores = s.attention_softcap * np.tanh(scores / s.attention_softcap)
         past = cache.length
-        # Query i (absolute position past + i) sees keys 0 .. past + i.
-        visible = np.arange(past + t)[None, :] <= (past + np.arange(t))[:, None]
+        # Query i (absolute position past + i) sees keys 0 .. past + i, and with a window W
+        # only the last W of them (its own included).
+        query_pos, key_pos = (past + np.arange(t))[:, None], np.arange(past + t)[None, :]
+        visible = key_pos <= query_pos
+        window = s.window(n)
+        if window is not None:
+            visible &= key_pos > query_pos - window
         scores = np.where(visible[None], scores, -np.inf)
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
@@ -154,6 +185,20 @@ class ReferenceModel:
 def _rms_norm(x: F64, weight: F64, eps: float) -> F64:
     scale: F64 = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return x * scale * weight
+
+
+def _gelu_tanh(x: F64) -> F64:
+    out: F64 = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return out
+
+
+def _silu(x: F64) -> F64:
+    out: F64 = x / (1.0 + np.exp(-x))
+    return out
+
+
+#: The gated-MLP activations by :attr:`ArchSpec.hidden_act`.
+_ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
 
 
 def _rotate(x: F64, cos: F64, sin: F64) -> F64:

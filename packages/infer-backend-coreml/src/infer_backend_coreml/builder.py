@@ -163,6 +163,11 @@ class ConstantKV:
         return value
 
 
+#: :data:`infer.arch.FEATURES` entries this builder writes: none yet, so sliding windows,
+#: q/k norm, Gemma's norms and the rest are refused at load (the onnx backend runs them).
+SUPPORTED_FEATURES: Final[frozenset[str]] = frozenset()
+
+
 @dataclass
 class DecoderGraph:
     """Writes the decoder's MIL ops for one function (one static chunk length).
@@ -178,6 +183,10 @@ class DecoderGraph:
     #: ``silu`` op has no value inference in coremltools, so it becomes x * sigmoid(x).
     foldable: bool = False
     _consts: dict[str, Var] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # A family feature this graph does not write would be silently dropped: refuse instead.
+        self.spec.require(SUPPORTED_FEATURES, backend="coreml")
 
     @property
     def np_dtype(self) -> type[np.floating[Any]]:

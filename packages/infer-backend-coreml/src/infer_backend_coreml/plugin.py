@@ -91,6 +91,11 @@ def infer_load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None
     """Build (or take from the cache) the bundle's package and load it; ``None`` for other backends."""
     if spec.backend != BACKEND:
         return None
+    if spec.bundle is not None:
+        # Checked before the platform: a model this backend cannot run is refused everywhere.
+        from infer_backend_coreml.builder import SUPPORTED_FEATURES
+
+        spec.bundle.spec.require(SUPPORTED_FEATURES, backend=BACKEND, path=spec.bundle.path)
     reason = unavailable_reason()
     if reason is not None:
         raise BackendUnavailableError(reason, backend=BACKEND, device=spec.device)

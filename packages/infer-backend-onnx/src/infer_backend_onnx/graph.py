@@ -1,4 +1,4 @@
-"""Build an ONNX decoder graph with an in-place KV cache from a Llama-family bundle.
+"""Build an ONNX decoder graph with an in-place KV cache from a bundle of any registered family.
 
 The graph is written with :mod:`onnx.helper` straight from the bundle's safetensors; no
 framework export is involved. One graph serves prefill and decode:
@@ -19,6 +19,14 @@ when ``present`` is bound to the very buffer bound as ``past``, it writes the ne
 values in place, so a decode step costs no copy of the cache. Positions come from
 ``seqlens_k``, which is why the graph needs no position input.
 
+Family features come from the bundle's :class:`~infer.arch.ArchSpec`, never its ``model_type``:
+sliding windows are the op's ``local_window_size`` (per layer, so prefill, chunked prefill and
+decode all mask the same way however far past the window; the cache keeps every position),
+attention soft-capping its ``softcap``, the attention scale its ``scale``; layers with another
+RoPE base read their own cos/sin tables; q/k norm is an RMSNorm per head before the op (its
+built-in q/k norm inputs have no CPU kernel); Gemma's extra norms, ``(1 + w)`` weights,
+embedding scale, GELU-tanh and final soft-capping are plain ops around it.
+
 Precisions: ``fp32`` (the default, exact to the reference), ``fp16`` (weights, activations
 and cache in half precision; logits cast back to float32), ``int4`` (every projection and the
 output head as ``MatMulNBits`` with symmetric 4-bit blocks and int8 activations, cache in
@@ -27,7 +35,6 @@ float32; the embedding table stays float32 since a lookup reads one row per toke
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
@@ -48,6 +55,7 @@ __all__ = [
     "DATA_FILE",
     "DTYPES",
     "MODEL_FILE",
+    "SUPPORTED_FEATURES",
     "GraphConfig",
     "build_decoder",
     "past_names",
@@ -55,9 +63,24 @@ __all__ = [
 ]
 
 #: Bumped whenever the graph this module writes changes, so cached builds are rebuilt.
-BUILDER_VERSION: Final = "2"
+BUILDER_VERSION: Final = "3"
 #: Precisions :func:`build_decoder` can write, default first.
 DTYPES: Final = ("fp32", "fp16", "int4")
+#: Every :data:`infer.arch.FEATURES` entry the graph builds (all of them, checked at build).
+SUPPORTED_FEATURES: Final = frozenset(
+    {
+        "sliding_window",
+        "local_rope",
+        "qk_norm",
+        "norm_offset",
+        "sandwich_norms",
+        "gelu_tanh",
+        "embedding_scale",
+        "attention_scale",
+        "attention_softcap",
+        "final_softcap",
+    }
+)
 #: File names of a build inside its folder.
 MODEL_FILE: Final = "model.onnx"
 DATA_FILE: Final = "model.onnx.data"
@@ -132,6 +155,7 @@ def build_decoder(bundle: Bundle, config: GraphConfig, out_dir: Path) -> Path:
     """
     import onnx
 
+    bundle.spec.require(SUPPORTED_FEATURES, backend="onnx", path=bundle.path)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / DATA_FILE).open("wb") as data:
         builder = _GraphBuilder(bundle.spec, config, _ExternalData(data, DATA_FILE))
@@ -177,6 +201,7 @@ class _GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
+        self._shared: set[str] = set()
         self.act_dtype = np.float16 if config.dtype == "fp16" else np.float32
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -282,23 +307,69 @@ class _GraphBuilder:
         if s.attention_bias:
             bias = np.concatenate([self.weight(bundle, p + f"{n}_proj.bias") for n in "qkv"], axis=0)
         qkv = self.linear(x, p + "qkv_proj", w, bias)
+        qkv_inputs = [qkv, "", ""]
+        if s.qk_norm:
+            # GroupQueryAttention's own q/k norm inputs have no CPU kernel: normalise each head
+            # here, before the op rotates them.
+            q_size, kv_size = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+            sizes = self.const(f"{p}qkv_split", np.array([q_size, kv_size, kv_size], np.int64), external=False)
+            q, k, v = self.op("Split", [qkv, sizes], n_out=3, axis=-1)
+            q, k = self.head_norm(bundle, q, p + "q_norm.weight"), self.head_norm(bundle, k, p + "k_norm.weight")
+            qkv_inputs = [q, k, v]
+        window = s.window(layer)
+        attrs: dict[str, Any] = {}
+        if window is not None:
+            # Measured against the reference on ORT 1.32 CPU: a query sees local_window_size keys,
+            # its own included, exactly the spec's window (window - 1 is wrong from position W on).
+            attrs["local_window_size"] = window
+        if s.attention_softcap is not None:
+            attrs["softcap"] = s.attention_softcap
         past_k, past_v = past_names(layer)
         out, _, _ = self.op(
             "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+            [*qkv_inputs, past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
             n_out=3,
             domain=_MS,
             num_heads=s.num_attention_heads,
             kv_num_heads=s.num_key_value_heads,
             do_rotary=1,
             rotary_interleaved=0,
-            scale=1.0 / math.sqrt(s.head_dim),
+            scale=s.scale,
+            **attrs,
         )
         # Name the KV outputs as the I/O contract says.
         node = self.nodes[-1]
         node.output[1], node.output[2] = present_names(layer)
         o_bias = self.weight(bundle, p + "o_proj.bias") if s.o_bias else None
         return self.linear(out, p + "o_proj", self.weight(bundle, p + "o_proj.weight"), o_bias)
+
+    def head_norm(self, bundle: Bundle, x: str, weight: str) -> str:
+        """RMSNorm over each head of ``x`` ``[batch, sequence, heads * head_dim]``, shape kept."""
+        d = self.spec.head_dim
+        per_head = self.shared("head_shape", np.array([0, 0, -1, d], np.int64))
+        flat = self.shared("heads_flat_shape", np.array([0, 0, -1], np.int64))
+        (heads,) = self.op("Reshape", [x, per_head])
+        (normed,) = self.rms_norm(heads, self.norm_weight(bundle, weight))
+        (out,) = self.op("Reshape", [normed, flat])
+        return out
+
+    def rms_norm(self, x: str, weight: str) -> list[str]:
+        """``RMSNormalization`` over the last axis with the spec's epsilon."""
+        return self.op("RMSNormalization", [x, weight], axis=-1, epsilon=self.spec.rms_norm_eps)
+
+    def norm_weight(self, bundle: Bundle, name: str) -> str:
+        """A norm's weight in the activation dtype, with the spec's offset folded in ((1 + w) norms)."""
+        if name not in self._shared:
+            w = self.weight(bundle, name) + np.float32(self.spec.norm_offset)
+            self.shared(name, w.astype(self.act_dtype))
+        return name
+
+    def shared(self, name: str, array: npt.NDArray[Any]) -> str:
+        """A small constant made once however many nodes read it."""
+        if name not in self._shared:
+            self._shared.add(name)
+            self.const(name, array, external=False)
+        return name
 
     def mlp(self, bundle: Bundle, layer: int, x: str) -> str:
         s = self.spec
@@ -315,9 +386,12 @@ class _GraphBuilder:
         gate_up = self.linear(x, p + "gate_up_proj", np.concatenate([w_gate, w_up]), bias)
         split = self.const(f"{p}split", np.array([s.intermediate_size] * 2, dtype=np.int64), external=False)
         gate, up = self.op("Split", [gate_up, split], n_out=2, axis=-1)
-        (sig,) = self.op("Sigmoid", [gate])
-        (silu,) = self.op("Mul", [gate, sig])
-        (h,) = self.op("Mul", [silu, up])
+        if s.hidden_act == "gelu_tanh":
+            (act,) = self.op("Gelu", [gate], approximate="tanh")
+        else:
+            (sig,) = self.op("Sigmoid", [gate])
+            (act,) = self.op("Mul", [gate, sig])
+        (h,) = self.op("Mul", [act, up])
         w_down, b_down = proj("down_proj")
         return self.linear(h, p + "down_proj", w_down, b_down)
 
@@ -335,13 +409,18 @@ class _GraphBuilder:
         node.output[1] = node.output[2] = ""
         return normed, total
 
-    def rope_tables(self) -> tuple[str, str]:
+    def rope_tables(self) -> dict[int, tuple[str, str]]:
+        """cos/sin caches by layer: one pair per distinct set of frequencies (two on Gemma 3)."""
         s = self.spec
-        inv = s.rope_inv_freq()
-        angles = np.arange(s.max_position_embeddings, dtype=np.float64)[:, None] * inv[None, :]
-        cos = self.const("rope.cos_cache", np.cos(angles).astype(self.act_dtype))
-        sin = self.const("rope.sin_cache", np.sin(angles).astype(self.act_dtype))
-        return cos, sin
+        tables: dict[int, tuple[str, str]] = {}
+        for n, (freqs, layers) in enumerate(s.rope_groups().items()):
+            inv = np.asarray(freqs, dtype=np.float64)
+            angles = np.arange(s.max_position_embeddings, dtype=np.float64)[:, None] * inv[None, :]
+            prefix = "rope." if n == 0 else f"rope.{n}."
+            cos = self.const(prefix + "cos_cache", np.cos(angles).astype(self.act_dtype))
+            sin = self.const(prefix + "sin_cache", np.sin(angles).astype(self.act_dtype))
+            tables |= dict.fromkeys(layers, (cos, sin))
+        return tables
 
     def build(self, bundle: Bundle) -> onnx.ModelProto:
         from onnx import TensorProto, helper
@@ -350,24 +429,27 @@ class _GraphBuilder:
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
         embed_w = self.weight(bundle, "model.embed_tokens.weight")
         embed = self.const("model.embed_tokens.weight", embed_w.astype(dt))
-        cos, sin = self.rope_tables()
+        rope = self.rope_tables()
         (x,) = self.op("Gather", [embed, "input_ids"])
+        if s.embedding_scale != 1.0:
+            # In the activation dtype, as transformers scales Gemma's embeddings.
+            scale = self.const("embedding_scale", np.array(s.embedding_scale, dtype=dt), external=False)
+            (x,) = self.op("Mul", [x, scale])
 
         def norm_weight(name: str) -> str:
-            return self.const(name, self.weight(bundle, name).astype(dt), external=False)
+            return self.norm_weight(bundle, name)
 
-        (h,) = self.op(
-            "RMSNormalization",
-            [x, norm_weight("model.layers.0.input_layernorm.weight")],
-            axis=-1,
-            epsilon=s.rms_norm_eps,
-        )
+        (h,) = self.rms_norm(x, norm_weight("model.layers.0.input_layernorm.weight"))
         residual = x
         for layer in range(s.num_hidden_layers):
             p = f"model.layers.{layer}."
-            attn = self.attention(bundle, layer, h, cos, sin)
-            h, residual = self.skip_norm(attn, residual, norm_weight(p + "post_attention_layernorm.weight"))
+            attn = self.attention(bundle, layer, h, *rope[layer])
+            if s.sandwich_norms:
+                (attn,) = self.rms_norm(attn, norm_weight(p + "post_attention_layernorm.weight"))
+            h, residual = self.skip_norm(attn, residual, norm_weight(s.pre_mlp_norm(layer)))
             mlp = self.mlp(bundle, layer, h)
+            if s.sandwich_norms:
+                (mlp,) = self.rms_norm(mlp, norm_weight(p + "post_feedforward_layernorm.weight"))
             nxt = f"model.layers.{layer + 1}.input_layernorm.weight"
             h, residual = self.skip_norm(
                 mlp, residual, norm_weight(nxt if layer + 1 < s.num_hidden_layers else "model.norm.weight")
@@ -386,6 +468,11 @@ class _GraphBuilder:
             (logits,) = self.op("Gemm", [last, head], transB=1)
             if dt != np.float32:
                 (logits,) = self.op("Cast", [logits], to=TensorProto.FLOAT)
+        if s.final_softcap is not None:
+            cap = self.const("final_softcap", np.array(s.final_softcap, dtype=np.float32), external=False)
+            (scaled,) = self.op("Div", [logits, cap])
+            (capped,) = self.op("Tanh", [scaled])
+            (logits,) = self.op("Mul", [capped, cap])
         self.nodes[-1].output[0] = "logits"
 
         kv_shape = ["batch", s.num_key_value_heads, "kv_capacity", s.head_dim]

@@ -3,7 +3,8 @@
 A bundle folder holds ``config.json``, ``*.safetensors`` (or a sharded
 ``model.safetensors.index.json``), ``tokenizer.json``, ``tokenizer_config.json`` and/or
 ``chat_template.jinja``, and optionally ``generation_config.json``. :meth:`Bundle.open`
-validates the configuration into an :class:`ArchSpec` and checks every safetensors header
+validates the configuration into an :class:`~infer.arch.ArchSpec` (through the
+architecture registry, :mod:`infer.arch`) and checks every safetensors header
 against it (names, shapes, dtypes, file sizes) without reading tensor data; weights stay on
 disk until a backend reads them, so a bundle that fails to open leaves nothing loaded.
 """
@@ -22,188 +23,15 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-from infer.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from infer.arch import ArchSpec, spec_from_config
+from infer.errors import ModelFormatError, ModelNotFoundError
 
 __all__ = ["ArchSpec", "Bundle", "TensorInfo", "Weights", "is_bundle"]
-
-#: ``model_type`` values of the Llama family that share one decoder layout.
-SUPPORTED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "smollm"})
 
 #: safetensors dtypes a weight may have; BF16 is widened to float32 on read (numpy has no bfloat16).
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ArchSpec:
-    """The decoder architecture a backend needs to build the model (Llama family)."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    rope_theta: float
-    #: ``rope_scaling`` / ``rope_parameters`` as in config.json (``None``: plain RoPE).
-    rope_scaling: Mapping[str, Any] | None = None
-    tie_word_embeddings: bool = False
-    #: Bias on the q/k/v projections (qwen2, or ``attention_bias`` in a llama config).
-    attention_bias: bool = False
-    #: Bias on the output projection of attention.
-    o_bias: bool = False
-    #: Bias on the MLP projections.
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, path: Path | None = None) -> ArchSpec:
-        """Validate a parsed ``config.json``; raise a typed error naming what is wrong."""
-        model_type = str(config.get("model_type", ""))
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"config.json: model_type {model_type!r} is not supported; "
-                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}",
-                path=path,
-            )
-        act = config.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"config.json: hidden_act {act!r} is not supported (only 'silu')", path=path)
-
-        def need_int(key: str, default: int | None = None) -> int:
-            value = config.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelFormatError(f"config.json: {key} must be a positive integer, got {value!r}", path=path)
-            return value
-
-        def need_float(key: str, value: Any) -> float:
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-                raise ModelFormatError(f"config.json: {key} must be a positive number, got {value!r}", path=path)
-            return float(value)
-
-        heads = need_int("num_attention_heads")
-        hidden = need_int("hidden_size")
-        if config.get("head_dim") is not None:
-            head_dim = need_int("head_dim")
-        elif hidden % heads:
-            raise ModelFormatError(
-                f"config.json: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
-                "and no head_dim is given",
-                path=path,
-            )
-        else:
-            head_dim = hidden // heads
-        if head_dim % 2:
-            raise ModelFormatError(f"config.json: head_dim={head_dim} must be even for rotary embeddings", path=path)
-        kv_heads = need_int("num_key_value_heads", heads)
-        if heads % kv_heads:
-            raise ModelFormatError(
-                f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}",
-                path=path,
-            )
-        rope_params = config.get("rope_parameters") or {}
-        if not isinstance(rope_params, Mapping):
-            raise ModelFormatError(f"config.json: rope_parameters must be an object, got {rope_params!r}", path=path)
-        rope_theta = need_float("rope_theta", config.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
-        scaling = config.get("rope_scaling")
-        if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling = rope_params
-        if scaling is not None:
-            if not isinstance(scaling, Mapping):
-                raise ModelFormatError(f"config.json: rope_scaling must be an object, got {scaling!r}", path=path)
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind not in ("default", "linear", "llama3"):
-                raise UnsupportedModelError(
-                    f"config.json: rope scaling type {kind!r} is not supported (default, linear, llama3)", path=path
-                )
-            if kind == "default":
-                scaling = None
-            else:
-                need_float("rope_scaling.factor", scaling.get("factor"))
-        # qwen2 always has q/k/v biases (its configs do not say so); llama-style configs set
-        # attention_bias for q/k/v and o together.
-        attention_bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
-        return cls(
-            model_type=model_type,
-            vocab_size=need_int("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=need_int("intermediate_size"),
-            num_hidden_layers=need_int("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=need_int("max_position_embeddings", 2048),
-            rms_norm_eps=need_float("rms_norm_eps", config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=dict(scaling) if scaling is not None else None,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=attention_bias,
-            o_bias=bool(config.get("attention_bias", False)) and model_type != "qwen2",
-            mlp_bias=bool(config.get("mlp_bias", False)),
-        )
-
-    def rope_inv_freq(self) -> npt.NDArray[np.float64]:
-        """Rotary inverse frequencies of one head, ``[head_dim // 2]``, with the configured scaling.
-
-        ``linear`` divides every frequency by ``factor``; ``llama3`` keeps the high frequencies,
-        divides the low ones by ``factor`` and blends the band between the two cut-offs.
-        Backends and the reference forward share this one definition.
-        """
-        d = self.head_dim
-        inv: npt.NDArray[np.float64] = 1.0 / self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-        scaling = self.rope_scaling or {}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        factor = float(scaling.get("factor", 1.0))
-        if kind == "linear":
-            return inv / factor
-        if kind == "llama3":
-            low = float(scaling.get("low_freq_factor", 1.0))
-            high = float(scaling.get("high_freq_factor", 4.0))
-            original = float(scaling.get("original_max_position_embeddings", 8192))
-            # 0 in the low-frequency band (fully scaled), 1 in the high-frequency band (kept).
-            keep = np.clip((original * inv / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
-            return (1 - keep) * inv / factor + keep * inv
-        return inv
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Hugging Face tensor names and shapes this spec requires."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        shapes: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (self.vocab_size, h),
-            "model.norm.weight": (h,),
-        }
-        if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, h)
-        for n in range(self.num_hidden_layers):
-            p = f"model.layers.{n}."
-            shapes |= {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (i, h),
-                p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-            }
-            if self.attention_bias:
-                shapes |= {
-                    p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.bias": (kv,),
-                }
-            if self.o_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (h,)
-            if self.mlp_bias:
-                shapes |= {p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)}
-        return shapes
 
 
 @final
@@ -304,7 +132,7 @@ class Bundle:
         if not root.is_dir():
             raise ModelNotFoundError(f"model folder {str(root)!r} does not exist", path=root)
         config = _read_json(root / "config.json", required=True)
-        spec = ArchSpec.from_config(config, path=root / "config.json")
+        spec = spec_from_config(config, path=root / "config.json")
         if not (root / "tokenizer.json").is_file():
             raise ModelNotFoundError(
                 f"tokenizer.json is missing from model folder {str(root)!r}; "
