@@ -140,8 +140,10 @@ def infer_backend_info() -> infer.BackendInfo:
         capabilities=frozenset({infer.Capability.BATCH, infer.Capability.DETERMINISTIC}),
         max_batch_size=16,
         # float64 maths rounded once to float32: prefill and decode, batched and alone, differ
-        # by float64 summation order only (~1e-12), far below this.
-        logits_atol=1e-5,
+        # by float64 summation order only (~1e-12). Against the float32 goldens the distance is
+        # the goldens' own float32 rounding, up to ~1.4e-5 on the window and Gemma fixtures, so
+        # the declared bound is the suite's fp32 one: it tightens nothing it cannot keep.
+        logits_atol=1e-4,
         priority=-10,  # an example: never preferred over an optimised backend
     )
 
