@@ -26,7 +26,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
     gguf_import = pytest.importorskip("infer.gguf_import")
     folder = tmp_path_factory.mktemp("smollm2")
     bundle = Bundle.open(gguf_import.import_gguf(GGUF, folder / "bundle"))
-    model = plugin.infer_load(load_spec(bundle), {"cache_dir": folder / "cache"})
+    model = plugin.infer_load(load_spec(bundle, dtype="fp32"), {"cache_dir": folder / "cache"})
     assert isinstance(model, OnnxModel)
     return model
 

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from infer.bundle import Bundle
 from infer.errors import ModelError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from infer.gguf_import import import_gguf
+from infer.gguf_tensors import MANIFEST_NAME, GGUFWeights, unpermute_rows
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +30,7 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
 def test_import_reproduces_the_dequantized_weights_in_hugging_face_layout(tmp_path: Path, qtype: Q) -> None:
     expected = write_tiny_gguf(tmp_path / "tiny.gguf", qtype)
     bundle = Bundle.open(import_gguf(tmp_path / "tiny.gguf", tmp_path / "out"))
@@ -39,6 +40,67 @@ def test_import_reproduces_the_dequantized_weights_in_hugging_face_layout(tmp_pa
         assert got.dtype == np.float32, name
         # Quantization blocks run along rows, so un-permuting Q/K rows after dequantizing is exact.
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_1])
+def test_raw_blocks_dequantize_to_the_same_tensor_rows_in_hugging_face_order(tmp_path: Path, qtype: Q) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", qtype)
+    weights = Bundle.open(import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")).weights
+    assert isinstance(weights, GGUFWeights)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        raw = weights.raw(name)
+        assert raw.qtype == qtype.name and raw.shape == weights.info(name).shape
+        assert raw.blocks.dtype == np.uint8 and raw.blocks.shape[0] == raw.shape[0]
+        np.testing.assert_array_equal(
+            gguf.quants.dequantize(raw.blocks, qtype).reshape(raw.shape), weights[name], err_msg=name
+        )
+
+
+def test_import_writes_no_weight_copy_and_links_the_gguf(tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q4_1)
+    out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
+    assert not list(out.glob("*.safetensors"))
+    assert (out / "model.gguf").stat().st_ino == (tmp_path / "tiny.gguf").stat().st_ino
+    # The source can go: the bundle holds its own link to the data.
+    (tmp_path / "tiny.gguf").unlink()
+    bundle = Bundle.open(out)
+    name = "model.embed_tokens.weight"
+    assert bundle.weights[name].shape == bundle.spec.expected_shapes()[name]
+
+
+def test_import_with_move_takes_the_file_into_the_bundle(tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q8_0)
+    size = (tmp_path / "tiny.gguf").stat().st_size
+    out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out", move=True)
+    assert not (tmp_path / "tiny.gguf").exists()
+    assert (out / "model.gguf").stat().st_size == size
+
+
+def test_bundle_whose_gguf_is_gone_says_to_import_again(tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q8_0)
+    out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
+    (out / "model.gguf").unlink()
+    with pytest.raises(ModelNotFoundError, match="import the GGUF again"):
+        Bundle.open(out)
+
+
+def test_bundle_whose_gguf_changed_size_is_refused(tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q8_0)
+    out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out", move=True)
+    with (out / "model.gguf").open("r+b") as f:
+        f.truncate((out / "model.gguf").stat().st_size - 64)
+    with pytest.raises(ModelFormatError, match="truncated"):
+        Bundle.open(out)
+
+
+def test_manifest_naming_bytes_past_the_file_is_refused(tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q8_0)
+    out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["tensors"]["model.norm.weight"]["offset"] = manifest["size"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match=r"model\.norm\.weight"):
+        Bundle.open(out)
 
 
 def test_f32_import_gives_back_the_original_bundle_exactly(tmp_path: Path) -> None:
@@ -184,3 +246,24 @@ def test_smollm2_tokenizer_splits_digits_and_keeps_special_tokens(smollm2: Bundl
     assert ids[0] == 1 and ids[-1] == 2
     assert [tok.id_to_token(i) for i in tok.encode("2024").ids] == ["2", "0", "2", "4"]
     assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nWhat is 2+2?<|im_end|>"
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_smollm2_weights_equal_the_float32_import_bit_for_bit_at_the_size_of_the_gguf(smollm2: Bundle) -> None:
+    reader = gguf.GGUFReader(smollm2.weights.file)  # type: ignore[attr-defined]
+    stored = {t.name: t for t in reader.tensors}
+    checks = {
+        "model.embed_tokens.weight": ("token_embd.weight", 0),
+        "model.layers.3.self_attn.q_proj.weight": ("blk.3.attn_q.weight", 9),
+        "model.layers.3.self_attn.k_proj.weight": ("blk.3.attn_k.weight", 3),
+        "model.layers.29.mlp.down_proj.weight": ("blk.29.ffn_down.weight", 0),
+    }
+    for name, (gguf_name, heads) in checks.items():
+        t = stored[gguf_name]
+        # What the float32 import wrote: dequantize the whole tensor, then un-permute Q/K rows.
+        old = gguf.quants.dequantize(t.data, Q(t.tensor_type)).reshape(smollm2.weights.info(name).shape)
+        old = unpermute_rows(old, heads) if heads else old
+        np.testing.assert_array_equal(smollm2.weights[name], old, err_msg=name)
+    own = sum(p.stat().st_size for p in smollm2.path.iterdir() if p.name != "model.gguf")
+    assert own < 0.05 * smollm2.weights.file.stat().st_size  # type: ignore[attr-defined]

@@ -48,7 +48,7 @@ def test_gguf_file_converts_once_into_the_store_keyed_by_content(
     write_tiny_gguf(tmp_path / "a.gguf", gguf.GGMLQuantizationType.Q8_0)
     bundle = resolve_model(str(tmp_path / "a.gguf"))
     assert bundle == converted_dir() / file_sha256(tmp_path / "a.gguf")
-    assert bundle is not None and (bundle / "model.safetensors").is_file()
+    assert bundle is not None and (bundle / "gguf_tensors.json").is_file()
 
     def no_second_conversion(*_: object, **__: object) -> Path:
         raise AssertionError("converted twice")

@@ -30,7 +30,11 @@ embedding scale, GELU-tanh and final soft-capping are plain ops around it.
 Precisions: ``fp32`` (the default, exact to the reference), ``fp16`` (weights, activations
 and cache in half precision; logits cast back to float32), ``int4`` (every projection and the
 output head as ``MatMulNBits`` with symmetric 4-bit blocks and int8 activations, cache in
-float32; the embedding table stays float32 since a lookup reads one row per token).
+float32; the embedding table stays float32 since a lookup reads one row per token), ``native``
+(a bundle imported from GGUF only: every quantized matrix, the output head included, becomes
+``MatMulNBits`` blocks with the file's own codes and scales, see :mod:`.gguf_blocks`; tensors of
+other types, and the embedding table, are their exact float32 values; activations and cache in
+float32).
 """
 
 from __future__ import annotations
@@ -64,8 +68,8 @@ __all__ = [
 
 #: Bumped whenever the graph this module writes changes, so cached builds are rebuilt.
 BUILDER_VERSION: Final = "3"
-#: Precisions :func:`build_decoder` can write, default first.
-DTYPES: Final = ("fp32", "fp16", "int4")
+#: Precisions :func:`build_decoder` can write, default first (``native``: a GGUF's own quant types).
+DTYPES: Final = ("fp32", "fp16", "int4", "native")
 #: Every :data:`infer.arch.FEATURES` entry the graph builds (all of them, checked at build).
 SUPPORTED_FEATURES: Final = frozenset(
     {
@@ -227,9 +231,67 @@ class _GraphBuilder:
     def weight(self, bundle: Bundle, name: str) -> npt.NDArray[np.float32]:
         return np.asarray(bundle.weights[name], dtype=np.float32)
 
+    def project(
+        self,
+        bundle: Bundle,
+        x: str,
+        name: str,
+        parts: list[str],
+        bias: npt.NDArray[np.float32] | None,
+        *,
+        bits: int = 4,
+    ) -> str:
+        """``x @ W.T + bias`` for ``W`` the tensors ``parts`` stacked along the outputs (one product)."""
+        if self.config.dtype == "native":
+            return self.native_linear(bundle, x, name, parts, bias)
+        w = np.concatenate([self.weight(bundle, part) for part in parts], axis=0)
+        return self.linear(x, name, w, bias, bits=bits)
+
+    def native_linear(
+        self,
+        bundle: Bundle,
+        x: str,
+        name: str,
+        parts: list[str],
+        bias: npt.NDArray[np.float32] | None,
+        *,
+        rank: int = 3,
+    ) -> str:
+        """The GGUF blocks of ``parts`` as they are: one ``MatMulNBits`` when their blocks agree,
+        else one product per part joined by a ``Concat``; a float tensor is a float32 ``MatMul``."""
+        from infer.gguf_tensors import GGUFWeights
+        from infer_backend_onnx.gguf_blocks import from_gguf, join
+
+        weights = bundle.weights
+        assert isinstance(weights, GGUFWeights)  # the loader gives native only to GGUF bundles
+        blocks = [from_gguf(weights.raw(part)) for part in parts]
+        if all(b is not None for b in blocks):
+            joined = join([b for b in blocks if b is not None])
+            if joined is not None:
+                return self.blocks_linear(x, name, joined.weight, joined.offsets, bias, rank=rank)
+        outs = []
+        for i, (part, b) in enumerate(zip(parts, blocks, strict=True)):
+            sub = name if len(parts) == 1 else f"{name}.{i}"
+            if b is None:
+                (y,) = self.op("MatMul", [x, self.const(sub + ".weight", self.weight(bundle, part).T)])
+            else:
+                y = self.blocks_linear(x, sub, b.weight, b.offsets, None, rank=rank)
+            outs.append(y)
+        (y,) = self.op("Concat", outs, axis=-1) if len(outs) > 1 else (outs[0],)
+        if bias is not None:
+            (y,) = self.op("Add", [y, self.const(name + ".bias", bias.astype(np.float32))])
+        return y
+
     # -- blocks -----------------------------------------------------------------------------
     def linear(
-        self, x: str, name: str, w: npt.NDArray[np.float32], bias: npt.NDArray[np.float32] | None, *, bits: int = 4
+        self,
+        x: str,
+        name: str,
+        w: npt.NDArray[np.float32],
+        bias: npt.NDArray[np.float32] | None,
+        *,
+        bits: int = 4,
+        rank: int = 3,
     ) -> str:
         """``x @ w.T + bias`` with ``w`` in Hugging Face layout ``[out, in]``."""
         if self.config.dtype == "int4":
@@ -237,7 +299,7 @@ class _GraphBuilder:
 
             fitted = fit_grid(w, self.config.block_size, bits=bits) if self.config.exact_grid else None
             if fitted is not None:
-                return self._grid_linear(x, name, fitted[0], fitted[1], bias)
+                return self.blocks_linear(x, name, fitted[0], fitted[1], bias, rank=rank)
             q = quantize(w, self.config.block_size, bits=bits, symmetric=self.config.symmetric)
             inputs = [x, self.const(name + ".qweight", q.packed), self.const(name + ".scales", q.scales)]
             # Symmetric blocks use the op's default zero point: no tensor to read.
@@ -260,16 +322,19 @@ class _GraphBuilder:
             (y,) = self.op("Add", [y, self.const(name + ".bias", bias.astype(self.act_dtype))])
         return y
 
-    def _grid_linear(
+    def blocks_linear(
         self,
         x: str,
         name: str,
         q: QuantizedWeight,
-        offsets: npt.NDArray[np.float32],
+        offsets: npt.NDArray[np.float32] | None,
         bias: npt.NDArray[np.float32] | None,
+        *,
+        rank: int = 3,
     ) -> str:
-        """``x @ (offsets + scales * (codes - 8)).T``: the codes through ``MatMulNBits`` (default
-        zero point), the per-block offsets as a small product with the sums of ``x`` over each block."""
+        """``x @ (offsets + scales * (codes - 2**(bits-1))).T``: the codes through ``MatMulNBits``
+        (default zero point), the per-block offsets, when any, as a small product with the sums of
+        ``x`` over each block. ``rank``: of ``x`` (3 in the layers, 2 at the output head)."""
         n, k = q.packed.shape[0], q.k
         inputs = [
             x,
@@ -289,8 +354,11 @@ class _GraphBuilder:
             block_size=q.block_size,
             accuracy_level=self.config.accuracy_level,
         )
+        if offsets is None:
+            return y
         blocks = k // q.block_size
-        shape = self.const(f"{name}.block_shape", np.array([0, 0, blocks, q.block_size], np.int64), external=False)
+        keep = [0] * (rank - 1)  # Reshape's 0: the leading dimensions as they are
+        shape = self.const(f"{name}.block_shape", np.array([*keep, blocks, q.block_size], np.int64), external=False)
         (xb,) = self.op("Reshape", [x, shape])
         axes = self.const(f"{name}.block_axis", np.array([-1], np.int64), external=False)
         (sums,) = self.op("ReduceSum", [xb, axes], keepdims=0)
@@ -302,11 +370,10 @@ class _GraphBuilder:
         s = self.spec
         p = f"model.layers.{layer}.self_attn."
         # One projection for q, k and v: GroupQueryAttention takes them packed.
-        w = np.concatenate([self.weight(bundle, p + f"{n}_proj.weight") for n in "qkv"], axis=0)
         bias = None
         if s.attention_bias:
             bias = np.concatenate([self.weight(bundle, p + f"{n}_proj.bias") for n in "qkv"], axis=0)
-        qkv = self.linear(x, p + "qkv_proj", w, bias)
+        qkv = self.project(bundle, x, p + "qkv_proj", [p + f"{n}_proj.weight" for n in "qkv"], bias)
         qkv_inputs = [qkv, "", ""]
         if s.qk_norm:
             # GroupQueryAttention's own q/k norm inputs have no CPU kernel: normalise each head
@@ -341,7 +408,7 @@ class _GraphBuilder:
         node = self.nodes[-1]
         node.output[1], node.output[2] = present_names(layer)
         o_bias = self.weight(bundle, p + "o_proj.bias") if s.o_bias else None
-        return self.linear(out, p + "o_proj", self.weight(bundle, p + "o_proj.weight"), o_bias)
+        return self.project(bundle, out, p + "o_proj", [p + "o_proj.weight"], o_bias)
 
     def head_norm(self, bundle: Bundle, x: str, weight: str) -> str:
         """RMSNorm over each head of ``x`` ``[batch, sequence, heads * head_dim]``, shape kept."""
@@ -375,15 +442,15 @@ class _GraphBuilder:
         s = self.spec
         p = f"model.layers.{layer}.mlp."
 
-        def proj(name: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
-            bias = self.weight(bundle, p + name + ".bias") if s.mlp_bias else None
-            return self.weight(bundle, p + name + ".weight"), bias
+        def bias(name: str) -> npt.NDArray[np.float32] | None:
+            return self.weight(bundle, p + name + ".bias") if s.mlp_bias else None
 
-        (w_gate, b_gate), (w_up, b_up) = proj("gate_proj"), proj("up_proj")
+        b_gate, b_up = bias("gate_proj"), bias("up_proj")
         # Gate and up share their input: one matrix product, then a split (measured: as fast as
         # two products, and one op fewer per layer).
-        bias = None if b_gate is None or b_up is None else np.concatenate([b_gate, b_up])
-        gate_up = self.linear(x, p + "gate_up_proj", np.concatenate([w_gate, w_up]), bias)
+        b_gate_up = None if b_gate is None or b_up is None else np.concatenate([b_gate, b_up])
+        parts = [p + "gate_proj.weight", p + "up_proj.weight"]
+        gate_up = self.project(bundle, x, p + "gate_up_proj", parts, b_gate_up)
         split = self.const(f"{p}split", np.array([s.intermediate_size] * 2, dtype=np.int64), external=False)
         gate, up = self.op("Split", [gate_up, split], n_out=2, axis=-1)
         if s.hidden_act == "gelu_tanh":
@@ -392,8 +459,7 @@ class _GraphBuilder:
             (sig,) = self.op("Sigmoid", [gate])
             (act,) = self.op("Mul", [gate, sig])
         (h,) = self.op("Mul", [act, up])
-        w_down, b_down = proj("down_proj")
-        return self.linear(h, p + "down_proj", w_down, b_down)
+        return self.project(bundle, h, p + "down_proj", [p + "down_proj.weight"], bias("down_proj"))
 
     def skip_norm(self, x: str, residual: str, weight: str) -> tuple[str, str]:
         """``(rmsnorm(x + residual), x + residual)`` in one fused op."""
@@ -459,9 +525,11 @@ class _GraphBuilder:
         (flat,) = self.op("Reshape", [h, flat_shape])
         (last,) = self.op("Gather", [flat, "last_token_index"], axis=0)
         head_name = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
-        if self.config.dtype == "int4":
+        if self.config.dtype == "native":
+            logits = self.native_linear(bundle, last, "lm_head", [head_name], None, rank=2)
+        elif self.config.dtype == "int4":
             head_w = embed_w if s.tie_word_embeddings else self.weight(bundle, head_name)
-            logits = self.linear(last, "lm_head", head_w, None, bits=self.config.head_bits)
+            logits = self.linear(last, "lm_head", head_w, None, bits=self.config.head_bits, rank=2)
         else:
             head = embed if s.tie_word_embeddings else self.const(head_name, self.weight(bundle, head_name).astype(dt))
             # Gemm with transB reads the [vocab, hidden] table as stored: tied heads share it with the lookup.

@@ -94,6 +94,7 @@ def load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
 
 
 def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str) -> ModelHandle:
+    from infer.gguf_tensors import GGUFWeights
     from infer_backend_onnx.build_cache import cache_root, cached_build
     from infer_backend_onnx.devices import make_session
     from infer_backend_onnx.graph import BUILDER_VERSION, GraphConfig, build_decoder
@@ -102,9 +103,19 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
 
     # ONNX Runtime's CUDA GroupQueryAttention exists in half precision only: an fp32 graph would
     # run its attention on the CPU, copying the cache across every step.
-    dtype = spec.dtype or ("fp16" if device == "cuda" else "fp32")
+    gguf = isinstance(bundle.weights, GGUFWeights)
+    # A GGUF model runs in the file's own precision unless asked otherwise: any other dtype
+    # rounds its weights a second time (or inflates them).
+    dtype = spec.dtype or ("fp16" if device == "cuda" else "native" if gguf else "fp32")
     if device == "cuda" and dtype != "fp16":
         raise InvalidParameterError("dtype", dtype, "fp16 on cuda (the CUDA attention kernel runs in half precision)")
+    if dtype == "native" and not gguf:
+        raise InvalidParameterError(
+            "dtype",
+            dtype,
+            "fp32, fp16 or int4 for this model (native is a GGUF file's own quantization; "
+            f"{bundle.path} holds float weights)",
+        )
     config = GraphConfig(dtype=dtype, block_size=opts.block_size, head_bits=opts.head_bits, exact_grid=opts.exact_grid)
     content = bundle.content_hash()
     key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"
@@ -132,7 +143,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         dtype=config.dtype,
         # int4 MatMulNBits with int8 activations takes another path for a single row than for
         # many: single-row steps are paired with a scratch row (see OnnxModel.pad_single_rows).
-        pad_single_rows=config.dtype == "int4" and opts.batch_invariant,
+        pad_single_rows=config.dtype in ("int4", "native") and opts.batch_invariant,
         details={
             "graph": str(entry.model_path),
             "cache_hit": not entry.built,
@@ -140,6 +151,6 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
             "session_s": round(time.perf_counter() - prepared, 3),
             "threads": threads,
             "providers": tuple(session.get_providers()),
-            "batch_invariant": config.dtype != "int4" or opts.batch_invariant,
+            "batch_invariant": config.dtype not in ("int4", "native") or opts.batch_invariant,
         },
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["QuantizedWeight", "dequantize", "quantize"]
+__all__ = ["QuantizedWeight", "dequantize", "pack", "quantize"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ class QuantizedWeight:
     bits: int
 
 
-def _pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
+def pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
     """Codes as stored: 4-bit ones two per byte along the last axis (even length), even index in
     the low nibble; 8-bit ones as they are."""
     if bits == 8:
@@ -49,7 +49,7 @@ def _pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
 
 
 def _unpack(packed: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
-    """The codes that :func:`_pack` stored."""
+    """The codes that :func:`pack` stored."""
     if bits == 8:
         return packed
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
@@ -82,9 +82,9 @@ def quantize(
     if not symmetric:
         zero_u8 = zero.astype(np.uint8)
         if bits == 4:
-            zero_u8 = _pack(np.pad(zero_u8, ((0, 0), (0, blocks % 2))), bits)
+            zero_u8 = pack(np.pad(zero_u8, ((0, 0), (0, blocks % 2))), bits)
     return QuantizedWeight(
-        packed=_pack(codes, bits),
+        packed=pack(codes, bits),
         scales=scales.astype(np.float32),
         zero_points=zero_u8,
         k=k,
@@ -132,7 +132,7 @@ def fit_grid(
     # product needs no zero-point tensor (the faster kernel); the offsets absorb the shift.
     codes_u8 = codes.astype(np.uint8)
     q = QuantizedWeight(
-        packed=_pack(codes_u8, bits),
+        packed=pack(codes_u8, bits),
         scales=scales.astype(np.float32),
         zero_points=None,
         k=k,

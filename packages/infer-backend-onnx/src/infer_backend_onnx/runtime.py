@@ -182,7 +182,7 @@ class _DecodeBinding:
 
 
 #: Declared tolerance per precision (fp32 uses the backend-wide 1e-4 of ``infer_backend_info``).
-LOGITS_ATOL: Final = {"fp16": 0.1, "int4": 1.5}
+LOGITS_ATOL: Final = {"fp16": 0.1, "int4": 1.5, "native": 1.5}
 
 
 class OnnxModel(OnnxHandle):

@@ -89,6 +89,10 @@ class Weights(Mapping[str, npt.NDArray[np.floating[Any]]]):
     def __len__(self) -> int:
         return len(self._tensors)
 
+    def readable(self, dtype: str) -> bool:
+        """Whether tensors of ``dtype`` (as :attr:`TensorInfo.dtype` names it) can be read."""
+        return dtype in FLOAT_DTYPES
+
     def info(self, name: str) -> TensorInfo:
         """Header facts of ``name`` (file, dtype, shape) without reading its data."""
         return self._tensors[name]
@@ -139,11 +143,19 @@ class Bundle:
                 "infer needs the fast-tokenizer file (save the tokenizer with the model, or import a GGUF)",
                 path=root / "tokenizer.json",
             )
+        weights: Weights
+        if (root / "gguf_tensors.json").is_file():
+            # Imported from GGUF: the weights stay in the GGUF file (see infer.gguf_tensors).
+            from infer.gguf_tensors import GGUFWeights
+
+            weights = GGUFWeights.open(root)
+        else:
+            weights = Weights(_index_safetensors(root))
         bundle = cls(
             path=root,
             spec=spec,
             config=config,
-            weights=Weights(_index_safetensors(root)),
+            weights=weights,
             generation_config=_read_json(root / "generation_config.json", required=False),
             tokenizer_config=_read_json(root / "tokenizer_config.json", required=False),
         )
@@ -170,7 +182,7 @@ class Bundle:
                     f"but config.json implies {list(shape)}",
                     path=info.file,
                 )
-            if info.dtype not in FLOAT_DTYPES:
+            if not self.weights.readable(info.dtype):
                 raise ModelFormatError(
                     f"{info.file.name}: tensor {name!r} has dtype {info.dtype}; expected one of "
                     f"{', '.join(sorted(FLOAT_DTYPES))} (quantized safetensors are not supported)",

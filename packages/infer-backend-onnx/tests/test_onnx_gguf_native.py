@@ -1,0 +1,170 @@
+"""GGUF models in their own precision: each quant type's blocks reach MatMulNBits unchanged."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from onnx_helpers import PROMPT, load_spec, step
+
+from infer.bundle import Bundle
+from infer.errors import InvalidParameterError
+from infer.gguf_tensors import RawTensor
+from infer_backend_onnx import plugin
+from infer_backend_onnx.gguf_blocks import EXACT_TYPES, from_gguf, join
+from infer_backend_onnx.graph import GraphConfig, _ExternalData, _GraphBuilder
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+pytestmark = pytest.mark.integration
+
+#: Byte offsets of the float16 scale fields (d, then dmin/m where the type has one) in a block.
+_SCALE_FIELDS = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q8_0": (0,),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
+
+
+def random_blocks(qtype: str, rows: int, k: int, seed: int = 0) -> npt.NDArray[np.uint8]:
+    """Blocks of ``qtype`` with random codes and sub-block scales, and float16 scales of a real model's size."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    rng = np.random.default_rng(seed)
+    per_block, type_size = GGML_QUANT_SIZES[Q[qtype]]
+    blocks = rng.integers(0, 256, (rows, k // per_block, type_size), dtype=np.uint8)
+    for start in _SCALE_FIELDS[qtype]:
+        scales = rng.uniform(1e-3, 5e-2, (rows, k // per_block)).astype(np.float16)
+        blocks[..., start : start + 2] = scales[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def graph_weight(builder_args: Any, raw: RawTensor, accuracy_level: int, tmp_path: Path) -> npt.NDArray[np.float32]:
+    """The ``[N, K]`` weight a built ``MatMulNBits`` (+ offsets) graph multiplies by: its output for the identity.
+
+    The input is ``[batch, sequence, K]`` as in the decoder (the offset product reshapes by it).
+    """
+    n, k = raw.shape
+    block = from_gguf(raw)
+    assert block is not None
+    with (tmp_path / "w.data").open("wb") as data:
+        builder = _GraphBuilder(
+            builder_args, GraphConfig(dtype="native", accuracy_level=accuracy_level), _ExternalData(data, "w.data")
+        )
+        y = builder.blocks_linear("x", "w", block.weight, block.offsets, None)
+    builder.nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        builder.nodes,
+        "w",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "m", n])],
+        builder.initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
+    path = tmp_path / "w.onnx"
+    path.write_bytes(model.SerializeToString())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert y  # the builder named its output
+    out: npt.NDArray[np.float32] = session.run(None, {"x": np.eye(k, dtype=np.float32)[None]})[0]
+    return np.ascontiguousarray(out[0].T)
+
+
+@pytest.mark.parametrize("qtype", sorted(EXACT_TYPES))
+def test_graph_weight_equals_gguf_dequantization_to_float32_rounding(
+    qtype: str, tiny_bundle: Bundle, tmp_path: Path
+) -> None:
+    rows, k = 24, 512
+    blocks = random_blocks(qtype, rows, k)
+    want = gguf.quants.dequantize(blocks, Q[qtype]).reshape(rows, k)
+    raw = RawTensor(qtype=qtype, shape=(rows, k), blocks=blocks)
+    block = from_gguf(raw)
+    assert block is not None
+    # Codes and scales are gguf's own; what is left is float32 rounding of the two terms the
+    # graph adds, the codes' product and the block offset (a few steps of the larger), and
+    # nothing at all where a type has no offset.
+    offsets = np.zeros((rows, 1)) if block.offsets is None else np.repeat(block.offsets, block.weight.block_size, 1)
+    bound = 4 * np.finfo(np.float32).eps * (np.abs(want - offsets) + np.abs(offsets))
+    # Through ONNX Runtime with float32 arithmetic (accuracy level 0), and the mapping in numpy.
+    for got in (graph_weight(tiny_bundle.spec, raw, 0, tmp_path), block.dequantize()):
+        assert np.all(np.abs(got - want) <= bound)
+        if block.offsets is None:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "bits", "block"), [("Q4_1", 4, 32), ("Q4_K", 4, 32), ("Q6_K", 8, 16), ("Q8_0", 8, 32)]
+)
+def test_quant_types_keep_their_bits_and_block_size(qtype: str, bits: int, block: int) -> None:
+    got = from_gguf(RawTensor(qtype=qtype, shape=(4, 256), blocks=random_blocks(qtype, 4, 256)))
+    assert got is not None and (got.weight.bits, got.weight.block_size) == (bits, block)
+
+
+def test_float_and_unmapped_types_are_left_to_a_float_product() -> None:
+    assert from_gguf(RawTensor(qtype="F16", shape=(2, 32), blocks=np.zeros((2, 64), np.uint8))) is None
+    assert from_gguf(RawTensor(qtype="IQ4_NL", shape=(2, 32), blocks=np.zeros((2, 18), np.uint8))) is None
+
+
+def test_blocks_of_different_shapes_are_not_joined() -> None:
+    a = from_gguf(RawTensor("Q4_K", (4, 256), random_blocks("Q4_K", 4, 256)))
+    b = from_gguf(RawTensor("Q6_K", (4, 256), random_blocks("Q6_K", 4, 256)))
+    assert a is not None and b is not None
+    assert join([a, b]) is None
+    joined = join([a, a])
+    assert joined is not None
+    np.testing.assert_array_equal(joined.dequantize(), np.concatenate([a.dequantize(), a.dequantize()]))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_bundle(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Import the tiny fixture written as a GGUF in ``qtype`` (the core tests' writer)."""
+    core_tests = Path(__file__).resolve().parents[2] / "infer-core" / "tests"
+    if not (core_tests / "tiny_gguf.py").is_file():
+        pytest.skip("needs the infer-core test sources (tiny_gguf.py)")
+    sys.path.insert(0, str(core_tests))
+    from tiny_gguf import write_tiny_gguf
+
+    from infer.gguf_import import import_gguf
+
+    def make(qtype: Any) -> Bundle:
+        folder = tmp_path_factory.mktemp(qtype.name)
+        write_tiny_gguf(folder / "tiny.gguf", qtype)
+        return Bundle.open(import_gguf(folder / "tiny.gguf", folder / "bundle"))
+
+    return make
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_1])
+def test_gguf_model_runs_natively_by_default_closer_to_its_weights_than_int4(
+    tiny_gguf_bundle: Any, build_dir: Path, qtype: Any
+) -> None:
+    bundle = tiny_gguf_bundle(qtype)
+    reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance")
+    expected = reference.ReferenceModel(bundle).forward(PROMPT)[-1]
+    errors = {}
+    for dtype in (None, "int4"):
+        model = plugin.infer_load(load_spec(bundle, dtype=dtype), {"cache_dir": build_dir, "threads": 1})
+        assert model is not None
+        errors[model.dtype] = np.abs(step(model, [model.new_sequence(32)], [PROMPT])[0] - expected).max()  # type: ignore[arg-type]
+    # Only the int8 activations of accuracy level 4 stand between native and the reference;
+    # int4 rounds the weights a second time.
+    assert set(errors) == {"native", "int4"}
+    assert errors["native"] < errors["int4"] / 3
+
+
+def test_native_on_a_float_bundle_is_refused_with_the_dtypes_that_work(tiny_bundle: Bundle, build_dir: Path) -> None:
+    with pytest.raises(InvalidParameterError, match="fp32, fp16 or int4"):
+        plugin.infer_load(load_spec(tiny_bundle, dtype="native"), {"cache_dir": build_dir, "threads": 1})
