@@ -14,7 +14,6 @@ from onnx import TensorProto, helper
 from onnx_helpers import PROMPT, load_spec, step
 
 from infer.bundle import Bundle
-from infer.errors import InvalidParameterError
 from infer.gguf_tensors import RawTensor
 from infer_backend_onnx import plugin
 from infer_backend_onnx.gguf_blocks import EXACT_TYPES, from_gguf, join
@@ -165,6 +164,17 @@ def test_gguf_model_runs_natively_by_default_closer_to_its_weights_than_int4(
     assert errors["native"] < errors["int4"] / 3
 
 
-def test_native_on_a_float_bundle_is_refused_with_the_dtypes_that_work(tiny_bundle: Bundle, build_dir: Path) -> None:
-    with pytest.raises(InvalidParameterError, match="fp32, fp16 or int4"):
-        plugin.infer_load(load_spec(tiny_bundle, dtype="native"), {"cache_dir": build_dir, "threads": 1})
+def test_native_on_a_float_bundle_runs_its_float32_weights_unrounded(tiny_bundle: Bundle, build_dir: Path) -> None:
+    options = {"cache_dir": build_dir, "threads": 1}
+    native = plugin.infer_load(load_spec(tiny_bundle, dtype="native"), options)
+    fp32 = plugin.infer_load(load_spec(tiny_bundle, dtype="fp32"), options)
+    assert native is not None and fp32 is not None
+    try:
+        assert native.dtype == "native" and native.details["compute_dtype"] == "fp32"
+        assert native.logits_atol == fp32.logits_atol
+        got = step(native, [native.new_sequence(32)], [PROMPT])
+        want = step(fp32, [fp32.new_sequence(32)], [PROMPT])
+        np.testing.assert_array_equal(got, want)
+    finally:
+        native.close()
+        fp32.close()

@@ -98,7 +98,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     from infer_backend_onnx.build_cache import cache_root, cached_build
     from infer_backend_onnx.devices import make_session
     from infer_backend_onnx.graph import BUILDER_VERSION, GraphConfig, build_decoder
-    from infer_backend_onnx.runtime import OnnxModel
+    from infer_backend_onnx.runtime import LOGITS_ATOL, OnnxModel
     from infer_backend_onnx.threads import cpu_budget
 
     # ONNX Runtime's CUDA GroupQueryAttention exists in half precision only: an fp32 graph would
@@ -109,14 +109,12 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     dtype = spec.dtype or ("fp16" if device == "cuda" else "native" if gguf else "fp32")
     if device == "cuda" and dtype != "fp16":
         raise InvalidParameterError("dtype", dtype, "fp16 on cuda (the CUDA attention kernel runs in half precision)")
-    if dtype == "native" and not gguf:
-        raise InvalidParameterError(
-            "dtype",
-            dtype,
-            "fp32, fp16 or int4 for this model (native is a GGUF file's own quantization; "
-            f"{bundle.path} holds float weights)",
-        )
-    config = GraphConfig(dtype=dtype, block_size=opts.block_size, head_bits=opts.head_bits, exact_grid=opts.exact_grid)
+    # "native" never rounds the weights again: a GGUF's own blocks, or a float bundle's weights
+    # as float32 (exact for F32, F16 and BF16 files alike).
+    graph_dtype = "fp32" if dtype == "native" and not gguf else dtype
+    config = GraphConfig(
+        dtype=graph_dtype, block_size=opts.block_size, head_bits=opts.head_bits, exact_grid=opts.exact_grid
+    )
     content = bundle.content_hash()
     key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"
     started = time.perf_counter()
@@ -131,7 +129,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     session = make_session(entry.model_path, device, threads)
     s = bundle.spec
     context = min(spec.context_length or s.max_position_embeddings, s.max_position_embeddings)
-    return OnnxModel(
+    model = OnnxModel(
         session,
         vocab_size=s.vocab_size,
         context_length=context,
@@ -140,7 +138,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         head_dim=s.head_dim,
         kv_dtype=np.float16 if config.dtype == "fp16" else np.float32,
         device=device,
-        dtype=config.dtype,
+        dtype=dtype,
         # int4 MatMulNBits with int8 activations takes another path for a single row than for
         # many: single-row steps are paired with a scratch row (see OnnxModel.pad_single_rows).
         pad_single_rows=config.dtype in ("int4", "native") and opts.batch_invariant,
@@ -152,5 +150,8 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
             "threads": threads,
             "providers": tuple(session.get_providers()),
             "batch_invariant": config.dtype not in ("int4", "native") or opts.batch_invariant,
+            "compute_dtype": config.dtype,
         },
     )
+    model.logits_atol = LOGITS_ATOL.get(config.dtype)
+    return model
