@@ -313,20 +313,32 @@ def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0():
     running.stop()
 
 
-def test_sigterm_past_the_grace_period_cuts_streams_and_still_exits_0():
+def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event_and_done_and_exits_0():
     running = ServerProcess("-o", "latency=0.05", "--grace", "0.5")
     body = {"model": "fake", "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as r:
-        lines = r.iter_lines()
-        next(lines)
+    streams = [httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) for _ in range(3)]
+    responses = [s.__enter__() for s in streams]
+    try:
+        lines = [r.iter_lines() for r in responses]
+        for it in lines:
+            next(it)
         started = time.monotonic()
         running.terminate()
-        with pytest.raises(httpx.TransportError):  # the stream is cut, not ended with [DONE]
-            for line in lines:
-                assert line != "data: [DONE]"
+        for it in lines:
+            events = sse_data("\n".join(it) + "\n\n")
+            assert events[-1] == "[DONE]"  # every stream ends with its terminator...
+            error = events[-2]["error"]  # ...right after an error event saying why
+            assert (error["code"], error["type"]) == ("unavailable", "server_error")
+            assert "shutting down" in error["message"]
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
     assert running.proc.wait(15) == 0
     assert time.monotonic() - started < 10
+    log = running.log()
     running.stop()
+    assert "Traceback" not in log
+    assert "Event loop is closed" not in log
 
 
 @pytest.mark.security

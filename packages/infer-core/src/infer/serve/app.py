@@ -42,7 +42,7 @@ from infer.model import AsyncTokenStream, Model
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
 from infer.serve.admission import Admission, Ticket
-from infer.serve.errors import APIError, from_infer_error
+from infer.serve.errors import APIError, from_infer_error, shutdown_error
 from infer.serve.formats import Formatter, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -473,19 +473,32 @@ class _GenerationResponse(Response):
             token_text=lambda token: server.model.decode([token]),
         )
         self._last_token = 0.0
+        #: The server cancelled this response (shutdown past its grace period).
+        self.shutting_down = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         run = asyncio.ensure_future(self._run(send))
         watch = asyncio.ensure_future(_until_disconnect(receive))
         try:
             await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: `run` ends the response with an error (an event
+            # and the terminator, once a stream has begun) and this call returns normally, so
+            # the client learns why and the server prints no traceback for a planned stop.
+            self.shutting_down = True
         finally:
-            # Also reached when the server cancels us (shutdown past its grace period).
             finished = run.done() and not run.cancelled()
             for task in (run, watch):
                 task.cancel()
-            await asyncio.gather(run, watch, return_exceptions=True)
-            if not finished:
+            ending = asyncio.gather(run, watch, return_exceptions=True)
+            while not ending.done():
+                try:
+                    await asyncio.shield(ending)
+                except asyncio.CancelledError:
+                    # Cancelled again (the event loop is closing): the error event is still on
+                    # its way out; asyncio.run waits for this task, so let it finish sending.
+                    self.shutting_down = True
+            if not finished and not self.shutting_down:
                 self.outcome = 499
             self.job.ticket.release()
             self.server.metrics.count(self.job.label, self.outcome)
@@ -509,6 +522,10 @@ class _GenerationResponse(Response):
                 await self._whole(stream, send)
         except _ClientGone:
             self.outcome = 499
+        except asyncio.CancelledError:
+            if not self.shutting_down:
+                raise  # the client went away: nobody to tell
+            await self._fail(send, shutdown_error())
         except APIError as err:
             await self._fail(send, err)
         except DeadlineExceededError:
