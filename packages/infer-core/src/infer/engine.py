@@ -9,6 +9,11 @@ is simply not stepped until it catches up, so memory never grows without bound.
 
 Consumers (sync or async streams) run in their own threads or event loops and only read
 channels, which is what lets a deadline fire even while a backend step hangs.
+
+A request's failure is its own: when sampling a batch fails, each row is sampled again alone
+(from the random state it had before the batch) and only the rows that fail again end, with
+their error; a consumer whose event loop has closed is treated as gone (its request is
+cancelled), never as an error of the scheduler thread.
 """
 
 from __future__ import annotations
@@ -66,9 +71,11 @@ class Channel:
     ``maxsize`` (a terminal item may add one more).
     """
 
-    __slots__ = ("_cond", "_items", "_maxsize", "_on_room", "_waiter")
+    __slots__ = ("_cond", "_items", "_maxsize", "_on_room", "_waiter", "abandoned")
 
     def __init__(self, maxsize: int, on_room: Callable[[], None]) -> None:
+        #: The consumer's event loop closed: nobody will read this channel again.
+        self.abandoned = False
         self._items: deque[object] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._maxsize = maxsize
@@ -87,7 +94,10 @@ class Channel:
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, future = waiter
-            loop.call_soon_threadsafe(_resolve, future)
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # the consumer's loop closed while it awaited (asyncio.run ended)
+                self.abandoned = True
 
     def _pop(self) -> object:
         was_full = len(self._items) >= self._maxsize
@@ -344,7 +354,7 @@ class Engine:
             elif r.channel.has_room():
                 (prefill if r.next_token is None else decode).append(r)
         for r in ending:
-            if r.cancelled:
+            if r.cancelled or r.channel.abandoned:
                 self._retire(r, None)
             else:
                 assert r.timeout is not None
@@ -421,16 +431,40 @@ class Engine:
     def _sample(self, requests: list[Request], logits: npt.NDArray[np.float32]) -> None:
         params = [r.params for r in requests]
         states = [r.sampler for r in requests]
+        # A row that fails must not take its batch-mates with it: they are sampled again alone,
+        # from the random state they had before (so their tokens stay those of a solo run).
+        saved = [s.rng.bit_generator.state for s in states if not s.params.greedy] if len(requests) > 1 else None
         try:
             chosen = self._sample_call(logits, params, states)
         except Exception as exc:  # noqa: BLE001
-            for request in requests:
-                self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
+            if saved is None:
+                self._retire(requests[0], Failed(_as_typed(exc, self.handle.backend, "sample")))
+                return
+            random_states = iter(saved)
+            for state in states:
+                if not state.params.greedy:
+                    state.rng.bit_generator.state = next(random_states)
+            for i, request in enumerate(requests):
+                self._sample_alone(request, logits, i)
             return
         for i, token in enumerate(chosen.tolist()):
             self._accept(requests[i], token, logits, i)
 
+    def _sample_alone(self, request: Request, logits: npt.NDArray[np.float32], row: int) -> None:
+        try:
+            token = int(self._sample_call(logits[row : row + 1], [request.params], [request.sampler])[0])
+        except Exception as exc:  # noqa: BLE001
+            self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
+            return
+        self._accept(request, token, logits, row)
+
     def _accept(self, request: Request, token: int, logits: npt.NDArray[np.float32], row: int) -> None:
+        try:
+            self._take(request, token, logits, row)
+        except Exception as exc:  # noqa: BLE001 - one request's bad row or token ends that request only
+            self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
+
+    def _take(self, request: Request, token: int, logits: npt.NDArray[np.float32], row: int) -> None:
         request.sampler.append(token)
         params = request.params
         lp, top = (logprobs(logits[row], token, params.top_logprobs)) if params.logprobs else (None, ())
@@ -491,7 +525,10 @@ class Engine:
 
     def _end(self, request: Request, outcome: Done | Failed | None) -> None:
         if request.kv is not None:
-            request.kv.release()
+            try:
+                request.kv.release()
+            except Exception as exc:  # noqa: BLE001 - the scheduler outlives a backend's failed release
+                self._log.error("engine.release_failed", request_id=request.id, error=f"{type(exc).__name__}: {exc}")
         request.next_token = None
         if outcome is not None:
             request.channel.put(outcome)
@@ -512,7 +549,7 @@ class Engine:
 
 def _ending(request: Request, now: float) -> bool:
     """Whether ``request`` is to be retired before another step: cancelled, or past its deadline."""
-    return request.cancelled or (request.deadline is not None and now >= request.deadline)
+    return request.cancelled or request.channel.abandoned or (request.deadline is not None and now >= request.deadline)
 
 
 def _as_typed(exc: BaseException, backend: str, what: str) -> InferError:

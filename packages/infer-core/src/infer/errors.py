@@ -18,6 +18,7 @@ already catch, so ``except ValueError`` or ``except TimeoutError`` keeps working
     │   ├── InvalidTokenError
     │   ├── EmptyPromptError
     │   ├── ContextLengthError
+    │   │   └── PromptTooLongError
     │   └── ChatTemplateError
     ├── RequestCancelledError
     ├── DeadlineExceededError (TimeoutError)
@@ -49,6 +50,7 @@ __all__ = [
     "ModelError",
     "ModelFormatError",
     "ModelNotFoundError",
+    "PromptTooLongError",
     "PluginError",
     "RequestCancelledError",
     "RequestError",
@@ -171,6 +173,24 @@ class ContextLengthError(RequestError):
             "shorten the prompt or load the model with a larger context_length"
         )
         self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+class PromptTooLongError(ContextLengthError):
+    """The prompt text has more bytes than any prompt that fits could have; refused before tokenizing.
+
+    ``prompt_bytes`` is its UTF-8 length and ``max_bytes`` the limit (see :attr:`infer.Model.max_prompt_bytes`).
+    """
+
+    def __init__(self, prompt_bytes: int, max_bytes: int, context_length: int) -> None:
+        RequestError.__init__(
+            self,
+            f"prompt of {prompt_bytes} bytes cannot fit the context of {context_length} tokens (at most "
+            f"{max_bytes} bytes can); shorten the prompt",
+        )
+        self.prompt_bytes = prompt_bytes
+        self.max_bytes = max_bytes
+        self.prompt_tokens = -1  # not counted: tokenizing it is the work this error avoids
         self.context_length = context_length
 
 

@@ -24,7 +24,9 @@ from infer.errors import (
     InvalidParameterError,
     InvalidTokenError,
     ModelError,
+    ModelFormatError,
     ModelNotFoundError,
+    PromptTooLongError,
     RequestCancelledError,
     UnsupportedModelError,
 )
@@ -151,8 +153,13 @@ class Model:
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         #: The chat template, if the model has one.
         self.chat_template: str | None = handle.chat_template or (bundle.chat_template if bundle else None)
+        if self.chat_template is not None:
+            _check_chat_template(self.chat_template, bundle)
         #: Most tokens one sequence may hold.
         self.context_length = min(context_length or handle.context_length, handle.context_length)
+        #: Longest prompt text accepted, in UTF-8 bytes: no longer text can fit the context, so
+        #: longer text is refused before it is tokenized (:class:`~infer.errors.PromptTooLongError`).
+        self.max_prompt_bytes = self.context_length * max(4, self.tokenizer.max_token_bytes)
         self._engine = Engine(
             handle,
             backend.hooks,
@@ -215,8 +222,20 @@ class Model:
         """Text of ``ids``."""
         return self.tokenizer.decode(ids)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """Render chat ``messages`` into the prompt text the model was trained on."""
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        timeout: float | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render chat ``messages`` into the prompt text the model was trained on.
+
+        ``template_kwargs`` reach the template as variables (``enable_thinking=False``...). The
+        render runs under :mod:`infer.chat`'s budget, cut to ``timeout`` seconds when that is
+        shorter; a template that runs past it raises :class:`~infer.errors.ChatTemplateError`.
+        """
         from infer.chat import render_chat
 
         if self.chat_template is None:
@@ -230,7 +249,21 @@ class Model:
             add_generation_prompt=add_generation_prompt,
             bos_token=_token_text(special.get("bos_token")),
             eos_token=_token_text(special.get("eos_token")),
+            timeout=timeout,
+            **template_kwargs,
         )
+
+    def check_prompt_bytes(self, text: str) -> None:
+        """Refuse ``text`` that is longer than :attr:`max_prompt_bytes` without tokenizing it.
+
+        Raises :class:`~infer.errors.PromptTooLongError`. Cheap: at most one UTF-8 encode,
+        skipped when even four bytes per character would fit.
+        """
+        if len(text) * 4 <= self.max_prompt_bytes:
+            return
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            raise PromptTooLongError(size, self.max_prompt_bytes, self.context_length)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -320,7 +353,7 @@ class Model:
             or timeout == float("inf")
         ):
             raise InvalidParameterError("timeout", timeout, "a positive finite number of seconds or None")
-        ids = self._prompt_ids(prompt, messages)
+        ids = self._prompt_ids(prompt, messages, timeout)
         room = self.context_length - len(ids)
         if room < 1:
             raise ContextLengthError(len(ids), self.context_length)
@@ -356,13 +389,16 @@ class Model:
         return constraint
 
     def _prompt_ids(
-        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None
+        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None, timeout: float | None
     ) -> npt.NDArray[np.int32]:
         if (prompt is None) == (messages is None):
             raise InvalidParameterError("prompt", prompt, "exactly one of prompt= and messages=")
         if messages is not None:
-            ids = self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+            text = self.apply_chat_template(messages, timeout=timeout)
+            self.check_prompt_bytes(text)
+            ids = self.encode(text, add_special_tokens=False)
         elif isinstance(prompt, str):
+            self.check_prompt_bytes(prompt)
             ids = self.encode(prompt)
         else:
             ids = _check_ids(prompt, self.vocab_size)
@@ -416,6 +452,22 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<infer.Model backend={self.backend!r} device={self.device!r} dtype={self.dtype!r}>"
+
+
+def _check_chat_template(template: str, bundle: Bundle | None) -> None:
+    """Refuse at load a chat template that does not compile or runs past its budget on one message."""
+    from infer.chat import check_template
+    from infer.errors import ChatTemplateError
+
+    try:
+        check_template(template)
+    except ChatTemplateError as exc:
+        where = bundle.path if bundle is not None else None
+        raise ModelFormatError(
+            f"the model's chat template is unusable: {exc}. Fix or remove chat_template.jinja / the "
+            "chat_template field of tokenizer_config.json (or re-download the model)",
+            path=where,
+        ) from exc
 
 
 def _token_text(value: object) -> str:

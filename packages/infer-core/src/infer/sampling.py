@@ -47,6 +47,10 @@ MAX_TOP_LOGPROBS = 20
 BAN_BIAS = -100.0
 #: Temperatures below this sample greedily: dividing by less would overflow float32 logits.
 GREEDY_TEMPERATURE = 1e-5
+#: Bounds of ``repetition_penalty``: a logit divided by much less, or multiplied by much more,
+#: than these leaves float32 (1e-300 turns a row into inf and NaN) and no longer ranks tokens.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
 
 # Rows at least this long take the column-maximum shortcut in _top_k; shorter ones are
 # cheap enough to partition whole.
@@ -194,7 +198,7 @@ class SamplingParams:
     #: Drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
     min_p: float = 0.0
     #: Over prompt and generated tokens: divides a seen token's positive logit, multiplies a
-    #: negative one (> 0; ``1`` disables).
+    #: negative one, in [0.01, 100] (``1`` disables; beyond those a float32 logit can overflow).
     repetition_penalty: float = 1.0
     #: Subtracted once from the logit of every token generated so far, in [-2, 2].
     presence_penalty: float = 0.0
@@ -244,7 +248,11 @@ class SamplingParams:
             "top_p": _real("top_p", self.top_p, 0.0, 1.0, "a number in (0, 1]", lo_open=True),
             "min_p": _real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1]"),
             "repetition_penalty": _real(
-                "repetition_penalty", self.repetition_penalty, 0.0, math.inf, "a finite number > 0", lo_open=True
+                "repetition_penalty",
+                self.repetition_penalty,
+                MIN_REPETITION_PENALTY,
+                MAX_REPETITION_PENALTY,
+                f"a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]",
             ),
             "presence_penalty": _real("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2]"),
             "frequency_penalty": _real("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2]"),

@@ -23,6 +23,8 @@ __all__ = ["StreamDecoder", "Tokenizer"]
 #: most 4 bytes, so longer runs can only be invalid byte sequences: they are emitted as U+FFFD
 #: instead of being re-decoded on every step (which would make a stream quadratic).
 MAX_PENDING_TOKENS = 8
+# Texts longer than this are tokenized through the GIL-releasing batch call.
+_GIL_FREE_CHARS = 16_384
 
 
 @final
@@ -88,7 +90,22 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens written in the text are recognised."""
+        if len(text) > _GIL_FREE_CHARS:
+            # encode_batch runs with the GIL released (encode holds it): a long prompt tokenized
+            # in a worker thread then leaves the server's event loop free meanwhile.
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def max_token_bytes(self) -> int:
+        """UTF-8 length of the longest token string in the vocabulary (added tokens included).
+
+        A token's string is never shorter than the text it stands for in the tokenizers this
+        project reads (byte-level BPE maps each byte to one character; SentencePiece and
+        byte-fallback pieces spell a byte with more), so text of ``n`` bytes needs at least
+        ``n / max_token_bytes`` tokens: a bound checked before tokenizing anything.
+        """
+        return max((len(token.encode()) for token in self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``."""

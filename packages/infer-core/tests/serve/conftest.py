@@ -49,7 +49,7 @@ async def client_for() -> AsyncIterator[Callable[..., Any]]:
     def make(model: infer.Model, **options: Any) -> Any:
         options.setdefault("model_name", "fake")
         app = create_app(model, **options)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve.test", timeout=30)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=30)
         client.app = app
         clients.append(client)
         return client

@@ -120,13 +120,16 @@ async def drive(
     disconnect_after_s: float | None = None,
     on_disconnect: Callable[[], None] | None = None,
     send_raises: bool = True,
+    stall_after_chunks: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run one POST through the ASGI ``app`` as a server would; the client may go away midway.
 
     The client disconnects after it has received ``disconnect_after_chunks`` body messages or
     ``disconnect_after_s`` seconds, whichever is given. After that, ``send`` raises ``OSError``
     (as ASGI 2.4 servers do) or, with ``send_raises=False``, drops the message silently (as
-    older servers do). Returns the messages the app sent.
+    older servers do). With ``stall_after_chunks`` the client stays connected but stops
+    reading: every later ``send`` blocks forever, as on a full socket buffer. Returns the
+    messages the app sent.
     """
     raw = json.dumps(body).encode()
     sent: list[dict[str, Any]] = []
@@ -150,6 +153,8 @@ async def drive(
             return
         sent.append(message)
         chunks = sum(1 for m in sent if m["type"] == "http.response.body" and m.get("body"))
+        if stall_after_chunks is not None and chunks > stall_after_chunks:
+            await asyncio.Event().wait()
         if disconnect_after_chunks is not None and chunks >= disconnect_after_chunks:
             gone.set()
         if message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -165,7 +170,11 @@ async def drive(
         "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        "headers": [
+            (b"host", b"localhost"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+        ],
         "client": ("127.0.0.1", 1234),
         "server": ("127.0.0.1", 80),
     }

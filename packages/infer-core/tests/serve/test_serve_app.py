@@ -195,7 +195,7 @@ async def test_body_over_the_limit_is_a_413_by_declared_or_streamed_size(client_
         for _ in range(20):
             yield b" " * 100
 
-    error_of(await c.post("/v1/completions", content=chunked()), 413)
+    error_of(await c.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"}), 413)
 
 
 async def test_prompt_over_max_prompt_tokens_is_a_400_naming_the_prompt(client_for, fake_model):

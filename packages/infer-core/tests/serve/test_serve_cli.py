@@ -98,3 +98,44 @@ def test_bad_serve_flags_exit_2(captured, args, capsys):
 def test_a_bad_backend_option_exits_2_with_its_name(captured, capsys):
     assert main(["serve", "fake", "--backend", "fake", "-o", "nonsense=1"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_safe_defaults_reach_the_app_and_uvicorn(captured):
+    from infer.serve.app import DEFAULT_REQUEST_TIMEOUT
+    from infer.serve.guards import HeaderTimeoutH11
+
+    assert main(["serve", "fake", "--backend", "fake"]) == 0
+    config = captured["config"]
+    server = config.app.state.server
+    assert server.request_timeout == DEFAULT_REQUEST_TIMEOUT
+    assert not server.strict_requests
+    assert issubclass(config.http, HeaderTimeoutH11)
+    assert config.limit_concurrency == 32 + 256 + 64  # slots + queue + headroom: connections are bounded
+
+
+def test_hardening_flags_reach_the_app_and_the_protocol(captured):
+    args = ["--header-timeout", "3", "--body-timeout", "4", "--write-timeout", "5", "--strict-requests"]
+    assert main(["serve", "fake", "--backend", "fake", "--allowed-hosts", "a.example, b.example", *args]) == 0
+    config = captured["config"]
+    server = config.app.state.server
+    assert config.http.header_timeout == 3.0
+    assert (server.body_timeout, server.write_timeout, server.strict_requests) == (4.0, 5.0, True)
+    host_check = config.app.user_middleware[0]
+    assert host_check.kwargs["allowed"] == ("a.example", "b.example")
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_at_start(captured, capsys, key):
+    assert main(["serve", "fake", "--backend", "fake", "--api-key", key]) == 2
+    assert "--api-key is empty" in capsys.readouterr().err
+    assert "config" not in captured
+
+
+def test_the_served_name_of_a_model_path_is_its_last_part_not_the_path(tmp_path):
+    from infer.serve.cli import _public_name
+
+    folder = tmp_path / "secret-home" / "my-model"
+    folder.mkdir(parents=True)
+    assert _public_name(str(folder)) == "my-model"
+    assert _public_name(str(folder) + "/") == "my-model"
+    assert _public_name("hf:org/name") == "hf:org/name"  # not a path: kept as given

@@ -210,7 +210,7 @@ def raw_request(server: ServerProcess, payload: bytes) -> int:
 
 def post(path: str, body: bytes) -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
@@ -245,7 +245,8 @@ HOSTILE = [
     ("oversized body", completion(b'"user": "' + b"a" * (3 * 1024 * 1024) + b'"'), 413),
     (
         "oversized chunked body",
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         + b"".join(b"100000\r\n" + b" " * 0x100000 + b"\r\n" for _ in range(3))
         + b"0\r\n\r\n",
         413,
@@ -254,6 +255,15 @@ HOSTILE = [
     ("bad Content-Length", post("/v1/completions", b"{}").replace(b"Length: 2", b"Length: abc"), 400),
     ("empty body", post("/v1/completions", b""), 400),
     ("not JSON at all", post("/v1/completions", b"\x00\x01\x02garbage"), 400),
+    ("text/plain body (cross-site form)", completion(b'"seed": 1').replace(b"application/json", b"text/plain"), 415),
+    ("no content type", completion(b'"seed": 1').replace(b"Content-Type: application/json\r\n", b""), 415),
+    ("foreign Host (DNS rebinding)", completion(b'"seed": 1').replace(b"Host: localhost", b"Host: evil.example"), 421),
+    ("no Host", completion(b'"seed": 1').replace(b"Host: localhost\r\n", b""), 400),
+    (
+        "foreign Host on /health",
+        b"GET /health HTTP/1.1\r\nHost: evil.example:8000\r\nConnection: close\r\n\r\n",
+        421,
+    ),
 ]
 
 
@@ -303,17 +313,45 @@ def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0():
     running.stop()
 
 
-def test_sigterm_past_the_grace_period_cuts_streams_and_still_exits_0():
+def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event_and_done_and_exits_0():
     running = ServerProcess("-o", "latency=0.05", "--grace", "0.5")
     body = {"model": "fake", "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as r:
-        lines = r.iter_lines()
-        next(lines)
+    streams = [httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) for _ in range(3)]
+    responses = [s.__enter__() for s in streams]
+    try:
+        lines = [r.iter_lines() for r in responses]
+        for it in lines:
+            next(it)
         started = time.monotonic()
         running.terminate()
-        with pytest.raises(httpx.TransportError):  # the stream is cut, not ended with [DONE]
-            for line in lines:
-                assert line != "data: [DONE]"
+        for it in lines:
+            events = sse_data("\n".join(it) + "\n\n")
+            assert events[-1] == "[DONE]"  # every stream ends with its terminator...
+            error = events[-2]["error"]  # ...right after an error event saying why
+            assert (error["code"], error["type"]) == ("unavailable", "server_error")
+            assert "shutting down" in error["message"]
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
     assert running.proc.wait(15) == 0
     assert time.monotonic() - started < 10
+    log = running.log()
     running.stop()
+    assert "Traceback" not in log
+    assert "Event loop is closed" not in log
+
+
+@pytest.mark.security
+def test_slow_headers_are_cut_off_after_the_header_timeout_and_others_are_served():
+    with ServerProcess("--header-timeout", "0.5") as srv:
+        slow = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)  # sends nothing at all
+        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+        time.sleep(1.0)
+        for s in [*slow, silent]:
+            assert s.recv(1024) == b""  # closed by the server
+            s.close()
+        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+        assert "Traceback" not in srv.log()

@@ -94,7 +94,6 @@ def test_completions_logprobs_integer_becomes_top_logprobs():
         (CHAT | {"logprobs": 1}, "logprobs"),
         (CHAT | {"tools": []}, "tools"),
         (CHAT | {"response_format": {"type": "json_object"}}, "response_format"),
-        (CHAT | {"frobnicate": 1}, "frobnicate"),
         (CHAT | {"stream_options": {"include_usage": True}}, "stream_options"),
         (CHAT | {"stream": True, "stream_options": {"other": 1}}, "stream_options.other"),
         (CHAT | {"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
@@ -125,6 +124,29 @@ def test_completions_logprobs_integer_becomes_top_logprobs():
 def test_a_malformed_field_is_refused_naming_it(body, param):
     completions = "prompt" in body or param == "prompt"
     assert refused(parse_completion if completions else parse_chat, body).param == param
+
+
+def test_unknown_fields_are_ignored_and_listed_unless_strict():
+    req = parse_chat(CHAT | {"reasoning_effort": "low", "frobnicate": 1, "temperature": 0})
+    assert req.ignored == ("reasoning_effort", "frobnicate")
+    assert req.sampling["temperature"] == 0
+    assert parse_completion(TEXT | {"x_vendor": True}).ignored == ("x_vendor",)
+    error = refused(lambda body: parse_chat(body, strict=True), CHAT | {"frobnicate": 1})
+    assert (error.param, error.code) == ("frobnicate", "unknown_parameter")
+    assert refused(lambda body: parse_completion(body, strict=True), TEXT | {"x_vendor": 1}).param == "x_vendor"
+
+
+def test_unsupported_openai_fields_are_refused_even_when_not_strict():
+    assert refused(parse_chat, CHAT | {"tools": [{"type": "function"}]}).code == "unsupported_parameter"
+
+
+def test_chat_template_kwargs_are_checked_and_kept():
+    req = parse_chat(CHAT | {"chat_template_kwargs": {"enable_thinking": False}})
+    assert req.template_kwargs == {"enable_thinking": False}
+    assert refused(parse_chat, CHAT | {"chat_template_kwargs": [1]}).param == "chat_template_kwargs"
+    reserved = CHAT | {"chat_template_kwargs": {"messages": []}}
+    assert refused(parse_chat, reserved).param == "chat_template_kwargs.messages"
+    assert refused(parse_chat, CHAT | {"chat_template_kwargs": {"a-b": 1}}).param == "chat_template_kwargs"
 
 
 def test_content_parts_join_into_one_text():

@@ -1,11 +1,17 @@
 """The Starlette app: OpenAI-style routes over one loaded :class:`infer.Model`.
 
-A generation request goes: authorize -> read the body (bounded) -> check its shape
-(:mod:`infer.serve.schemas`) -> tokenize and check limits -> take a queue place (429 when
-full) -> wait for a slot -> stream from the model. The last two steps run inside the
+A generation request goes: Host check (:mod:`infer.serve.guards`) -> authorize -> require a
+JSON content type -> read the body (bounded in size and time) -> check its shape
+(:mod:`infer.serve.schemas`) -> render the chat template (budgeted) and tokenize, in a small
+pool of worker threads, after a byte-length check -> take a queue place (429 when full) ->
+wait for a slot -> stream from the model. The last two steps run inside the
 response, next to a task watching for the client to go away: if it does, the request is
 cancelled wherever it is (queued, prefilling, decoding), so its sequence leaves the model's
 batch before the next step and its cache is released.
+
+Safe by default: a request deadline (:data:`DEFAULT_REQUEST_TIMEOUT`), a body read timeout,
+a write timeout for clients that stop reading, loopback hosts only, metric labels from route
+templates (never raw paths), and no filesystem path in any answer.
 
 Only the core's public API is used; nothing here knows which backend runs the model.
 """
@@ -20,22 +26,25 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, final
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from infer.errors import InferError, InvalidParameterError
+from infer.errors import DeadlineExceededError, InferError, InvalidParameterError
 from infer.log import get_logger
 from infer.model import AsyncTokenStream, Model
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
 from infer.serve.admission import Admission, Ticket
-from infer.serve.errors import APIError, from_infer_error
+from infer.serve.errors import APIError, from_infer_error, shutdown_error
 from infer.serve.formats import Formatter, sse
+from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
 from infer.serve.schemas import GenerationRequest, parse_chat, parse_completion, parse_json
 
@@ -47,6 +56,17 @@ DEFAULT_MAX_CONCURRENCY = 32
 DEFAULT_MAX_QUEUE = 256
 #: Default request body limit (a 128k-token prompt is about 0.5 MB of text).
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+#: Default seconds a request may take from arrival to its last token (504 past it).
+DEFAULT_REQUEST_TIMEOUT = 600.0
+#: Default seconds a client has to send a request body once its headers arrived (408 past it).
+DEFAULT_BODY_TIMEOUT = 30.0
+#: Default seconds one write may wait on a client that stopped reading before the request is dropped.
+DEFAULT_WRITE_TIMEOUT = 30.0
+#: Worker threads rendering templates and tokenizing prompts at once. Few on purpose: the work
+#: holds the GIL in part, and the event loop must keep its share to answer /health meanwhile.
+PREPARE_THREADS = 4
+# Unknown request fields named in warnings, at most, over the server's life (no log floods).
+_MAX_IGNORED_NAMES = 64
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -64,17 +84,27 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_prompt_tokens: int | None = None,
-    request_timeout: float | None = None,
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+    allowed_hosts: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_HOSTS,
+    strict_requests: bool = False,
 ) -> Starlette:
     """Build the ASGI app serving ``model`` under the name ``model_name``.
 
-    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <key>``.
+    ``api_key``: when set (non-empty), every ``/v1`` route needs ``Authorization: Bearer <key>``.
     ``max_concurrency`` requests run at once (batched by the model's scheduler) and up to
     ``max_queue`` more wait; past that the server answers 429. Bodies over ``max_body_bytes``
     get 413, prompts over ``max_prompt_tokens`` (or the model's context) 400. A request
     still running ``request_timeout`` seconds after it arrived ends with 504 (or an error
-    event, once its stream has begun). The caller keeps ownership of ``model``.
+    event, once its stream has begun); ``None`` removes the deadline. A body not received within
+    ``body_timeout`` seconds gets 408, and a client that leaves a write blocked for
+    ``write_timeout`` seconds is dropped. Requests must name one of ``allowed_hosts`` in their
+    ``Host`` header (``"*"``: any). Unknown request fields are ignored with a logged warning,
+    or refused with 400 when ``strict_requests``. The caller keeps ownership of ``model``.
     """
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise InvalidParameterError("api_key", api_key, "a non-empty string, or None for no key")
     _check_positive("max_concurrency", max_concurrency)
     _check_positive("max_queue", max_queue, zero=True)
     _check_positive("max_body_bytes", max_body_bytes)
@@ -84,6 +114,11 @@ def create_app(
         isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) or not request_timeout > 0
     ):
         raise InvalidParameterError("request_timeout", request_timeout, "a positive number of seconds or None")
+    for name, value in (("body_timeout", body_timeout), ("write_timeout", write_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InvalidParameterError(name, value, "a positive number of seconds")
+    if isinstance(allowed_hosts, str) or not allowed_hosts or not all(isinstance(h, str) for h in allowed_hosts):
+        raise InvalidParameterError("allowed_hosts", allowed_hosts, "a non-empty list of host names (or '*')")
     if not isinstance(model_name, str) or not model_name:
         raise InvalidParameterError("model_name", model_name, "a non-empty string")
     server = _Server(
@@ -95,6 +130,9 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_prompt_tokens=max_prompt_tokens,
         request_timeout=None if request_timeout is None else float(request_timeout),
+        body_timeout=float(body_timeout),
+        write_timeout=float(write_timeout),
+        strict_requests=bool(strict_requests),
     )
     routes = [
         Route("/v1/models", server.list_models, methods=["GET"]),
@@ -104,7 +142,11 @@ def create_app(
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_page, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(HostCheck, allowed=tuple(allowed_hosts))],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
     app.state.server = server
     return app
 
@@ -159,6 +201,9 @@ class _Server:
         max_body_bytes: int,
         max_prompt_tokens: int | None,
         request_timeout: float | None,
+        body_timeout: float,
+        write_timeout: float,
+        strict_requests: bool,
     ) -> None:
         self.model = model
         self.model_name = model_name
@@ -166,6 +211,15 @@ class _Server:
         self.max_body_bytes = max_body_bytes
         self.max_prompt_tokens = max_prompt_tokens
         self.request_timeout = request_timeout
+        self.body_timeout = body_timeout
+        self.write_timeout = write_timeout
+        self.strict_requests = strict_requests
+        # A prompt over this many bytes cannot fit the token limit: refused before tokenizing.
+        self.max_prompt_bytes = model.max_prompt_bytes
+        if max_prompt_tokens is not None:
+            self.max_prompt_bytes = min(self.max_prompt_bytes, max_prompt_tokens * model.tokenizer.max_token_bytes)
+        self._prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
+        self._ignored_names: set[str] = set()
         self.metrics = ServerMetrics(lambda: model.active_requests)
         self.admission = Admission(max_concurrency, max_queue, self.metrics)
         self.created = int(time.time())
@@ -175,7 +229,7 @@ class _Server:
 
     async def list_models(self, request: Request) -> Response:
         """``GET /v1/models``: the one model served."""
-        return self._guarded(request, lambda: {"object": "list", "data": [self._model_card()]})
+        return self._guarded(request, "/v1/models", lambda: {"object": "list", "data": [self._model_card()]})
 
     async def get_model(self, request: Request) -> Response:
         """``GET /v1/models/{id}``: the model, or 404."""
@@ -186,16 +240,17 @@ class _Server:
                 raise self._unknown_model(wanted)
             return self._model_card()
 
-        return self._guarded(request, card)
+        return self._guarded(request, "/v1/models/{model_id}", card)
 
-    def _guarded(self, request: Request, body: Any) -> Response:
+    def _guarded(self, request: Request, label: str, body: Any) -> Response:
+        # `label` is the route's template: metric labels from raw paths would grow without bound.
         try:
             self._authorize(request)
             content = body()
         except APIError as err:
-            self.metrics.count(request.url.path, err.status)
+            self.metrics.count(label, err.status)
             return _error_response(err)
-        self.metrics.count(request.url.path, 200)
+        self.metrics.count(label, 200)
         return JSONResponse(content)
 
     def _model_card(self) -> dict[str, Any]:
@@ -210,7 +265,7 @@ class _Server:
         )
 
     async def health(self, request: Request) -> Response:
-        """``GET /health``: liveness plus the load figures (no key needed)."""
+        """``GET /health``: liveness plus the load figures (no key needed; no paths, no secrets)."""
         return JSONResponse(
             {
                 "status": "ok",
@@ -238,14 +293,21 @@ class _Server:
 
     async def _generation(self, request: Request, endpoint: str) -> Response:
         arrived = time.perf_counter()
-        label = request.url.path
+        label = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
         try:
             self._authorize(request)
+            _require_json(request)
             data = parse_json(await self._read_body(request))
-            parsed = parse_chat(data) if endpoint == "chat" else parse_completion(data)
+            strict = self.strict_requests
+            parsed = parse_chat(data, strict=strict) if endpoint == "chat" else parse_completion(data, strict=strict)
+            if parsed.ignored:
+                self._warn_ignored(label, parsed.ignored)
             if parsed.model != self.model_name:
                 raise self._unknown_model(parsed.model)
-            ids, params = await run_in_threadpool(self._prepare, parsed)
+            left = None if self.request_timeout is None else self.request_timeout - (time.perf_counter() - arrived)
+            ids, params = await anyio.to_thread.run_sync(
+                self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
+            )
             ticket = self.admission.admit()
         except APIError as err:
             self.metrics.count(label, err.status)
@@ -262,7 +324,28 @@ class _Server:
         if not hmac.compare_digest(given.strip().encode(), self._key):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
+    def _warn_ignored(self, label: str, names: tuple[str, ...]) -> None:
+        new = [n for n in names if n not in self._ignored_names][:8]
+        if not new or len(self._ignored_names) >= _MAX_IGNORED_NAMES:
+            return  # each name is reported once; the set is bounded so a scanner cannot flood the log
+        self._ignored_names.update(new)
+        self.log.warning(
+            "serve.ignored_fields",
+            endpoint=label,
+            fields=[n[:40] for n in new],
+            hint="unknown request fields are ignored; start the server with --strict-requests to refuse them",
+        )
+
     async def _read_body(self, request: Request) -> bytes:
+        try:
+            with anyio.fail_after(self.body_timeout):
+                return await self._read_body_unbounded(request)
+        except TimeoutError:
+            raise APIError(
+                408, f"the request body did not arrive within {self.body_timeout:g} s", code="request_timeout"
+            ) from None
+
+    async def _read_body_unbounded(self, request: Request) -> bytes:
         limit = self.max_body_bytes
         too_big = APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
         declared = request.headers.get("content-length")
@@ -279,21 +362,30 @@ class _Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _prepare(self, parsed: GenerationRequest) -> tuple[list[int], SamplingParams]:
-        """Sampling parameters and prompt ids, with every limit checked (runs in a worker thread)."""
+    def _prepare(self, parsed: GenerationRequest, left: float | None) -> tuple[list[int], SamplingParams]:
+        """Sampling parameters and prompt ids, with every limit checked (runs in a worker thread).
+
+        ``left``: seconds before the request's deadline, which bounds the template's render.
+        """
         model = self.model
+        field = parsed.prompt_field
+        if left is not None and left <= 0:
+            raise self.deadline_error("before its prompt was read")
         try:
             params = SamplingParams(**parsed.sampling)
             params.validate(model.vocab_size)
+            text: str | None
             if parsed.messages is not None:
-                ids = model.encode(model.apply_chat_template(parsed.messages), add_special_tokens=False)
-            elif isinstance(parsed.prompt, str):
-                ids = model.encode(parsed.prompt)
+                text = model.apply_chat_template(parsed.messages, timeout=left, **parsed.template_kwargs)
             else:
-                ids = list(parsed.prompt or ())
+                text = parsed.prompt if isinstance(parsed.prompt, str) else None
+            if text is not None:
+                self._check_bytes(text, field)
+                ids = model.encode(text, add_special_tokens=parsed.messages is None)
+            else:
+                ids = [] if isinstance(parsed.prompt, str) else list(parsed.prompt or ())
         except InferError as exc:
             raise from_infer_error(exc, params=parsed.error_names) from None
-        field = parsed.prompt_field
         if not ids:
             raise APIError(400, f"{field} has no tokens; give non-empty text", param=field, code="invalid_value")
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
@@ -322,6 +414,19 @@ class _Server:
                 code="context_length_exceeded",
             )
         return ids, params
+
+    def _check_bytes(self, text: str, field: str) -> None:
+        if len(text) * 4 <= self.max_prompt_bytes:
+            return
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            raise APIError(
+                400,
+                f"the prompt has {size} bytes; no prompt over {self.max_prompt_bytes} bytes fits this server's "
+                "token limit, so it was refused before tokenizing; shorten it",
+                param=field,
+                code="context_length_exceeded",
+            )
 
     def remaining(self, job: _Job) -> float | None:
         """Seconds left before the job's deadline (``None``: no deadline)."""
@@ -368,19 +473,32 @@ class _GenerationResponse(Response):
             token_text=lambda token: server.model.decode([token]),
         )
         self._last_token = 0.0
+        #: The server cancelled this response (shutdown past its grace period).
+        self.shutting_down = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         run = asyncio.ensure_future(self._run(send))
         watch = asyncio.ensure_future(_until_disconnect(receive))
         try:
             await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: `run` ends the response with an error (an event
+            # and the terminator, once a stream has begun) and this call returns normally, so
+            # the client learns why and the server prints no traceback for a planned stop.
+            self.shutting_down = True
         finally:
-            # Also reached when the server cancels us (shutdown past its grace period).
             finished = run.done() and not run.cancelled()
             for task in (run, watch):
                 task.cancel()
-            await asyncio.gather(run, watch, return_exceptions=True)
-            if not finished:
+            ending = asyncio.gather(run, watch, return_exceptions=True)
+            while not ending.done():
+                try:
+                    await asyncio.shield(ending)
+                except asyncio.CancelledError:
+                    # Cancelled again (the event loop is closing): the error event is still on
+                    # its way out; asyncio.run waits for this task, so let it finish sending.
+                    self.shutting_down = True
+            if not finished and not self.shutting_down:
                 self.outcome = 499
             self.job.ticket.release()
             self.server.metrics.count(self.job.label, self.outcome)
@@ -404,8 +522,15 @@ class _GenerationResponse(Response):
                 await self._whole(stream, send)
         except _ClientGone:
             self.outcome = 499
+        except asyncio.CancelledError:
+            if not self.shutting_down:
+                raise  # the client went away: nobody to tell
+            await self._fail(send, shutdown_error())
         except APIError as err:
             await self._fail(send, err)
+        except DeadlineExceededError:
+            # The stream's own timeout is what was left of the server's: quote the server's.
+            await self._fail(send, server.deadline_error("while generating"))
         except InferError as exc:
             await self._fail(send, from_infer_error(exc, params=job.request.error_names))
         except Exception as exc:
@@ -420,9 +545,14 @@ class _GenerationResponse(Response):
 
     async def _send(self, send: Send, message: Message) -> None:
         try:
-            await send(message)
+            # A client that stops reading leaves the write blocked on flow control: past the
+            # write timeout it counts as gone, so it cannot hold its slot forever.
+            with anyio.fail_after(self.server.write_timeout):
+                await send(message)
         except OSError as exc:  # ASGI 2.4 servers raise this once the client has gone
             raise _ClientGone from exc
+        except TimeoutError:
+            raise _ClientGone from None
 
     async def _send_json(self, send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
         raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -492,6 +622,19 @@ class _GenerationResponse(Response):
         if self.job.request.include_usage:
             await self._event(send, fmt.usage_chunk(completion.usage))
         await self._event(send, "[DONE]", last=True)
+
+
+def _require_json(request: Request) -> None:
+    # Browsers send text/plain or form bodies cross-site without asking (no CORS preflight);
+    # insisting on JSON keeps a web page from driving a local server through its visitors.
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != "application/json":
+        shown = kind[:60] or "none"
+        raise APIError(
+            415,
+            f"the request body must be JSON sent as 'Content-Type: application/json' (got {shown})",
+            code="unsupported_media_type",
+        )
 
 
 def _finished(stream: AsyncTokenStream) -> Completion:

@@ -6,11 +6,15 @@ and works without the ``serve`` extra installed.
 
 SIGTERM (or Ctrl-C) stops accepting connections and lets in-flight requests finish for up
 to ``--grace`` seconds; the process then closes the model and exits 0.
+
+Defaults are the safe ones: loopback address and Host names only, a request deadline, header,
+body and write timeouts, a bounded number of connections, and repeated log lines damped.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -21,6 +25,11 @@ __all__ = ["add_serve_command"]
 
 #: Default seconds in-flight requests get to finish after SIGTERM.
 DEFAULT_GRACE = 30.0
+#: Default seconds a connection has to send a request's headers.
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: Connections beyond the slots and the queue that may be open at once (health checks, scrapes,
+#: clients being told 429); past the total uvicorn answers 503 at once.
+CONNECTION_HEADROOM = 64
 
 
 def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -30,6 +39,7 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     ``--device``, ``--dtype``, ``-o KEY=VALUE``), so the model is loaded as ``infer run`` loads it.
     """
     from infer.cli import _positive_int, bounded
+    from infer.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 
     non_negative_int = bounded(int, minimum=0, inclusive=True, expected="an integer >= 0")
     seconds = bounded(float, minimum=0, inclusive=False, expected="a positive number of seconds")
@@ -39,12 +49,27 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--name", help="model name clients send (default: MODEL as given)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (must not be empty)")
     p.add_argument("--max-concurrency", type=_positive_int, default=32, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=256, help="requests waiting before 429")
     p.add_argument("--max-prompt-tokens", type=_positive_int, help="longest prompt accepted, in tokens")
     p.add_argument("--max-body-bytes", type=_positive_int, default=2 * 1024 * 1024, help="largest request body")
-    p.add_argument("--timeout", type=seconds, help="seconds a request may take (504 past it)")
+    timeouts = (
+        ("--timeout", DEFAULT_REQUEST_TIMEOUT, "seconds a request may take, 504 past it"),
+        ("--header-timeout", DEFAULT_HEADER_TIMEOUT, "seconds a connection has to send request headers"),
+        ("--body-timeout", DEFAULT_BODY_TIMEOUT, "seconds a client has to send a request body, 408 past it"),
+        ("--write-timeout", DEFAULT_WRITE_TIMEOUT, "seconds a client may stop reading before it is dropped"),
+    )
+    for flag, default, text in timeouts:
+        p.add_argument(flag, type=seconds, default=default, help=f"{text} (default: {default:g})")
+    p.add_argument(
+        "--allowed-hosts",
+        default="localhost,127.0.0.1,::1",
+        help="comma-separated Host names to answer ('*': any; default: loopback names only)",
+    )
+    p.add_argument(
+        "--strict-requests", action="store_true", help="refuse unknown request fields with 400 instead of ignoring them"
+    )
     p.add_argument("--grace", type=seconds, default=DEFAULT_GRACE, help="seconds to drain on SIGTERM")
     p.set_defaults(func=_cmd_serve)
 
@@ -65,27 +90,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     from infer.cli import _load
+    from infer.serve.guards import HeaderTimeoutH11, RepeatFilter
 
+    if args.api_key is not None and not args.api_key.strip():
+        print(
+            "infer: error: --api-key is empty; give a key, or leave the option out to serve without one",
+            file=sys.stderr,
+        )
+        return 2
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    if not hosts:
+        print("infer: error: --allowed-hosts names no host; give names, or '*' for any", file=sys.stderr)
+        return 2
     model = _load(args)
     try:
         app = create_app(
             model,
-            model_name=args.name or args.model,
+            model_name=args.name or _public_name(args.model),
             api_key=args.api_key,
             max_concurrency=args.max_concurrency,
             max_queue=args.max_queue,
             max_body_bytes=args.max_body_bytes,
             max_prompt_tokens=args.max_prompt_tokens,
             request_timeout=args.timeout,
+            body_timeout=args.body_timeout,
+            write_timeout=args.write_timeout,
+            allowed_hosts=hosts,
+            strict_requests=args.strict_requests,
         )
+        protocol = type("Protocol", (HeaderTimeoutH11,), {"header_timeout": args.header_timeout})
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
+            http=protocol,
             lifespan="off",
             access_log=bool(args.verbose),
             timeout_graceful_shutdown=args.grace,
+            limit_concurrency=args.max_concurrency + args.max_queue + CONNECTION_HEADROOM,
         )
+        damper = RepeatFilter()
+        for name in ("asyncio", "uvicorn.error"):
+            logging.getLogger(name).addFilter(damper)
         server = uvicorn.Server(config)
         # uvicorn restores the previous SIGTERM handler after draining and raises the signal
         # again; the default handler would then kill the process with status -15.
@@ -94,3 +140,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         model.close()
     return 0 if server.started else 1
+
+
+def _public_name(ref: str) -> str:
+    """The name clients see for ``ref``: a path's last part, so no answer reveals the filesystem."""
+    from pathlib import Path
+
+    path = Path(ref)
+    return path.resolve().name if path.exists() else ref

@@ -25,7 +25,7 @@ from infer.errors import (
     RequestError,
 )
 
-__all__ = ["APIError", "from_infer_error"]
+__all__ = ["APIError", "from_infer_error", "shutdown_error"]
 
 #: HTTP status -> the error ``type`` OpenAI's API reports for it.
 _TYPES = {
@@ -33,8 +33,10 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    421: "invalid_request_error",
     429: "rate_limit_error",
     499: "cancelled",
     500: "server_error",
@@ -81,6 +83,11 @@ class APIError(Exception):
         return json.dumps(self.body()).encode()
 
 
+def shutdown_error() -> APIError:
+    """The 503 of a request the server stops serving because it is shutting down."""
+    return APIError(503, "the server is shutting down; retry on another instance", code="unavailable")
+
+
 def from_infer_error(exc: InferError, *, params: dict[str, str] | None = None) -> APIError:
     """Map a typed error from infer onto its HTTP status and OpenAI error fields.
 
@@ -105,7 +112,7 @@ def from_infer_error(exc: InferError, *, params: dict[str, str] | None = None) -
     if isinstance(exc, RequestCancelledError):
         return APIError(499, str(exc), code="cancelled")
     if isinstance(exc, ModelClosedError):
-        return APIError(503, "the server is shutting down; retry on another instance", code="unavailable")
+        return shutdown_error()
     if isinstance(exc, BackendError):
         # The message names the backend and the failure, not the stack: that stays in the server's log.
         return APIError(500, f"the model failed while generating: {exc}", code="backend_error")

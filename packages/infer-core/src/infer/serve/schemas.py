@@ -4,14 +4,17 @@ The server checks the *shape* of a request here (JSON types, which fields exist,
 it does not offer); the *ranges* of sampling values are checked by
 :class:`infer.SamplingParams`, whose errors the app maps back onto the request's field names.
 Fields OpenAI's API accepts but this server cannot honour (``tools``, ``n`` > 1, ``echo``...)
-are refused by name rather than ignored, and so are fields no API knows, as OpenAI does.
+are refused by name rather than ignored. Fields no API here knows (extensions of other servers,
+such as ``reasoning_effort``) are ignored and listed in :attr:`GenerationRequest.ignored`, so
+the app can log them; with ``strict=True`` they are refused, as OpenAI does.
+``chat_template_kwargs`` (vLLM's and llama.cpp's extension) reaches the chat template.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn, final
 
 from infer.serve.errors import APIError
@@ -40,7 +43,6 @@ _UNSUPPORTED = frozenset(
         "modalities",
         "audio",
         "prediction",
-        "reasoning_effort",
         "web_search_options",
         "best_of",
         "echo",
@@ -65,7 +67,9 @@ _COMMON = frozenset(
         *_NUMBERS,
     }
 )
-_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template_kwargs"}
+# Variables the server itself gives a chat template; chat_template_kwargs may not replace them.
+_TEMPLATE_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
 _COMPLETIONS = _COMMON | {"prompt", "logprobs"}
 
 
@@ -92,6 +96,10 @@ class GenerationRequest:
     max_tokens: int | None = None
     #: Core parameter name -> the request field that set it, for error messages.
     fields: dict[str, str] = field(default_factory=dict)
+    #: Chat: extra variables for the chat template (``chat_template_kwargs``).
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Unknown top-level fields that were ignored (not strict), in request order.
+    ignored: tuple[str, ...] = ()
 
     @property
     def prompt_field(self) -> str:
@@ -121,9 +129,9 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_chat(data: Mapping[str, Any]) -> GenerationRequest:
-    """Check a ``/v1/chat/completions`` body."""
-    _check_fields(data, _CHAT)
+def parse_chat(data: Mapping[str, Any], *, strict: bool = False) -> GenerationRequest:
+    """Check a ``/v1/chat/completions`` body; ``strict`` refuses unknown fields instead of ignoring them."""
+    ignored = _check_fields(data, _CHAT, strict=strict)
     sampling, names = _sampling(data)
     messages = _messages(data.get("messages", _MISSING))
     max_tokens = _max_tokens(data, names)
@@ -135,12 +143,15 @@ def parse_chat(data: Mapping[str, Any]) -> GenerationRequest:
             sampling["top_logprobs"] = top
     elif data.get("top_logprobs") is not None:
         _fail("top_logprobs", "top_logprobs needs logprobs: true")
-    return _request("chat", data, prompt=None, messages=messages, sampling=sampling, names=names, max_tokens=max_tokens)
+    request = _request(
+        "chat", data, prompt=None, messages=messages, sampling=sampling, names=names, max_tokens=max_tokens
+    )
+    return replace(request, template_kwargs=_template_kwargs(data.get("chat_template_kwargs")), ignored=ignored)
 
 
-def parse_completion(data: Mapping[str, Any]) -> GenerationRequest:
-    """Check a ``/v1/completions`` body."""
-    _check_fields(data, _COMPLETIONS)
+def parse_completion(data: Mapping[str, Any], *, strict: bool = False) -> GenerationRequest:
+    """Check a ``/v1/completions`` body; ``strict`` refuses unknown fields instead of ignoring them."""
+    ignored = _check_fields(data, _COMPLETIONS, strict=strict)
     sampling, names = _sampling(data)
     prompt = _prompt(data.get("prompt", _MISSING))
     max_tokens = _max_tokens(data, names)
@@ -152,9 +163,10 @@ def parse_completion(data: Mapping[str, Any]) -> GenerationRequest:
         sampling["logprobs"] = True
         sampling["top_logprobs"] = logprobs
         names["top_logprobs"] = "logprobs"
-    return _request(
+    request = _request(
         "completions", data, prompt=prompt, messages=None, sampling=sampling, names=names, max_tokens=max_tokens
     )
+    return replace(request, ignored=ignored)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -205,7 +217,8 @@ def _request(
     )
 
 
-def _check_fields(data: Mapping[str, Any], known: frozenset[str]) -> None:
+def _check_fields(data: Mapping[str, Any], known: frozenset[str], *, strict: bool) -> tuple[str, ...]:
+    ignored = []
     for key in data:
         if key in known or key in _IGNORED:
             continue
@@ -217,7 +230,23 @@ def _check_fields(data: Mapping[str, Any], known: frozenset[str]) -> None:
             if key == "suffix" and data[key] is None:
                 continue
             _fail(key, f"{key} is not supported by this server", code="unsupported_parameter")
-        _fail(key, f"unrecognized request argument supplied: {key}", code="unknown_parameter")
+        if strict:
+            _fail(key, f"unrecognized request argument supplied: {key}", code="unknown_parameter")
+        ignored.append(key)
+    return tuple(ignored)
+
+
+def _template_kwargs(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _type_error("chat_template_kwargs", "an object of template variables", value)
+    for key in value:
+        if key in _TEMPLATE_RESERVED:
+            _fail(f"chat_template_kwargs.{key}", f"{key} is set by the server and cannot be replaced")
+        if not key.isidentifier():
+            _fail("chat_template_kwargs", f"template variable names are identifiers, got {key[:40]!r}")
+    return dict(value)
 
 
 def _sampling(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
