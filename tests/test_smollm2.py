@@ -125,3 +125,30 @@ def test_smollm2_answers_under_a_json_schema_with_json_that_validates(smollm2, t
         )
     assert reply.finish_reason == "stop", reply.text
     jsonschema.validate(json.loads(reply.text), schema)
+
+
+def test_smollm2_calls_a_required_tool_with_arguments_that_fit_its_schema(smollm2):
+    import json
+
+    import jsonschema
+
+    runnable("onnx")
+    parameters = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}},
+        "required": ["city"],
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": parameters}}]
+    with infer.load(smollm2, backend="onnx", dtype="int4") as model:
+        reply = model.generate(
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=tools,
+            tool_choice="required",
+            temperature=0,
+            max_tokens=64,
+        )
+    assert reply.finish_reason == "tool_calls", reply.text
+    (call,) = reply.tool_calls
+    assert call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), parameters)

@@ -160,3 +160,53 @@ def test_auto_and_none_leave_output_free():
 
 def test_the_tool_types_are_importable_from_infer_tools():
     assert infer.tools.ToolCall is not None
+
+
+# -- through Model.generate --------------------------------------------------------------------------
+
+
+def test_generate_with_a_required_tool_returns_the_call_and_finish_reason_tool_calls(fake):
+    reply = fake.generate(
+        messages=[{"role": "user", "content": "weather in Oslo?"}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        temperature=1.0,
+        seed=5,
+        max_tokens=200,
+    )
+    assert reply.finish_reason == "tool_calls" and reply.text == ""
+    assert len(reply.tool_calls) == 1 and reply.tool_calls[0].name in {"get_weather", "get_time"}
+    json.loads(reply.tool_calls[0].arguments)
+
+
+def test_a_conversation_with_earlier_calls_and_tool_results_renders_and_continues(fake):
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+    ]
+    reply = fake.generate(messages=messages, tools=[TIME], temperature=0, max_tokens=4)
+    assert reply.usage.prompt_tokens > 0 and reply.finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_none_sends_no_tools_and_parses_nothing(fake):
+    plain = fake.generate(messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=8)
+    none = fake.generate(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="none",
+                         temperature=0, max_tokens=8)
+    assert none.token_ids == plain.token_ids and none.tool_calls == ()
+
+
+def test_tools_with_a_plain_prompt_or_a_forced_call_with_a_response_format_are_refused(fake):
+    with pytest.raises(InvalidParameterError, match="messages"):
+        fake.generate("hi", tools=[WEATHER])
+    with pytest.raises(InvalidParameterError) as caught:
+        fake.generate(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="required",
+                      response_format={"type": "json_object"})
+    assert caught.value.parameter == "response_format"
+
+
+def test_an_assistant_message_with_tool_calls_must_be_an_assistant_turn(fake):
+    with pytest.raises(InvalidParameterError) as caught:
+        fake.generate(messages=[{"role": "user", "content": "x", "tool_calls": []}], tools=[WEATHER])
+    assert caught.value.parameter == "messages[0].tool_calls"

@@ -183,6 +183,8 @@ def _render(compiled: Template, budget: _Budget, **variables: Any) -> str:
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Check that ``messages`` is a non-empty list of mappings with string ``role`` and ``content``.
 
+    An assistant message may carry OpenAI ``tool_calls`` (a list) with ``content`` ``None``.
+
     Returns plain-dict copies (templates may not mutate what the caller passed). Raises
     :class:`~infer.errors.InvalidParameterError` naming the bad field, e.g. ``messages[2].content``.
     """
@@ -194,13 +196,18 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     for n, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidParameterError(f"messages[{n}]", message, "a mapping with 'role' and 'content'")
-        for key in ("role", "content"):
-            value = message.get(key)
-            if not isinstance(value, str):
-                raise InvalidParameterError(f"messages[{n}].{key}", value, "a string")
-        if not message["role"]:
-            raise InvalidParameterError(f"messages[{n}].role", message["role"], "a non-empty string")
-        checked.append(dict(message))
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise InvalidParameterError(f"messages[{n}].role", role, "a non-empty string")
+        calls = message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, Sequence) or isinstance(calls, str)):
+            raise InvalidParameterError(f"messages[{n}].tool_calls", calls, "a list, on assistant messages only")
+        if content is None and calls:
+            # An assistant turn that only calls tools: templates test content, so give them "".
+            content = ""
+        if not isinstance(content, str):
+            raise InvalidParameterError(f"messages[{n}].content", content, "a string")
+        checked.append({**message, "content": content})
     return checked
 
 

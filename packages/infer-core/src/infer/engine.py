@@ -160,6 +160,7 @@ class Request:
         "t_submit",
         "text",
         "timeout",
+        "tool_format",
     )
 
     def __init__(
@@ -198,6 +199,8 @@ class Request:
         self.events: list[TokenEvent] | None = [] if params.logprobs else None
         self.t_first = 0.0
         self.t_prefilled = 0.0
+        #: The tool-call format to read the output with (set by the model for tool requests).
+        self.tool_format: str | None = None
 
 
 class Engine:

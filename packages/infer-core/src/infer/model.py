@@ -338,6 +338,12 @@ class Model:
             from infer.errors import ModelClosedError
 
             raise ModelClosedError("the model is closed; load it again to generate")
+        tool_format = None
+        if "tools" in sampling or "tool_choice" in sampling:
+            sampling = dict(sampling)
+            messages, tool_format, template_kwargs = self._plan_tools(messages, sampling)
+        else:
+            template_kwargs = {}
         if "response_format" in sampling:
             sampling = dict(sampling)
             sampling["constraint"] = self.compile_response_format(sampling.pop("response_format"))
@@ -353,7 +359,7 @@ class Model:
             or timeout == float("inf")
         ):
             raise InvalidParameterError("timeout", timeout, "a positive finite number of seconds or None")
-        ids = self._prompt_ids(prompt, messages, timeout)
+        ids = self._prompt_ids(prompt, messages, timeout, template_kwargs)
         room = self.context_length - len(ids)
         if room < 1:
             raise ContextLengthError(len(ids), self.context_length)
@@ -369,8 +375,37 @@ class Model:
             channel=Channel(STREAM_BUFFER, self._engine.wake),
             stream_events=stream_events,
         )
+        request.tool_format = tool_format
         self._engine.submit(request)
         return request
+
+    def _plan_tools(
+        self, messages: Sequence[Mapping[str, Any]] | None, sampling: dict[str, Any]
+    ) -> tuple[Sequence[Mapping[str, Any]] | None, str | None, dict[str, Any]]:
+        """Take ``tools``/``tool_choice`` out of ``sampling``: the messages, call format and template variables."""
+        from infer.tools import call_grammar, check_tool_choice, check_tools, prepare_messages
+
+        tools = check_tools(sampling.pop("tools", None))
+        choice = check_tool_choice(sampling.pop("tool_choice", None), tools)
+        if choice == "none":
+            return messages, None, {}
+        if messages is None:
+            names = [t.name for t in tools]
+            raise InvalidParameterError("tools", names, "chat messages= (tools go through the chat template)")
+        from infer.chat import validate_messages
+
+        # Checked as the caller wrote them, so errors name the caller's indices, not the rewrite's.
+        plan = prepare_messages(self.chat_template, validate_messages(messages), tools)
+        if not plan.native:
+            get_logger().info("tools.described_in_system_message", reason="the chat template does not render tools")
+        grammar = call_grammar(tools, choice, plan.format)
+        if grammar is not None:
+            if sampling.get("response_format") is not None:
+                raise InvalidParameterError(
+                    "response_format", sampling["response_format"], "unset when tool_choice forces a tool call"
+                )
+            sampling["response_format"] = grammar
+        return plan.messages, plan.format, plan.template_vars
 
     def compile_response_format(self, response_format: object) -> Constraint | None:
         """Compile a ``response_format`` (JSON schema, Pydantic model, regex, grammar) for this model.
@@ -389,12 +424,16 @@ class Model:
         return constraint
 
     def _prompt_ids(
-        self, prompt: str | Sequence[int] | None, messages: Sequence[Mapping[str, Any]] | None, timeout: float | None
+        self,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Mapping[str, Any]] | None,
+        timeout: float | None,
+        template_kwargs: Mapping[str, Any],
     ) -> npt.NDArray[np.int32]:
         if (prompt is None) == (messages is None):
             raise InvalidParameterError("prompt", prompt, "exactly one of prompt= and messages=")
         if messages is not None:
-            text = self.apply_chat_template(messages, timeout=timeout)
+            text = self.apply_chat_template(messages, timeout=timeout, **template_kwargs)
             self.check_prompt_bytes(text)
             ids = self.encode(text, add_special_tokens=False)
         elif isinstance(prompt, str):
@@ -493,6 +532,18 @@ def _check_ids(ids: object, vocab_size: int) -> list[int]:
     return [int(t) for t in values]
 
 
+def _with_tool_calls(completion: Completion, tool_format: str | None) -> Completion:
+    """``completion`` with the tool calls its text makes split out (finish reason ``tool_calls``)."""
+    if tool_format is None:
+        return completion
+    from infer.tools import parse_tool_calls
+
+    content, calls = parse_tool_calls(completion.text, tool_format)  # type: ignore[arg-type]
+    if not calls:
+        return completion
+    return replace(completion, text=content or "", tool_calls=tuple(calls), finish_reason="tool_calls")
+
+
 class _StreamBase:
     """What the sync and async streams share: the request, cancellation on drop, the result."""
 
@@ -521,7 +572,7 @@ class _StreamBase:
         self._finished = True
         self._finalizer.detach()
         if isinstance(item, Done):
-            self.completion = item.completion
+            self.completion = _with_tool_calls(item.completion, self._request.tool_format)
             raise StopIteration
         assert isinstance(item, Failed)
         raise item.error

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, final
+from typing import TYPE_CHECKING, Literal, final
+
+if TYPE_CHECKING:
+    from infer.tools import ToolCall
 
 __all__ = ["Completion", "FinishReason", "Timings", "TokenEvent", "Usage"]
 
 #: Why generation ended: ``"stop"`` (an end-of-sequence token, a stop token or a stop string),
-#: ``"length"`` (``max_tokens`` or the context length reached).
-FinishReason = Literal["stop", "length"]
+#: ``"length"`` (``max_tokens`` or the context length reached), ``"tool_calls"`` (the model
+#: ended its turn by calling tools, see :attr:`Completion.tool_calls`).
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @final
@@ -75,3 +79,5 @@ class Completion:
     timings: Timings
     #: Per-token events with log-probabilities, when ``logprobs`` was asked for.
     logprobs: tuple[TokenEvent, ...] | None = None
+    #: Tools the model called, when the request passed ``tools=`` (``text`` then holds the rest).
+    tool_calls: tuple[ToolCall, ...] = ()
