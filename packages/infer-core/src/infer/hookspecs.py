@@ -103,6 +103,11 @@ def infer_sample(
     randomness only from ``states[i].rng`` so that a seed gives the same tokens whatever else
     runs in the batch.
 
+    ``states[i].token_mask``, when not ``None``, is a bool ``[vocab]`` row set by a plugin for
+    this draw (structured output): only tokens where it is ``True`` may be chosen, and the mask
+    applies before penalties, top-k and top-p. The default sampler honours it; a backend that
+    samples on its device must too.
+
     infer-core ships the default sampler as a ``trylast`` implementation. A backend may sample
     on its device for its own models (declare :attr:`Capability.DEVICE_SAMPLING`); a plugin may
     wrap it (``wrapper=True``) to constrain or trace choices. Stops at the first non-None result.
