@@ -322,6 +322,14 @@ class _SharedScratch(FakeModel):
         return _SCRATCH[:rows, :vocab].copy()
 
 
+class _HangsAtStep5(FakeModel):
+    def forward(self, batch: infer.Batch) -> Any:
+        if self.steps == 4:  # the fifth step never returns (until the model is closed)
+            self.steps += 1
+            self._unhang.wait(30)
+        return super().forward(batch)
+
+
 class _LeakyCancelKV(FakeKV):
     def release(self) -> None:
         pass  # ignores cancellation: the cache lives on after its request ended
@@ -356,10 +364,12 @@ CLAIMS_EVERYTHING = _ClaimsEverything("broken-claims", FakeModel)
 IGNORES_DTYPE = _Broken("broken-dtype", _IgnoresDtype)
 IGNORES_DEVICE = _Broken("broken-device", _IgnoresDevice)
 UNLOADABLE_DTYPE = _Broken("broken-dtypes", FakeModel, dtypes=("fp32", "fp16"))
+UNLOADABLE_DEVICE = _Broken("broken-devices", FakeModel, devices=("cpu", "cuda"))
 WRONG_EOS = _Broken("broken-eos", _WrongEos)
 SHORT_CONTEXT = _Broken("broken-context", _ShortContext)
 RELEASE_LEAKS = _Broken("broken-leak", _ReleaseLeaks)
 ALIASED_LOGITS = _Broken("broken-alias", _AliasedLogits)
 SHARED_SCRATCH = _Broken("broken-scratch", _SharedScratch)
 CANCELLATION_IGNORED = _Broken("broken-cancel", _CancellationIgnored)
+HANGS = _Broken("broken-hang", _HangsAtStep5)
 SYNTHETIC_AS_DEFAULT = _Broken("broken-synthetic", FakeModel, priority=0)

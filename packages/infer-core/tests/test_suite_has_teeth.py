@@ -2,7 +2,7 @@
 
 Each row names a broken backend (``broken_backends.py``: one defect each, on the fake or on the
 numpy example backend), the suite module and the test that must fail on it. Only that module
-runs, narrowed to that test, so 27 defects cost about a minute; the conformance tox environments
+runs, narrowed to that test, so 29 defects cost about a minute; the conformance tox environments
 prove the same tests pass on the fake, numpy and ONNX backends.
 """
 
@@ -62,6 +62,7 @@ DEFECTS = [
     ("IGNORES_DTYPE", "test_load", "test_an_unknown_dtype_or_device_is_refused_by_name[dtype]"),
     ("IGNORES_DEVICE", "test_load", "test_an_unknown_dtype_or_device_is_refused_by_name[device]"),
     ("UNLOADABLE_DTYPE", "test_load", "test_every_declared_dtype_loads_and_reports_itself"),
+    ("UNLOADABLE_DEVICE", "test_load", "test_every_declared_device_loads_and_reports_itself_or_says_it_is_absent"),
     ("WRONG_EOS", "test_load", "test_vocab_eos_ids_and_context_length_equal_the_bundles"),
     ("SHORT_CONTEXT", "test_load", "test_vocab_eos_ids_and_context_length_equal_the_bundles"),
     # resources, concurrency, cancellation
@@ -73,6 +74,8 @@ DEFECTS = [
         "test_two_models_of_the_backend_stepped_from_two_threads_equal_their_solo_runs",
     ),
     ("CANCELLATION_IGNORED", "test_lifecycle", "test_ending_a_stream_stops_backend_work_within_one_step[close]"),
+    # hangs: a step that never returns is reported, the suite does not hang with it
+    ("HANGS", "test_lifecycle", "test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end"),
 ]
 
 
