@@ -183,29 +183,33 @@ def _config(pytestconfig: pytest.Config) -> SuiteConfig:
 @pytest.fixture(scope="session")
 def suite(pytestconfig: pytest.Config) -> SuiteConfig:
     """The backend, model and options under test."""
-    return _config(pytestconfig)
-
-
-@pytest.fixture(scope="session")
-def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[Any]:
-    """One model shared by the tests that leave it as they found it."""
     import infer
 
-    loaded = suite.load()
-    info = loaded.info
+    config = _config(pytestconfig)
+    info = config.info()
     certificate = pytestconfig.stash.get(_CERTIFICATE, None)
     if certificate is not None:
+        # What was asked; the shared model fills in what the backend actually loaded.
         certificate.facts.update(
             backend=info.name,
             version=info.version,
             contract_version=info.contract_version,
             core_contract_version=infer.CONTRACT_VERSION,
-            device=loaded.device,
-            dtype=loaded.dtype,
-            model=suite.model,
+            device=config.device or info.devices[0],
+            dtype=config.dtype or info.dtypes[0],
+            model=config.model,
             declared_capabilities=sorted(c.value for c in info.capabilities),
-            logits_atol=loaded.logits_atol,
         )
+    return config
+
+
+@pytest.fixture(scope="session")
+def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[Any]:
+    """One model shared by the tests that leave it as they found it."""
+    loaded = suite.load()
+    certificate = pytestconfig.stash.get(_CERTIFICATE, None)
+    if certificate is not None:
+        certificate.facts.update(device=loaded.device, dtype=loaded.dtype, logits_atol=loaded.logits_atol)
     yield loaded
     loaded.close()
 

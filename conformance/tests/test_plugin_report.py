@@ -1,0 +1,47 @@
+"""The pytest plugin end to end: a run on the fake ends with a certificate, printed and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_run_prints_the_certificate_and_writes_it_as_json(tmp_path):
+    report = tmp_path / "certificate.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--pyargs",
+            "infer_conformance.suite.test_goldens",
+            "infer_conformance.suite.test_capabilities",
+            "infer_conformance.suite.test_load",
+            "--infer-backend=fake",
+            f"--infer-report={report}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "infer conformance certificate" in result.stdout
+    assert "CERTIFIED" in result.stdout
+    cert = json.loads(report.read_text())
+    assert (cert["backend"], cert["device"], cert["dtype"]) == ("fake", "cpu", "fp32")
+    assert cert["fixtures"]["llama"]["status"] == "skipped"
+    assert "synthetic" in cert["fixtures"]["llama"]["skip_reasons"][0]
+    assert cert["capabilities"]["deterministic"]["status"] == "passed"
+    assert cert["capabilities"]["device_sampling"]["status"] == "skipped"
+    assert cert["contracts"]["load"]["status"] == "passed"
+    assert cert["tests"]["failed"] == 0 and cert["certified"] is True
+    assert all(entry["reason"] for entry in cert["skipped"])
