@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,31 @@ def test_a_run_prints_the_certificate_and_writes_it_as_json(tmp_path):
     assert cert["contracts"]["load"]["status"] == "passed"
     assert cert["tests"]["failed"] == 0 and cert["certified"] is True
     assert all(entry["reason"] for entry in cert["skipped"])
+
+
+def test_a_correct_device_sampler_passes_every_device_sampling_test():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--pyargs",
+            "infer_conformance.suite.test_capabilities",
+            "--infer-plugin=controls:DEVICE_SAMPLING",
+            "--infer-backend=control-device-sampling",
+            "-k",
+            "device_sampler",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "capability device_sampling: passed" in result.stdout
+    assert "8 passed" in result.stdout
