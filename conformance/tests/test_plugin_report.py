@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from infer_conformance.runner import run_suite
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_run_prints_the_certificate_and_writes_it_as_json(tmp_path):
     report = tmp_path / "certificate.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--pyargs",
-            "infer_conformance.suite.test_goldens",
-            "infer_conformance.suite.test_capabilities",
-            "infer_conformance.suite.test_load",
-            "--infer-backend=fake",
-            f"--infer-report={report}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_suite(
+        "--pyargs",
+        "infer_conformance.suite.test_goldens",
+        "infer_conformance.suite.test_capabilities",
+        "infer_conformance.suite.test_load",
+        "--infer-backend=fake",
+        f"--infer-report={report}",
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "infer conformance certificate" in result.stdout
@@ -50,27 +37,14 @@ def test_a_run_prints_the_certificate_and_writes_it_as_json(tmp_path):
 
 
 def test_a_correct_device_sampler_passes_every_device_sampling_test():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--pyargs",
-            "infer_conformance.suite.test_capabilities",
-            "--infer-plugin=controls:DEVICE_SAMPLING",
-            "--infer-backend=control-device-sampling",
-            "-k",
-            "device_sampler",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    result = run_suite(
+        "--pyargs",
+        "infer_conformance.suite.test_capabilities",
+        "--infer-plugin=controls:DEVICE_SAMPLING",
+        "--infer-backend=control-device-sampling",
+        "-k",
+        "device_sampler",
+        path=Path(__file__).parent,
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "capability device_sampling: passed" in result.stdout

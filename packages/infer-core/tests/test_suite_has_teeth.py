@@ -8,12 +8,11 @@ prove the same tests pass on the fake, numpy and ONNX backends.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from infer_conformance.runner import run_suite
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -79,33 +78,6 @@ DEFECTS = [
 ]
 
 
-def run_suite(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    env.pop("COV_CORE_SOURCE", None)
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--no-header",
-            "--tb=line",  # one line per failure: the report stays readable however broken the backend
-            "-p",
-            "no:hypothesispytest",
-            "-o",
-            "addopts=",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_every_defect_has_its_own_broken_backend():
     import broken_backends
 
@@ -122,12 +94,18 @@ def test_the_suite_fails_on_a_broken_backend_in_the_test_for_its_defect(variant,
     backend = getattr(broken_backends, variant).name
     function = must_fail.partition("[")[0]
     result = run_suite(
+        "--tb=line",  # one line per failure: the report stays readable however broken the backend
+        "-p",
+        "no:hypothesispytest",
+        "-o",
+        "addopts=",
         "--pyargs",
         f"infer_conformance.suite.{module}",
         f"--infer-plugin=broken_backends:{variant}",
         f"--infer-backend={backend}",
         "-k",
         function,
+        path=HERE,
     )
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
