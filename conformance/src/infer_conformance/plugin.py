@@ -9,6 +9,8 @@ Options:
 ``--infer-option KEY=VALUE`` backend load option, JSON value (repeatable)
 ``--infer-plugin MOD[:ATTR]`` register a backend object that is not installed as an entry point
 ``--infer-report FILE``      write the run's certificate as JSON
+``--infer-max-context N``    fill at most N positions in the long-context and resource tests (default: the
+                             model's whole context; for quick runs on models with long contexts)
 
 Capabilities declared in ``infer_backend_info`` decide which tests apply (:func:`require`); a
 test that does not apply is skipped with the reason, never passed silently. The run ends with a
@@ -43,6 +45,12 @@ class SuiteConfig:
     device: str | None = None
     dtype: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: Most positions the long-context and resource tests fill (``None``: the whole context).
+    max_context: int | None = None
+
+    def context(self, model: Any) -> int:
+        """Positions the long-context and resource tests fill on ``model``."""
+        return min(model.context_length, self.max_context or model.context_length)
 
     def load(self, **overrides: Any) -> Any:
         """Load a fresh model with the configured settings (plus ``overrides``)."""
@@ -74,6 +82,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--infer-option", action="append", default=[], metavar="KEY=VALUE", help="backend load option")
     group.addoption("--infer-plugin", action="append", default=[], metavar="MOD[:ATTR]", help="register a backend")
     group.addoption("--infer-report", metavar="FILE", help="write the certificate of the run as JSON to FILE")
+    group.addoption(
+        "--infer-max-context", type=int, metavar="N", help="fill at most N positions in the long-context tests"
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -176,6 +187,7 @@ def _config(pytestconfig: pytest.Config) -> SuiteConfig:
         model=model,
         device=pytestconfig.getoption("--infer-device"),
         dtype=pytestconfig.getoption("--infer-dtype"),
+        max_context=pytestconfig.getoption("--infer-max-context"),
         options=options,
     )
 
@@ -183,29 +195,33 @@ def _config(pytestconfig: pytest.Config) -> SuiteConfig:
 @pytest.fixture(scope="session")
 def suite(pytestconfig: pytest.Config) -> SuiteConfig:
     """The backend, model and options under test."""
-    return _config(pytestconfig)
-
-
-@pytest.fixture(scope="session")
-def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[Any]:
-    """One model shared by the tests that leave it as they found it."""
     import infer
 
-    loaded = suite.load()
-    info = loaded.info
+    config = _config(pytestconfig)
+    info = config.info()
     certificate = pytestconfig.stash.get(_CERTIFICATE, None)
     if certificate is not None:
+        # What was asked; the shared model fills in what the backend actually loaded.
         certificate.facts.update(
             backend=info.name,
             version=info.version,
             contract_version=info.contract_version,
             core_contract_version=infer.CONTRACT_VERSION,
-            device=loaded.device,
-            dtype=loaded.dtype,
-            model=suite.model,
+            device=config.device or info.devices[0],
+            dtype=config.dtype or info.dtypes[0],
+            model=config.model,
             declared_capabilities=sorted(c.value for c in info.capabilities),
-            logits_atol=loaded.logits_atol,
         )
+    return config
+
+
+@pytest.fixture(scope="session")
+def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[Any]:
+    """One model shared by the tests that leave it as they found it."""
+    loaded = suite.load()
+    certificate = pytestconfig.stash.get(_CERTIFICATE, None)
+    if certificate is not None:
+        certificate.facts.update(device=loaded.device, dtype=loaded.dtype, logits_atol=loaded.logits_atol)
     yield loaded
     loaded.close()
 

@@ -21,7 +21,11 @@ about 13.5 in magnitude; SmolLM2-135M's reach about 28):
   top 5 by at least 60% on average (ONNX int4: 100% and 83%), with a loose absolute bound (5.0
   for int4, 2.0 for int8, an estimate: no int8 backend yet) that catches gross errors such as
   wrong scales or garbage rows. Greedy continuations are compared exactly only at fp32/fp16;
-  for quantized precisions the first greedy token must be among the golden top 5.
+  for quantized precisions the first greedy token must be among the golden top 5. On the real
+  model (SmolLM2, greedy ids only) a quantized backend is fed the golden continuation: its
+  favourite must be the golden token at >= 50% of the steps and its top 5 must hold it at >= 85%
+  (ONNX int4: 67% and 94%; fp16: 100% and 100%; free-running int4 greedy parts from the goldens
+  at the first token in 5 of 8 prompts, so exact greedy would refuse a correct int4 backend).
 
 The declared ``logits_atol`` tightens the floating-point bounds. For quantized precisions it
 describes the backend's self-consistency (prefill against decode, batched against alone), not
@@ -53,6 +57,10 @@ class Bound:
     top_k: int = 5
     #: Least mean fraction of the golden top-k found in the backend's top-k (quantized precisions).
     top_k_overlap: float = 0.6
+    #: Real-model greedy goldens (ids only), quantized precisions: fed the golden continuation, the
+    #: share of steps whose golden next token is the backend's favourite, and within its top ``top_k``.
+    teacher_forced_top1: float = 0.5
+    teacher_forced_top_k: float = 0.85
 
 
 #: The suite's bounds, by precision name (``BackendInfo.dtypes`` / ``Model.dtype``).

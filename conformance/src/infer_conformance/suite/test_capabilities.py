@@ -142,10 +142,10 @@ def _device_sampler(suite):
     return get_registry().backend(suite.backend).hooks.sample
 
 
-def _states(params, history, vocab, seed=None):
+def _states(params, history, vocab, seeds=None):
     out = []
-    for p in params:
-        state = SamplerState(p.replace(seed=seed) if seed is not None else p, PROMPT, vocab)
+    for i, p in enumerate(params):
+        state = SamplerState(p.replace(seed=seeds[i]) if seeds is not None else p, PROMPT, vocab)
         for token in history:
             state.append(token)
         out.append(state)
@@ -164,11 +164,15 @@ def _rows(model):
 @pytest.mark.parametrize("case", sorted(EXACT))
 def test_the_device_sampler_equals_the_reference_sampler_where_it_is_deterministic(suite, model, case):
     require(model.info, Cap.DEVICE_SAMPLING)
-    logits = _rows(model)
+    # Flattened rows, each repeated with its own seed: a sampler that draws where the reference
+    # is deterministic (ignoring top_p -> 0, say) cannot match all of them by luck.
+    logits = np.repeat(_rows(model) * np.float32(0.25), 8, axis=0)
     history = [int(np.argmax(logits[0])), 3, 3]  # makes the penalties bite on the favourite token
     params = [EXACT[case]] * len(logits)
-    got = _device_sampler(suite)(logits=logits.copy(), params=params, states=_states(params, history, model.vocab_size))
-    expected = sample(logits.copy(), params, _states(params, history, model.vocab_size))
+    seeds = list(range(len(logits)))
+    states = _states(params, history, model.vocab_size, seeds)
+    got = _device_sampler(suite)(logits=logits.copy(), params=params, states=states)
+    expected = sample(logits.copy(), params, _states(params, history, model.vocab_size, seeds))
     assert np.asarray(got).tolist() == expected.tolist(), f"{case}: the device sampler chose differently"
 
 
@@ -194,8 +198,8 @@ def test_the_device_sampler_draws_from_the_reference_distribution(suite, model, 
     history = [int(np.argmax(row[0]))]
     draws = 3000
     device, reference = Counter(), Counter()
-    device_state = _states([params], history, model.vocab_size, seed=11)
-    reference_state = _states([params], history, model.vocab_size, seed=12)
+    device_state = _states([params], history, model.vocab_size, seeds=[11])
+    reference_state = _states([params], history, model.vocab_size, seeds=[12])
     sampler = _device_sampler(suite)
     for _ in range(draws):
         device[int(np.asarray(sampler(logits=row.copy(), params=[params], states=device_state))[0])] += 1

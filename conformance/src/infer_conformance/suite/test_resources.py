@@ -23,9 +23,8 @@ SLACK = 16 * MiB
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
 
 
-def _full(model, count):
-    """``count`` caches filled to the whole context; their declared bytes."""
-    ctx = model.context_length
+def _full(model, count, ctx):
+    """``count`` caches filled to ``ctx`` positions; their declared bytes."""
     ids = (np.arange(ctx) % (model.vocab_size - 64) + 1).tolist()
     seqs = [model.new_sequence(ctx) for _ in range(count)]
     model.run_prefill(seqs, [ids] * count)
@@ -36,19 +35,20 @@ def _full(model, count):
     return total
 
 
-def test_caches_at_full_context_released_repeatedly_give_their_memory_back(model):
+def test_caches_at_full_context_released_repeatedly_give_their_memory_back(suite, model):
     import psutil
 
     process = psutil.Process()
-    per_cache = max(_full(model, 1), 1)
+    ctx = suite.context(model)
+    per_cache = max(_full(model, 1, ctx), 1)
     count = int(np.clip(ROUND_BYTES // per_cache, 2, 16))
     # Two warm-up rounds: kernels, arenas and allocator pools settle (ONNX Runtime's arena grows
     # once more on the second run of a new batch shape, then stays flat).
-    round_bytes = max(_full(model, count) for _ in range(2))
+    round_bytes = max(_full(model, count, ctx) for _ in range(2))
     gc.collect()
     before = process.memory_info().rss
     for _ in range(ROUNDS):
-        _full(model, count)
+        _full(model, count, ctx)
     gc.collect()
     grown = process.memory_info().rss - before
     assert grown <= round_bytes + SLACK, (
