@@ -11,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-__all__ = ["DATA", "FAMILY_FIXTURES", "GOLDENS", "SMOLLM2_GOLDENS", "TINY_LLAMA", "TINY_LLAMA_GOLDENS"]
+__all__ = [
+    "DATA",
+    "FAMILY_FIXTURES",
+    "GEMMA3_GOLDENS",
+    "GOLDENS",
+    "SMOLLM2_GOLDENS",
+    "TINY_LLAMA",
+    "TINY_LLAMA_GOLDENS",
+]
 
 #: Folder of the package data.
 DATA: Final = Path(__file__).resolve().parent / "data"
@@ -23,6 +31,8 @@ GOLDENS: Final = DATA / "goldens"
 TINY_LLAMA_GOLDENS: Final = GOLDENS / "tiny-llama"
 #: Greedy continuations of SmolLM2-135M-Instruct (fp32), prompts and ids included.
 SMOLLM2_GOLDENS: Final = GOLDENS / "smollm2.json"
+#: Greedy continuations of Gemma 3 270M base (fp32 of the Q4_K_M GGUF), prompts and ids included.
+GEMMA3_GOLDENS: Final = GOLDENS / "gemma3-270m.json"
 #: A tiny bundle per model family (tools/make_family_fixtures.py), by family name; the goldens
 #: of fixture folder ``X`` are ``GOLDENS / f"{X.name}.npz"`` and ``.json``.
 FAMILY_FIXTURES: Final[dict[str, Path]] = {
