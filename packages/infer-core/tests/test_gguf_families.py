@@ -10,8 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-from tiny_gguf import add_sizes
+from tiny_gguf import DATA, MARK, write_family_gguf
 from tokenizers import Tokenizer
 
 from infer.bundle import Bundle
@@ -19,101 +18,6 @@ from infer.errors import UnsupportedModelError
 from infer.gguf_import import import_gguf
 
 pytestmark = pytest.mark.unit
-
-DATA = Path(__file__).resolve().parents[3] / "conformance" / "src" / "infer_conformance" / "data"
-MARK = "\u2581"
-
-#: Hugging Face -> GGUF names of the Gemma 3 / Qwen3 layer tensors (llama.cpp's converter).
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GEMMA = {
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-}
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-
-
-def sentencepiece_vocab(size: int) -> tuple[list[str], list[int]]:
-    """A SentencePiece-style vocabulary of ``size`` pieces in merge-rank order, with llama.cpp types.
-
-    Control tokens, the 256 byte pieces, single characters, a few multi-character pieces
-    (ranked so that "▁th" + "e" beats "▁t" + "he"), and user-defined runs of spaces/newlines.
-    """
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    types = [3, 3, 3, 3]
-    tokens += ["  ", "   ", "\n", "\n\n"]
-    types += [4, 4, 4, 4]
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [6] * 256
-    pieces = [MARK, *"etaoinshrdlucmfwypvbgkqjxz", *"TAOISHWC.,?!0123456789"]
-    pieces += [MARK + "t", MARK + "th", "he", MARK + "the", "in", MARK + "a", "an", "nd", MARK + "and", "er", "on"]
-    pieces += [MARK + "w", "or", MARK + "wor", "ld", "rld", MARK + "world", "ll", "lo", "llo", "he", "hello"]
-    pieces = list(dict.fromkeys(pieces))
-    filler = [f"{a}{b}{c}" for a in "xyzq" for b in "xyzqjk" for c in "xyzqjk"]
-    pieces += [p for p in filler if p not in pieces][: size - len(tokens) - len(pieces)]
-    tokens += pieces
-    types += [1] * len(pieces)
-    assert len(tokens) == size
-    return tokens, types
-
-
-def write_family_gguf(path: Path, fixture: str, arch: str) -> dict[str, np.ndarray]:
-    """Write a tiny family fixture as llama.cpp would (Gemma norms stored as 1 + w); return its weights."""
-    folder = DATA / fixture
-    config = json.loads((folder / "config.json").read_text())
-    weights = load_file(folder / "model.safetensors")
-    gemma = arch == "gemma3"
-    writer = gguf.GGUFWriter(str(path), arch)
-    add_sizes(writer, config)
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
-    if gemma:
-        writer.add_rope_freq_base(config["rope_parameters"]["full_attention"]["rope_theta"])
-        writer.add_sliding_window(config["sliding_window"])
-    else:
-        writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
-    tokens, types = sentencepiece_vocab(config["vocab_size"])
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_scores([-float(i) for i in range(len(tokens))])
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    writer.add_unk_token_id(3)
-    writer.add_pad_token_id(0)
-    writer.add_add_bos_token(True)
-    writer.add_add_space_prefix(not gemma)
-    names = _LAYER | (_GEMMA if gemma else {"post_attention_layernorm.weight": "ffn_norm.weight"})
-    for name, w in weights.items():
-        if name in _GLOBAL:
-            gguf_name = _GLOBAL[name]
-        elif name == "lm_head.weight":
-            gguf_name = "output.weight"
-        else:
-            _, _, n, rest = name.split(".", 3)
-            gguf_name = f"blk.{n}.{names[rest]}"
-        stored = w + 1 if gemma and name.endswith("norm.weight") else w
-        writer.add_tensor(gguf_name, np.ascontiguousarray(stored, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return weights
 
 
 @pytest.mark.parametrize(("fixture", "arch"), [("tiny-gemma3", "gemma3"), ("tiny-qwen3", "qwen3")])
