@@ -99,3 +99,35 @@ def test_gemma3_270m_tokenizer_matches_transformers_ids_and_round_trips(tmp_path
         assert tok.decode(ids, skip_special_tokens=False) == case["text"]
     for case in golden["cases"]:
         assert tok.encode(case["prompt"]).ids == case["prompt_ids"]
+
+
+def llama3_divisors(theta: float, head_dim: int, factor: float) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs.weight for Llama 3.1+ (bands 1 and 4 of 8192)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < 8192 / 4, 1.0, np.where(wavelen > 8192, factor, mid)).astype(np.float32)
+
+
+def test_llama3_rope_freqs_become_the_llama3_scaling_they_encode(tmp_path: Path) -> None:
+    from tiny_gguf import write_tiny_gguf
+
+    divisors = llama3_divisors(10000.0, 16, 8.0)
+    assert 1.0 < divisors[6] < 8.0 and divisors[0] == 1.0 and divisors[-1] == 8.0  # all three bands present
+    write_tiny_gguf(tmp_path / "m.gguf", edit=lambda w: w.add_tensor("rope_freqs.weight", divisors))
+    bundle = Bundle.open(import_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert bundle.spec.rope_scaling is not None and bundle.spec.rope_scaling["rope_type"] == "llama3"
+    plain = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(bundle.spec.rope_inv_freq(), plain / divisors, rtol=1e-6)
+    assert "rope_freqs.weight" not in bundle.weights
+
+
+def test_rope_freqs_following_another_rule_are_refused_by_name(tmp_path: Path) -> None:
+    from tiny_gguf import write_tiny_gguf
+
+    odd = np.linspace(1.0, 3.0, 8, dtype=np.float32)
+    write_tiny_gguf(tmp_path / "m.gguf", edit=lambda w: w.add_tensor("rope_freqs.weight", odd))
+    with pytest.raises(UnsupportedModelError, match="rope_freqs"):
+        import_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

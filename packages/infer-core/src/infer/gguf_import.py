@@ -287,9 +287,7 @@ def _hf_name(name: str, meta: _Metadata) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     if name == "rope_freqs.weight":
-        raise UnsupportedModelError(
-            f"{meta.source.name}: per-frequency rope factors (rope_freqs.weight) are not supported", path=meta.source
-        )
+        return None  # read by _config: it becomes the llama3 rope scaling it was computed from
     names = _GEMMA_LAYER_NAMES if meta.arch == "gemma3" else _LAYER_NAMES
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
@@ -342,13 +340,13 @@ def _config(meta: _Metadata, *, tied: bool, biased: bool = False) -> dict[str, A
         "max_position_embeddings": int(meta.arch_get("context_length")),
         "rms_norm_eps": _float32(meta.arch_get("attention.layer_norm_rms_epsilon")),
         "rope_theta": _float32(meta.arch_get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta),
         "tie_word_embeddings": tied,
         # q/k/v/o biases (qwen2 has q/k/v biases whatever this says).
         "attention_bias": biased,
         "vocab_size": int(meta.arch_get("vocab_size", len(tokens))),
         "torch_dtype": "float32",
     }
+    config["rope_scaling"] = _rope_scaling(meta, config["rope_theta"], head_dim)
     rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise UnsupportedModelError(
@@ -388,7 +386,41 @@ def _float32(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(meta: _Metadata) -> dict[str, Any] | None:
+#: The llama3 RoPE scaling parameters of Llama 3.1, 3.2 and 3.3 (only ``factor`` differs), tried
+#: against a file's ``rope_freqs.weight``.
+_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_freqs_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """The llama3 scaling that ``rope_freqs.weight`` (per-frequency divisors) was computed from.
+
+    llama.cpp's converter stores Llama 3.1+ scaling only as these divisors; they are matched
+    against llama3's rule with Meta's published band parameters and the largest divisor as the
+    factor, and refused by name when they follow another rule.
+    """
+    from infer.arch.spec import rope_inv_freq
+
+    tensor = next((t for t in meta.reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    divisors = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    scaling = {"rope_type": "llama3", "factor": _float32(divisors.max()), **_LLAMA3_SCALING}
+    plain = rope_inv_freq(theta, head_dim, None)
+    if divisors.shape != plain.shape or not np.allclose(
+        plain / rope_inv_freq(theta, head_dim, scaling), divisors, rtol=1e-5
+    ):
+        raise UnsupportedModelError(
+            f"{meta.source.name}: rope_freqs.weight holds per-frequency factors that do not follow Llama 3's "
+            f"rule (factor {scaling['factor']}, bands {_LLAMA3_SCALING}); such RoPE scaling is not supported",
+            path=meta.source,
+        )
+    return scaling
+
+
+def _rope_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[str, Any] | None:
+    from_freqs = _rope_freqs_scaling(meta, theta, head_dim)
+    if from_freqs is not None:
+        return from_freqs
     kind = meta.arch_get("rope.scaling.type", "none")
     if kind in ("none", None):
         return None

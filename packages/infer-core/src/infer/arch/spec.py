@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from infer.errors import UnsupportedModelError
 
-__all__ = ["ACTIVATIONS", "FEATURES", "ArchSpec"]
+__all__ = ["ACTIVATIONS", "FEATURES", "ArchSpec", "rope_inv_freq"]
 
 #: Gated-MLP activations: ``silu`` (SwiGLU) and ``gelu_tanh`` (GeGLU with the tanh approximation).
 ACTIVATIONS: Final = ("silu", "gelu_tanh")
@@ -38,6 +38,28 @@ FEATURES: Final[Mapping[str, str]] = {
     "attention_softcap": "tanh soft-capping of attention scores",
     "final_softcap": "tanh soft-capping of the output logits",
 }
+
+
+def rope_inv_freq(theta: float, head_dim: int, scaling: Mapping[str, Any] | None) -> npt.NDArray[np.float64]:
+    """Rotary inverse frequencies ``[head_dim // 2]`` for base ``theta`` and a ``rope_scaling`` object.
+
+    ``linear`` divides every frequency by ``factor``; ``llama3`` keeps the high frequencies,
+    divides the low ones by ``factor`` and blends the band between the two cut-offs.
+    """
+    inv: npt.NDArray[np.float64] = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        original = float(scaling.get("original_max_position_embeddings", 8192))
+        # 0 in the low-frequency band (fully scaled), 1 in the high-frequency band (kept).
+        keep = np.clip((original * inv / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
+        return (1 - keep) * inv / factor + keep * inv
+    return inv
 
 
 @final
@@ -152,23 +174,9 @@ class ArchSpec:
         Sliding-window layers of a spec with ``local_rope_theta`` use that base, unscaled.
         Backends and the reference forward share this one definition.
         """
-        d = self.head_dim
         local = layer is not None and self.local_rope_theta is not None and self.window(layer) is not None
         theta = self.local_rope_theta if local and self.local_rope_theta is not None else self.rope_theta
-        inv: npt.NDArray[np.float64] = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-        scaling = {} if local else (self.rope_scaling or {})
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        factor = float(scaling.get("factor", 1.0))
-        if kind == "linear":
-            return inv / factor
-        if kind == "llama3":
-            low = float(scaling.get("low_freq_factor", 1.0))
-            high = float(scaling.get("high_freq_factor", 4.0))
-            original = float(scaling.get("original_max_position_embeddings", 8192))
-            # 0 in the low-frequency band (fully scaled), 1 in the high-frequency band (kept).
-            keep = np.clip((original * inv / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
-            return (1 - keep) * inv / factor + keep * inv
-        return inv
+        return rope_inv_freq(theta, self.head_dim, None if local else self.rope_scaling)
 
     def rope_groups(self) -> dict[tuple[float, ...], list[int]]:
         """Layers grouped by identical RoPE frequencies (one table per group in a graph)."""
