@@ -41,4 +41,5 @@ FAMILY_FIXTURES: Final[dict[str, Path]] = {
     "qwen3": DATA / "tiny-qwen3",
     "gemma3": DATA / "tiny-gemma3",
     "gemma2": DATA / "tiny-gemma2",
+    "phi3": DATA / "tiny-phi3",
 }

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 
-from infer.errors import InvalidParameterError
+from infer.errors import InvalidParameterError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import onnx
@@ -79,6 +79,8 @@ SUPPORTED_FEATURES: Final = frozenset(
         "attention_scale",
         "attention_softcap",
         "final_softcap",
+        "partial_rotary",
+        "fused_projections",
     }
 )
 #: File names of a build inside its folder.
@@ -155,7 +157,14 @@ def build_decoder(bundle: Bundle, config: GraphConfig, out_dir: Path) -> Path:
     """
     import onnx
 
-    bundle.spec.require(SUPPORTED_FEATURES, backend="onnx", path=bundle.path)
+    spec = bundle.spec
+    spec.require(SUPPORTED_FEATURES, backend="onnx", path=bundle.path)
+    if spec.rotary_dim % 16:
+        raise UnsupportedModelError(
+            f"onnx backend cannot run this {spec.model_type} model: it rotates {spec.rotary_dim} dims of each head, "
+            "and ONNX Runtime's GroupQueryAttention rotates a multiple of 16",
+            path=bundle.path,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / DATA_FILE).open("wb") as data:
         builder = _GraphBuilder(bundle.spec, config, _ExternalData(data, DATA_FILE))
@@ -301,8 +310,11 @@ class _GraphBuilder:
     def attention(self, bundle: Bundle, layer: int, x: str, cos: str, sin: str) -> str:
         s = self.spec
         p = f"model.layers.{layer}.self_attn."
-        # One projection for q, k and v: GroupQueryAttention takes them packed.
-        w = np.concatenate([self.weight(bundle, p + f"{n}_proj.weight") for n in "qkv"], axis=0)
+        # One projection for q, k and v: GroupQueryAttention takes them packed (Phi-3 stores them so).
+        if s.fused_projections:
+            w = self.weight(bundle, p + "qkv_proj.weight")
+        else:
+            w = np.concatenate([self.weight(bundle, p + f"{n}_proj.weight") for n in "qkv"], axis=0)
         bias = None
         if s.attention_bias:
             bias = np.concatenate([self.weight(bundle, p + f"{n}_proj.bias") for n in "qkv"], axis=0)
@@ -379,11 +391,14 @@ class _GraphBuilder:
             bias = self.weight(bundle, p + name + ".bias") if s.mlp_bias else None
             return self.weight(bundle, p + name + ".weight"), bias
 
-        (w_gate, b_gate), (w_up, b_up) = proj("gate_proj"), proj("up_proj")
         # Gate and up share their input: one matrix product, then a split (measured: as fast as
-        # two products, and one op fewer per layer).
-        bias = None if b_gate is None or b_up is None else np.concatenate([b_gate, b_up])
-        gate_up = self.linear(x, p + "gate_up_proj", np.concatenate([w_gate, w_up]), bias)
+        # two products, and one op fewer per layer). Phi-3 stores them stacked already.
+        if s.fused_projections:
+            gate_up = self.linear(x, p + "gate_up_proj", self.weight(bundle, p + "gate_up_proj.weight"), None)
+        else:
+            (w_gate, b_gate), (w_up, b_up) = proj("gate_proj"), proj("up_proj")
+            bias = None if b_gate is None or b_up is None else np.concatenate([b_gate, b_up])
+            gate_up = self.linear(x, p + "gate_up_proj", np.concatenate([w_gate, w_up]), bias)
         split = self.const(f"{p}split", np.array([s.intermediate_size] * 2, dtype=np.int64), external=False)
         gate, up = self.op("Split", [gate_up, split], n_out=2, axis=-1)
         if s.hidden_act == "gelu_tanh":
