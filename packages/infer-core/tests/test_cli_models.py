@@ -83,4 +83,4 @@ def test_list_on_an_empty_store_says_how_to_pull(capsys: pytest.CaptureFixture[s
 
 def test_list_available_names_the_pullable_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "--available", "--json"]) == 0
-    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["smollm2-135m-instruct"]
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["smollm2-135m-instruct", "gemma3-270m"]

@@ -198,13 +198,6 @@ def test_unsupported_architecture_raises_and_leaves_nothing(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
 
 
-def test_sentencepiece_vocabulary_is_refused_with_a_typed_error(tmp_path: Path) -> None:
-    write_tiny_gguf(tmp_path / "tiny.gguf", Q.F32, tokenizer_model="llama")
-    with pytest.raises(UnsupportedModelError, match="tokenizer model 'llama'"):
-        import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
-
-
 def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     write_tiny_gguf(tmp_path / "tiny.gguf", Q.F32, edit=lambda w: w.add_tokenizer_pre("mystery"))
     with pytest.raises(UnsupportedModelError, match="mystery"):

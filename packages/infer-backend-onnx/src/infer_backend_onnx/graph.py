@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 
-from infer.errors import InvalidParameterError
+from infer.errors import InvalidParameterError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import onnx
@@ -83,6 +83,8 @@ SUPPORTED_FEATURES: Final = frozenset(
         "attention_scale",
         "attention_softcap",
         "final_softcap",
+        "partial_rotary",
+        "fused_projections",
     }
 )
 #: File names of a build inside its folder.
@@ -159,7 +161,14 @@ def build_decoder(bundle: Bundle, config: GraphConfig, out_dir: Path) -> Path:
     """
     import onnx
 
-    bundle.spec.require(SUPPORTED_FEATURES, backend="onnx", path=bundle.path)
+    spec = bundle.spec
+    spec.require(SUPPORTED_FEATURES, backend="onnx", path=bundle.path)
+    if spec.rotary_dim % 16:
+        raise UnsupportedModelError(
+            f"onnx backend cannot run this {spec.model_type} model: it rotates {spec.rotary_dim} dims of each head, "
+            "and ONNX Runtime's GroupQueryAttention rotates a multiple of 16",
+            path=bundle.path,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / DATA_FILE).open("wb") as data:
         builder = _GraphBuilder(bundle.spec, config, _ExternalData(data, DATA_FILE))
@@ -369,11 +378,12 @@ class _GraphBuilder:
     def attention(self, bundle: Bundle, layer: int, x: str, cos: str, sin: str) -> str:
         s = self.spec
         p = f"model.layers.{layer}.self_attn."
-        # One projection for q, k and v: GroupQueryAttention takes them packed.
+        # One projection for q, k and v: GroupQueryAttention takes them packed (Phi-3 stores them so).
+        qkv_parts = [p + "qkv_proj.weight"] if s.fused_projections else [p + f"{n}_proj.weight" for n in "qkv"]
         bias = None
         if s.attention_bias:
             bias = np.concatenate([self.weight(bundle, p + f"{n}_proj.bias") for n in "qkv"], axis=0)
-        qkv = self.project(bundle, x, p + "qkv_proj", [p + f"{n}_proj.weight" for n in "qkv"], bias)
+        qkv = self.project(bundle, x, p + "qkv_proj", qkv_parts, bias)
         qkv_inputs = [qkv, "", ""]
         if s.qk_norm:
             # GroupQueryAttention's own q/k norm inputs have no CPU kernel: normalise each head
@@ -447,9 +457,9 @@ class _GraphBuilder:
 
         b_gate, b_up = bias("gate_proj"), bias("up_proj")
         # Gate and up share their input: one matrix product, then a split (measured: as fast as
-        # two products, and one op fewer per layer).
+        # two products, and one op fewer per layer). Phi-3 stores them stacked already.
         b_gate_up = None if b_gate is None or b_up is None else np.concatenate([b_gate, b_up])
-        parts = [p + "gate_proj.weight", p + "up_proj.weight"]
+        parts = [p + "gate_up_proj.weight"] if s.fused_projections else [p + "gate_proj.weight", p + "up_proj.weight"]
         gate_up = self.project(bundle, x, p + "gate_up_proj", parts, b_gate_up)
         split = self.const(f"{p}split", np.array([s.intermediate_size] * 2, dtype=np.int64), external=False)
         gate, up = self.op("Split", [gate_up, split], n_out=2, axis=-1)

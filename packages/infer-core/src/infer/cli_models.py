@@ -71,7 +71,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                [{"name": m.name, "kind": m.kind, "size_bytes": m.size_bytes, "path": str(m.path)} for m in models]
+                [
+                    {"name": m.name, "kind": m.kind, "chat": m.chat, "size_bytes": m.size_bytes, "path": str(m.path)}
+                    for m in models
+                ]
             )
         )
         return 0
@@ -80,5 +83,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return 0
     width = max(len(m.name) for m in models)
     for m in models:
-        print(f"{m.name:<{width}}  {m.kind:<9}  {m.size_bytes / 1e6:9.1f} MB  {m.path}")
+        # A base model has no chat template: `infer run` completes its prompt as text.
+        role = "chat" if m.chat else "base"
+        print(f"{m.name:<{width}}  {m.kind:<9}  {role}  {m.size_bytes / 1e6:9.1f} MB  {m.path}")
     return 0

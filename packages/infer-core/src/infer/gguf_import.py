@@ -2,14 +2,18 @@
 
 What the import does:
 
-* ``config.json`` from the GGUF metadata (``llama`` and ``qwen2`` architectures);
+* ``config.json`` from the GGUF metadata (``llama``, ``qwen2``, ``qwen3`` and ``gemma3``
+  architectures; the architecture is read from the file header before the rest is parsed);
 * no weight file: the tensors stay in the GGUF (moved, hard-linked or referred to, see
   :func:`import_gguf`), and ``gguf_tensors.json`` records where each lives, its quant type and
-  shape, and whether the rotary permutation llama.cpp applies to the Q and K projections of
-  ``llama`` models must be undone; :mod:`infer.gguf_tensors` reads them in place, raw or
-  dequantized one at a time (the earlier float32 copy made a 98 MB Q4_1 file a 517 MB bundle);
+  shape, whether the rotary permutation llama.cpp applies to the Q and K projections of
+  ``llama`` models must be undone, and what to add back to Gemma's norms (stored as 1 + w);
+  :mod:`infer.gguf_tensors` reads them in place, raw or dequantized one at a time (the earlier
+  float32 copy made a 98 MB Q4_1 file a 517 MB bundle);
 * ``tokenizer.json`` built with ``tokenizers`` from the vocabulary and merges (gpt2-style
-  byte-level BPE, with the pre-tokenizer split the GGUF's ``tokenizer.ggml.pre`` names),
+  byte-level BPE, with the pre-tokenizer split the GGUF's ``tokenizer.ggml.pre`` names) or from
+  a llama-style SentencePiece vocabulary (merges rebuilt from the piece order, byte fallback,
+  the prefix space when ``add_space_prefix`` asks for it),
   ``tokenizer_config.json`` with the chat template and special tokens, and
   ``generation_config.json`` with the bos/eos/pad ids.
 
@@ -41,13 +45,27 @@ __all__ = ["import_gguf"]
 #: Name of the GGUF file inside a bundle that holds it.
 GGUF_NAME = "model.gguf"
 
-#: GGUF architectures whose tensors map onto the Llama-family layout, with their config ``model_type``.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+#: GGUF architectures the registry (:mod:`infer.arch`) runs, with their config ``model_type``.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
+#: Their ``architectures`` entry in config.json.
+_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+
+#: llama.cpp's Gemma 3 constants that the GGUF does not store: one global layer in six, and the
+#: RoPE base of the sliding-window layers.
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_BASE = 6, 10000.0
 
 #: Per-layer GGUF tensor suffixes and their Hugging Face names.
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
@@ -99,6 +117,14 @@ _PRE_TOKENIZERS: dict[str, str] = {
     "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
 
+#: Gemma's names where they differ: its ``ffn_norm`` is the norm in front of the MLP, and it has
+#: norms after attention and after the MLP.
+_GEMMA_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+
 #: Hugging Face special-token id keys and the GGUF metadata keys holding them.
 _SPECIAL_IDS = {
     "bos_token_id": "bos_token_id",
@@ -107,8 +133,12 @@ _SPECIAL_IDS = {
     "unk_token_id": "unknown_token_id",
 }
 
-# llama.cpp token types: 3 = control (special), 4 = user-defined (added, not special).
-_CONTROL, _USER_DEFINED = 3, 4
+# llama.cpp token types: 1 = normal, 3 = control (special), 4 = user-defined (added, not
+# special), 6 = byte (SentencePiece's <0xNN> fallback pieces).
+_NORMAL, _CONTROL, _USER_DEFINED, _BYTE = 1, 3, 4, 6
+
+#: SentencePiece's word-boundary mark, which stands for a space inside pieces.
+_SPACE_MARK = "\u2581"
 
 
 def import_gguf(
@@ -139,19 +169,61 @@ def import_gguf(
         raise ModelError(
             f"{str(out)!r} exists and is not a model bundle; give a new or empty folder to import into", path=out
         )
+    _check_architecture(source)
     reader = _open(source)
     meta = _Metadata(reader, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
     try:
         tensors = _locate_tensors(reader, meta, progress)
-        config = _config(meta, tied="lm_head.weight" not in tensors)
+        config = _config(
+            meta, tied="lm_head.weight" not in tensors, biased="model.layers.0.self_attn.o_proj.bias" in tensors
+        )
         _write_bundle(tmp, meta, config, tensors, move=move)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_architecture(source: Path) -> None:
+    """Refuse an unsupported architecture from the file header, before the vocabulary is parsed.
+
+    ``GGUFReader`` parses every metadata value when it opens a file (seconds for a 262k-token
+    vocabulary); ``general.architecture`` comes first in files llama.cpp writes, so reading keys
+    up to it costs microseconds. Files where it comes later are checked after the full parse.
+    """
+    import struct
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    try:
+        with source.open("rb") as f:
+            magic, _version, _tensors, count = struct.unpack("<4sIQQ", f.read(24))
+            if magic != b"GGUF":
+                return  # _open reports the format error
+            for _ in range(min(count, 8)):
+                (length,) = struct.unpack("<Q", f.read(8))
+                key = f.read(length).decode("utf-8", "replace")
+                (kind,) = struct.unpack("<I", f.read(4))
+                if kind == 8:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    value = f.read(size)
+                    if key == "general.architecture":
+                        arch = value.decode("utf-8", "replace")
+                        if arch not in ARCHITECTURES:
+                            raise UnsupportedModelError(
+                                f"{source.name}: GGUF architecture {arch!r} is not supported; "
+                                f"supported: {', '.join(ARCHITECTURES)}",
+                                path=source,
+                            )
+                        return
+                elif kind in scalar:
+                    f.seek(scalar[kind], 1)
+                else:
+                    return  # an array before the architecture: leave it to the full parse
+    except (struct.error, OSError):
+        return  # truncated or unreadable: _open says so with the reader's own message
 
 
 def _open(source: Path) -> GGUFReader:
@@ -234,6 +306,9 @@ def _locate_tensors(
             "nbytes": nbytes,
             "rope_heads": rope_heads,
         }
+        if meta.arch == "gemma3" and name.endswith("norm.weight"):
+            # Gemma norms compute x * (1 + w); llama.cpp's converter stores 1 + w.
+            entries[name]["add"] = -1.0
     if "model.embed_tokens.weight" not in entries:
         raise ModelFormatError(f"{meta.source.name}: tensor 'token_embd.weight' is missing", path=meta.source)
     return entries
@@ -244,24 +319,23 @@ def _hf_name(name: str, meta: _Metadata) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     if name == "rope_freqs.weight":
-        raise UnsupportedModelError(
-            f"{meta.source.name}: per-frequency rope factors (rope_freqs.weight) are not supported", path=meta.source
-        )
+        return None  # read by _config: it becomes the llama3 rope scaling it was computed from
+    names = _GEMMA_LAYER_NAMES if meta.arch == "gemma3" else _LAYER_NAMES
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}"
     raise UnsupportedModelError(
         f"{meta.source.name}: tensor {name!r} has no place in a {meta.arch} bundle", path=meta.source
     )
 
 
-def _config(meta: _Metadata, *, tied: bool) -> dict[str, Any]:
+def _config(meta: _Metadata, *, tied: bool, biased: bool = False) -> dict[str, Any]:
     heads = int(meta.arch_get("attention.head_count"))
     hidden = int(meta.arch_get("embedding_length"))
     tokens = meta.get("tokenizer.ggml.tokens")
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
     config: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if meta.arch == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [_CLASSES[meta.arch]],
         "model_type": ARCHITECTURES[meta.arch],
         "hidden_act": "silu",
         "hidden_size": hidden,
@@ -273,17 +347,22 @@ def _config(meta: _Metadata, *, tied: bool) -> dict[str, Any]:
         "max_position_embeddings": int(meta.arch_get("context_length")),
         "rms_norm_eps": _float32(meta.arch_get("attention.layer_norm_rms_epsilon")),
         "rope_theta": _float32(meta.arch_get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta),
         "tie_word_embeddings": tied,
+        # q/k/v/o biases (qwen2 has q/k/v biases whatever this says).
+        "attention_bias": biased,
         "vocab_size": int(meta.arch_get("vocab_size", len(tokens))),
         "torch_dtype": "float32",
     }
+    config["rope_scaling"] = _rope_scaling(meta, config["rope_theta"], head_dim)
     rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise UnsupportedModelError(
             f"{meta.source.name}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported",
             path=meta.source,
         )
+    if meta.arch == "gemma3":
+        # Gemma names its activation hidden_activation.
+        config = {k: v for k, v in config.items() if k != "hidden_act"} | _gemma3_config(meta, config)
     for key, gguf_key in _SPECIAL_IDS.items():
         value = meta.get(f"tokenizer.ggml.{gguf_key}", None)
         if value is not None and key != "unk_token_id":
@@ -291,12 +370,64 @@ def _config(meta: _Metadata, *, tied: bool) -> dict[str, Any]:
     return config
 
 
+def _gemma3_config(meta: _Metadata, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 3 keys beyond the Llama ones, with llama.cpp's values where the GGUF is silent."""
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    # llama.cpp scales queries by 1/sqrt(head_dim), except on the 27B model (62 layers), which
+    # uses hidden_size / heads (its query_pre_attn_scalar).
+    scalar = config["hidden_size"] // heads if layers == 62 else config["head_dim"]
+    window = meta.arch_get("attention.sliding_window", None)
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": None if window is None else int(window),
+        "sliding_window_pattern": _GEMMA3_PATTERN,
+        "rope_local_base_freq": _GEMMA3_LOCAL_BASE,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+    }
+
+
 def _float32(value: Any) -> float:
     """A GGUF float32 as the shortest decimal that reads back to it (1e-05, not 9.99999974e-06)."""
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(meta: _Metadata) -> dict[str, Any] | None:
+#: The llama3 RoPE scaling parameters of Llama 3.1, 3.2 and 3.3 (only ``factor`` differs), tried
+#: against a file's ``rope_freqs.weight``.
+_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_freqs_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """The llama3 scaling that ``rope_freqs.weight`` (per-frequency divisors) was computed from.
+
+    llama.cpp's converter stores Llama 3.1+ scaling only as these divisors; they are matched
+    against llama3's rule with Meta's published band parameters and the largest divisor as the
+    factor, and refused by name when they follow another rule.
+    """
+    from infer.arch.spec import rope_inv_freq
+
+    tensor = next((t for t in meta.reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    divisors = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    scaling = {"rope_type": "llama3", "factor": _float32(divisors.max()), **_LLAMA3_SCALING}
+    plain = rope_inv_freq(theta, head_dim, None)
+    if divisors.shape != plain.shape or not np.allclose(
+        plain / rope_inv_freq(theta, head_dim, scaling), divisors, rtol=1e-5
+    ):
+        raise UnsupportedModelError(
+            f"{meta.source.name}: rope_freqs.weight holds per-frequency factors that do not follow Llama 3's "
+            f"rule (factor {scaling['factor']}, bands {_LLAMA3_SCALING}); such RoPE scaling is not supported",
+            path=meta.source,
+        )
+    return scaling
+
+
+def _rope_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[str, Any] | None:
+    from_freqs = _rope_freqs_scaling(meta, theta, head_dim)
+    if from_freqs is not None:
+        return from_freqs
     kind = meta.arch_get("rope.scaling.type", "none")
     if kind in ("none", None):
         return None
@@ -352,16 +483,23 @@ def _place_gguf(source: Path, folder: Path, *, move: bool) -> str:
 
 
 def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, str]]:
-    """A byte-level BPE ``tokenizers.Tokenizer`` and the special-token strings for tokenizer_config.json."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
+    """The ``tokenizers.Tokenizer`` the GGUF describes and the special-token strings for tokenizer_config.json."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(meta)
     if kind != "gpt2":
         raise UnsupportedModelError(
-            f"{meta.source.name}: tokenizer model {kind!r} is not supported (only gpt2-style byte-level BPE); "
-            "use a Hugging Face model folder with tokenizer.json instead",
+            f"{meta.source.name}: tokenizer model {kind!r} is not supported (gpt2-style byte-level BPE and "
+            "llama-style SentencePiece are); use a Hugging Face model folder with tokenizer.json instead",
             path=meta.source,
         )
+    return _byte_level_tokenizer(meta)
+
+
+def _byte_level_tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, str]]:
+    """A gpt2-style byte-level BPE tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
     split = _PRE_TOKENIZERS.get(pre)
     if split is None:
@@ -369,16 +507,9 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, str]]:
             f"{meta.source.name}: pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(_PRE_TOKENIZERS))}",
             path=meta.source,
         )
-    tokens: Sequence[str] = meta.get("tokenizer.ggml.tokens")
-    types: Sequence[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    if len(types) != len(tokens):
-        raise ModelFormatError(
-            f"{meta.source.name}: {len(types)} token types for {len(tokens)} tokens", path=meta.source
-        )
+    tokens, types = _vocabulary(meta)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ModelFormatError(f"{meta.source.name}: the vocabulary repeats tokens", path=meta.source)
+    vocab = _token_ids(tokens, meta)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel
     if split == "gpt2":
@@ -395,35 +526,95 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, str]]:
             ]
         )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True) if k == _CONTROL]
-    )
-    tok.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t, k in zip(tokens, types, strict=True)
-            if k == _USER_DEFINED
-        ]
-    )
+    special = _added_tokens(tok, tokens, types, meta)
+    bos = _bos_template(special, vocab, meta)
+    level = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = level if bos is None else processors.Sequence([level, bos])
+    return tok, special
 
+
+def _sentencepiece_tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, str]]:
+    """A llama-style SentencePiece BPE vocabulary (Llama 2, Mistral, Phi-3, Gemma) as a ``tokenizers`` BPE.
+
+    SentencePiece BPE merges the adjacent pair whose joined piece ranks best; the GGUF keeps the
+    pieces in that rank order (Gemma's scores do not follow it, the order does), so the merges
+    are every split of each piece into two pieces of the vocabulary, in the order of the joined
+    piece. Unknown characters fall back to the ``<0xNN>`` byte pieces; a space is the piece
+    mark, and ``add_space_prefix`` puts one in front of the text as SentencePiece does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # Gemma's runs of spaces and newlines are user-defined pieces spelled as in the text (real
+    # spaces): added tokens match them whole in the raw text, before the normalizer marks spaces.
+    tokens, types = _vocabulary(meta)
+    vocab = _token_ids(tokens, meta)
+    merges: list[tuple[str, str]] = []
+    for piece, kind in zip(tokens, types, strict=True):
+        if kind != _NORMAL or len(piece) < 2:
+            continue
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges += sorted(splits, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id", None)
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    # Metaspace marks spaces and, like SentencePiece, puts the prefix mark before the start of
+    # the text only, not after every added token that splits it.
+    scheme = "first" if prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(_SPACE_MARK, prepend_scheme=scheme, split=False)
+    steps: list[Any] = [decoders.Replace(_SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(steps)
+    special = _added_tokens(tok, tokens, types, meta)
+    tok.post_processor = _bos_template(special, vocab, meta)
+    return tok, special
+
+
+def _vocabulary(meta: _Metadata) -> tuple[Sequence[str], Sequence[int]]:
+    """The GGUF's tokens and their llama.cpp types, checked to pair up."""
+    tokens: Sequence[str] = meta.get("tokenizer.ggml.tokens")
+    types: Sequence[int] = meta.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ModelFormatError(
+            f"{meta.source.name}: {len(types)} token types for {len(tokens)} tokens", path=meta.source
+        )
+    return tokens, types
+
+
+def _token_ids(tokens: Sequence[str], meta: _Metadata) -> dict[str, int]:
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ModelFormatError(f"{meta.source.name}: the vocabulary repeats tokens", path=meta.source)
+    return vocab
+
+
+def _added_tokens(tok: Tokenizer, tokens: Sequence[str], types: Sequence[int], meta: _Metadata) -> dict[str, str]:
+    """Register control tokens as special and user-defined ones as plain added tokens (matched
+    whole, before the model runs); return the special-token strings for tokenizer_config.json."""
+    from tokenizers import AddedToken
+
+    pairs = list(zip(tokens, types, strict=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in pairs if k == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in pairs if k == _USER_DEFINED])
     special: dict[str, str] = {}
     for key, gguf_key in _SPECIAL_IDS.items():
         index = meta.get(f"tokenizer.ggml.{gguf_key}", None)
         if index is not None and 0 <= int(index) < len(tokens):
             special[key.removesuffix("_id")] = tokens[int(index)]
+    return special
+
+
+def _bos_template(special: Mapping[str, str], vocab: Mapping[str, int], meta: _Metadata) -> Any:
+    """A post-processor putting the bos token first when the GGUF asks for it, else ``None``."""
+    from tokenizers import processors
+
     bos = special.get("bos_token")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = processors.Sequence(
-            [
-                processors.ByteLevel(trim_offsets=False),
-                processors.TemplateProcessing(
-                    single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
-                ),
-            ]
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok, special
+    if not meta.get("tokenizer.ggml.add_bos_token", False) or bos is None:
+        return None
+    return processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
+    )
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -72,7 +72,8 @@ def write_manifest(folder: Path, gguf_file: str, size: int, tensors: Mapping[str
     ``gguf_file`` is a file name inside the bundle folder or an absolute path; ``size`` its
     size in bytes (checked at open, so a truncated or replaced file is caught before a read);
     ``tensors`` maps Hugging Face names to ``{"gguf_name", "type", "shape", "offset",
-    "nbytes", "rope_heads"}`` (``rope_heads`` 0 when no un-permutation applies).
+    "nbytes", "rope_heads"}`` (``rope_heads`` 0 when no un-permutation applies) and, optionally,
+    ``"add"``: a constant added to every dequantized value (Gemma's norms are stored as 1 + w).
     """
     manifest = {"format": _FORMAT, "version": _VERSION, "file": gguf_file, "size": size, "tensors": dict(tensors)}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -85,10 +86,12 @@ class GGUFWeights(Weights):
     earlier float32 import gave); :meth:`raw` the blocks as stored.
     """
 
-    def __init__(self, file: Path, tensors: Mapping[str, TensorInfo], extra: Mapping[str, tuple[int, int]]) -> None:
+    def __init__(
+        self, file: Path, tensors: Mapping[str, TensorInfo], extra: Mapping[str, tuple[int, int, float]]
+    ) -> None:
         super().__init__(tensors)
         self._file = file
-        #: name -> (bytes of data, rotary heads to un-permute or 0)
+        #: name -> (bytes of data, rotary heads to un-permute or 0, constant to add after dequantizing)
         self._extra = dict(extra)
         self._map: np.memmap[Any, np.dtype[np.uint8]] | None = None
 
@@ -127,7 +130,7 @@ class GGUFWeights(Weights):
                 path=file,
             )
         tensors: dict[str, TensorInfo] = {}
-        extra: dict[str, tuple[int, int]] = {}
+        extra: dict[str, tuple[int, int, float]] = {}
         try:
             for name, entry in manifest["tensors"].items():
                 qtype = GGMLQuantizationType[entry["type"]]
@@ -137,7 +140,7 @@ class GGUFWeights(Weights):
                 if math.prod(shape) // block * type_size != nbytes or shape[-1] % block or offset + nbytes > size:
                     raise ValueError(f"tensor {name!r}: {entry['type']} {list(shape)} does not fit its bytes")
                 tensors[name] = TensorInfo(file=file, dtype=qtype.name, shape=shape, offset=offset)
-                extra[name] = (nbytes, heads)
+                extra[name] = (nbytes, heads, float(entry.get("add", 0.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{MANIFEST_NAME} is malformed: {exc}", path=path) from exc
         return cls(file, tensors, extra)
@@ -149,7 +152,9 @@ class GGUFWeights(Weights):
     def raw(self, name: str) -> RawTensor:
         """The stored blocks of ``name``, rows in Hugging Face order; nothing is dequantized."""
         info = self.info(name)
-        nbytes, heads = self._extra[name]
+        nbytes, heads, add = self._extra[name]
+        if add:
+            raise ValueError(f"tensor {name!r} is stored shifted by {-add}: read it dequantized, weights[name]")
         rows = _rows(info.shape)
         blocks = self._mapped()[info.offset : info.offset + nbytes].reshape(rows, nbytes // rows)
         if heads:
@@ -163,7 +168,7 @@ class GGUFWeights(Weights):
         info = self.info(name) if name in self else None
         if info is None:
             raise KeyError(name)
-        nbytes, heads = self._extra[name]
+        nbytes, heads, add = self._extra[name]
         data = self._mapped()[info.offset : info.offset + nbytes]
         qtype = GGMLQuantizationType[info.dtype]
         try:
@@ -176,6 +181,8 @@ class GGUFWeights(Weights):
         if heads:
             # Rows only: a bias un-permutes like the weight rows it goes with.
             array = unpermute_rows(array, heads)
+        if add:
+            array += np.float32(add)
         return array
 
     @property

@@ -13,6 +13,7 @@ temporary sibling and renamed into place.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class StoredModel:
     path: Path
     #: Bytes on disk, all files included.
     size_bytes: int
+    #: Whether it has a chat template; ``False``: a base model, which completes text.
+    chat: bool = True
 
 
 def list_models() -> list[StoredModel]:
@@ -74,8 +77,19 @@ def list_models() -> list[StoredModel]:
             if folder.name.startswith(".") or not (folder / "config.json").is_file():
                 continue
             size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            found.append(StoredModel(name=folder.name, kind=kind, path=folder, size_bytes=size))
+            found.append(StoredModel(name=folder.name, kind=kind, path=folder, size_bytes=size, chat=_has_chat(folder)))
     return found
+
+
+def _has_chat(folder: Path) -> bool:
+    """Whether a bundle folder carries a chat template (a file, or in tokenizer_config.json)."""
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
 def file_sha256(path: Path, progress: Callable[[int, int], None] | None = None) -> str:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from infer.errors import UnsupportedModelError
 
-__all__ = ["ACTIVATIONS", "FEATURES", "ArchSpec"]
+__all__ = ["ACTIVATIONS", "FEATURES", "ArchSpec", "rope_inv_freq"]
 
 #: Gated-MLP activations: ``silu`` (SwiGLU) and ``gelu_tanh`` (GeGLU with the tanh approximation).
 ACTIVATIONS: Final = ("silu", "gelu_tanh")
@@ -37,7 +37,31 @@ FEATURES: Final[Mapping[str, str]] = {
     "attention_scale": "an attention scale other than 1/sqrt(head_dim)",
     "attention_softcap": "tanh soft-capping of attention scores",
     "final_softcap": "tanh soft-capping of the output logits",
+    "partial_rotary": "RoPE on the first part of each head only",
+    "fused_projections": "q/k/v and gate/up stored as fused matrices",
 }
+
+
+def rope_inv_freq(theta: float, head_dim: int, scaling: Mapping[str, Any] | None) -> npt.NDArray[np.float64]:
+    """Rotary inverse frequencies ``[head_dim // 2]`` for base ``theta`` and a ``rope_scaling`` object.
+
+    ``linear`` divides every frequency by ``factor``; ``llama3`` keeps the high frequencies,
+    divides the low ones by ``factor`` and blends the band between the two cut-offs.
+    """
+    inv: npt.NDArray[np.float64] = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        original = float(scaling.get("original_max_position_embeddings", 8192))
+        # 0 in the low-frequency band (fully scaled), 1 in the high-frequency band (kept).
+        keep = np.clip((original * inv / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
+        return (1 - keep) * inv / factor + keep * inv
+    return inv
 
 
 @final
@@ -91,10 +115,17 @@ class ArchSpec:
     attention_softcap: float | None = None
     #: ``cap * tanh(logits / cap)`` on the output logits (Gemma 2).
     final_softcap: float | None = None
+    #: Leading dimensions of each head that RoPE rotates (half-split within them); 0 means all.
+    rotary_dim: int = 0
+    #: Phi-3 layout: ``self_attn.qkv_proj`` (q, k, v rows stacked) and ``mlp.gate_up_proj``
+    #: (gate rows, then up rows) instead of separate matrices.
+    fused_projections: bool = False
 
     def __post_init__(self) -> None:
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
+        if not self.rotary_dim:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, path: Path | None = None) -> ArchSpec:
@@ -126,6 +157,8 @@ class ArchSpec:
             "attention_scale": self.attention_scale is not None,
             "attention_softcap": self.attention_softcap is not None,
             "final_softcap": self.final_softcap is not None,
+            "partial_rotary": self.rotary_dim != self.head_dim,
+            "fused_projections": self.fused_projections,
         }
         return frozenset(name for name, used in found.items() if used)
 
@@ -145,30 +178,16 @@ class ArchSpec:
             )
 
     def rope_inv_freq(self, layer: int | None = None) -> npt.NDArray[np.float64]:
-        """Rotary inverse frequencies of one head of ``layer``, ``[head_dim // 2]``, with its scaling.
+        """Rotary inverse frequencies of one head of ``layer``, ``[rotary_dim // 2]``, with its scaling.
 
         ``linear`` divides every frequency by ``factor``; ``llama3`` keeps the high frequencies,
         divides the low ones by ``factor`` and blends the band between the two cut-offs.
         Sliding-window layers of a spec with ``local_rope_theta`` use that base, unscaled.
         Backends and the reference forward share this one definition.
         """
-        d = self.head_dim
         local = layer is not None and self.local_rope_theta is not None and self.window(layer) is not None
         theta = self.local_rope_theta if local and self.local_rope_theta is not None else self.rope_theta
-        inv: npt.NDArray[np.float64] = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-        scaling = {} if local else (self.rope_scaling or {})
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        factor = float(scaling.get("factor", 1.0))
-        if kind == "linear":
-            return inv / factor
-        if kind == "llama3":
-            low = float(scaling.get("low_freq_factor", 1.0))
-            high = float(scaling.get("high_freq_factor", 4.0))
-            original = float(scaling.get("original_max_position_embeddings", 8192))
-            # 0 in the low-frequency band (fully scaled), 1 in the high-frequency band (kept).
-            keep = np.clip((original * inv / (2 * math.pi) - low) / (high - low), 0.0, 1.0)
-            return (1 - keep) * inv / factor + keep * inv
-        return inv
+        return rope_inv_freq(theta, self.rotary_dim, None if local else self.rope_scaling)
 
     def rope_groups(self) -> dict[tuple[float, ...], list[int]]:
         """Layers grouped by identical RoPE frequencies (one table per group in a graph)."""
@@ -189,17 +208,21 @@ class ArchSpec:
             shapes["lm_head.weight"] = (self.vocab_size, h)
         for n in range(self.num_hidden_layers):
             p = f"model.layers.{n}."
-            shapes |= {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (i, h),
-                p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-            }
+            shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+            if self.fused_projections:
+                shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+            else:
+                shapes |= {
+                    p + "self_attn.q_proj.weight": (q, h),
+                    p + "self_attn.k_proj.weight": (kv, h),
+                    p + "self_attn.v_proj.weight": (kv, h),
+                }
+            shapes[p + "self_attn.o_proj.weight"] = (h, q)
+            if self.fused_projections:
+                shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
+            else:
+                shapes |= {p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h)}
+            shapes[p + "mlp.down_proj.weight"] = (h, i)
             if self.sandwich_norms:
                 shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
             if self.qk_norm:
