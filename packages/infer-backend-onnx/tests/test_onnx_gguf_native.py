@@ -139,19 +139,19 @@ def tiny_gguf_bundle(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     from infer.gguf_import import import_gguf
 
-    def make(qtype: Any) -> Bundle:
+    def make(qtype: Any, tied: bool = False) -> Bundle:
         folder = tmp_path_factory.mktemp(qtype.name)
-        write_tiny_gguf(folder / "tiny.gguf", qtype)
+        write_tiny_gguf(folder / "tiny.gguf", qtype, tied=tied)
         return Bundle.open(import_gguf(folder / "tiny.gguf", folder / "bundle"))
 
     return make
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_1])
+@pytest.mark.parametrize(("qtype", "tied"), [(Q.Q4_0, False), (Q.Q4_1, False), (Q.Q8_0, True), (Q.Q5_1, True)])
 def test_gguf_model_runs_natively_by_default_closer_to_its_weights_than_int4(
-    tiny_gguf_bundle: Any, build_dir: Path, qtype: Any
+    tiny_gguf_bundle: Any, build_dir: Path, qtype: Any, tied: bool
 ) -> None:
-    bundle = tiny_gguf_bundle(qtype)
+    bundle = tiny_gguf_bundle(qtype, tied)
     reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance")
     expected = reference.ReferenceModel(bundle).forward(PROMPT)[-1]
     errors = {}
@@ -168,3 +168,18 @@ def test_gguf_model_runs_natively_by_default_closer_to_its_weights_than_int4(
 def test_native_on_a_float_bundle_is_refused_with_the_dtypes_that_work(tiny_bundle: Bundle, build_dir: Path) -> None:
     with pytest.raises(InvalidParameterError, match="fp32, fp16 or int4"):
         plugin.infer_load(load_spec(tiny_bundle, dtype="native"), {"cache_dir": build_dir, "threads": 1})
+
+
+def test_tied_table_is_stored_once_in_its_blocks_for_lookup_and_output_head(
+    tiny_gguf_bundle: Any, tmp_path: Path
+) -> None:
+    import onnx
+
+    from infer_backend_onnx.graph import build_decoder
+
+    bundle = tiny_gguf_bundle(Q.Q8_0, True)
+    model = onnx.load(str(build_decoder(bundle, GraphConfig(dtype="native"), tmp_path)), load_external_data=False)
+    names = {init.name for init in model.graph.initializer}
+    assert "model.embed_tokens.weight" not in names  # no float copy of the table
+    users = {n.op_type for n in model.graph.node if "model.embed_tokens.qweight" in n.input}
+    assert users == {"GatherBlockQuantized", "MatMulNBits"}

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import onnx
 
     from infer.bundle import ArchSpec, Bundle
+    from infer_backend_onnx.gguf_blocks import BlockWeight
     from infer_backend_onnx.quantize import QuantizedWeight
 
 __all__ = [
@@ -222,6 +223,37 @@ class _GraphBuilder:
         w = np.concatenate([self.weight(bundle, part) for part in parts], axis=0)
         return self.linear(x, name, w, bias, bits=bits)
 
+    def native_block(self, bundle: Bundle, name: str) -> BlockWeight | None:
+        """Tensor ``name`` of a GGUF bundle as ``MatMulNBits`` blocks, or ``None`` for a float or unmapped type."""
+        from infer.gguf_tensors import GGUFWeights
+        from infer_backend_onnx.gguf_blocks import from_gguf
+
+        assert isinstance(bundle.weights, GGUFWeights)  # the loader gives native only to GGUF bundles
+        return from_gguf(bundle.weights.raw(name))
+
+    def block_embedding(self, block: BlockWeight) -> tuple[str, str]:
+        """Look up ``input_ids`` in a quantized table as stored: ``GatherBlockQuantized`` on the very
+        codes a tied output head multiplies by. Returns the embeddings and the codes' initializer."""
+        q = block.weight
+        name = "model.embed_tokens"
+        packed = self.const(name + ".qweight", q.packed)
+        # The lookup reads [vocab, blocks, block] codes with one scale per block: scales as [vocab, blocks, 1].
+        (y,) = self.op(
+            "GatherBlockQuantized",
+            [packed, "input_ids", self.const(name + ".gather_scales", q.scales[..., None])],
+            domain=_MS,
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=q.block_size,
+            bits=q.bits,
+        )
+        if block.offsets is not None:
+            (shift,) = self.op("Gather", [self.const(name + ".gather_offsets", block.offsets[..., None]), "input_ids"])
+            (y,) = self.op("Add", [y, shift])
+        shape = self.const(name + ".shape", np.array([0, 0, q.k], np.int64), external=False)
+        (x,) = self.op("Reshape", [y, shape])
+        return x, packed
+
     def native_linear(
         self,
         bundle: Bundle,
@@ -229,28 +261,23 @@ class _GraphBuilder:
         name: str,
         parts: list[str],
         bias: npt.NDArray[np.float32] | None,
-        *,
-        rank: int = 3,
     ) -> str:
         """The GGUF blocks of ``parts`` as they are: one ``MatMulNBits`` when their blocks agree,
         else one product per part joined by a ``Concat``; a float tensor is a float32 ``MatMul``."""
-        from infer.gguf_tensors import GGUFWeights
-        from infer_backend_onnx.gguf_blocks import from_gguf, join
+        from infer_backend_onnx.gguf_blocks import join
 
-        weights = bundle.weights
-        assert isinstance(weights, GGUFWeights)  # the loader gives native only to GGUF bundles
-        blocks = [from_gguf(weights.raw(part)) for part in parts]
+        blocks = [self.native_block(bundle, part) for part in parts]
         if all(b is not None for b in blocks):
             joined = join([b for b in blocks if b is not None])
             if joined is not None:
-                return self.blocks_linear(x, name, joined.weight, joined.offsets, bias, rank=rank)
+                return self.blocks_linear(x, name, joined.weight, joined.offsets, bias)
         outs = []
         for i, (part, b) in enumerate(zip(parts, blocks, strict=True)):
             sub = name if len(parts) == 1 else f"{name}.{i}"
             if b is None:
                 (y,) = self.op("MatMul", [x, self.const(sub + ".weight", self.weight(bundle, part).T)])
             else:
-                y = self.blocks_linear(x, sub, b.weight, b.offsets, None, rank=rank)
+                y = self.blocks_linear(x, sub, b.weight, b.offsets, None)
             outs.append(y)
         (y,) = self.op("Concat", outs, axis=-1) if len(outs) > 1 else (outs[0],)
         if bias is not None:
@@ -306,14 +333,16 @@ class _GraphBuilder:
         bias: npt.NDArray[np.float32] | None,
         *,
         rank: int = 3,
+        packed: str | None = None,
     ) -> str:
         """``x @ (offsets + scales * (codes - 2**(bits-1))).T``: the codes through ``MatMulNBits``
         (default zero point), the per-block offsets, when any, as a small product with the sums of
-        ``x`` over each block. ``rank``: of ``x`` (3 in the layers, 2 at the output head)."""
+        ``x`` over each block. ``rank``: of ``x`` (3 in the layers, 2 at the output head);
+        ``packed``: an initializer already holding ``q.packed`` (a tied head shares the lookup's)."""
         n, k = q.packed.shape[0], q.k
         inputs = [
             x,
-            self.const(name + ".qweight", q.packed),
+            packed or self.const(name + ".qweight", q.packed),
             self.const(name + ".scales", q.scales),
             "",  # default zero point: the offsets carry the grid's minimum
         ]
@@ -414,10 +443,16 @@ class _GraphBuilder:
 
         s, dt = self.spec, self.act_dtype
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
-        embed_w = self.weight(bundle, "model.embed_tokens.weight")
-        embed = self.const("model.embed_tokens.weight", embed_w.astype(dt))
+        native = self.config.dtype == "native"
+        # A quantized table stays quantized in the file's own blocks; any other is a float Gather.
+        embed_block = self.native_block(bundle, "model.embed_tokens.weight") if native else None
+        if embed_block is not None:
+            x, embed_codes = self.block_embedding(embed_block)
+        else:
+            embed_w = self.weight(bundle, "model.embed_tokens.weight")
+            embed = self.const("model.embed_tokens.weight", embed_w.astype(dt))
+            (x,) = self.op("Gather", [embed, "input_ids"])
         cos, sin = self.rope_tables()
-        (x,) = self.op("Gather", [embed, "input_ids"])
 
         def norm_weight(name: str) -> str:
             return self.const(name, self.weight(bundle, name).astype(dt), external=False)
@@ -443,8 +478,14 @@ class _GraphBuilder:
         (flat,) = self.op("Reshape", [h, flat_shape])
         (last,) = self.op("Gather", [flat, "last_token_index"], axis=0)
         head_name = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
-        if self.config.dtype == "native":
-            logits = self.native_linear(bundle, last, "lm_head", [head_name], None, rank=2)
+        head_block = None
+        if native:
+            head_block = embed_block if s.tie_word_embeddings else self.native_block(bundle, head_name)
+        if head_block is not None:
+            shared = embed_codes if s.tie_word_embeddings else None
+            logits = self.blocks_linear(
+                last, "lm_head", head_block.weight, head_block.offsets, None, rank=2, packed=shared
+            )
         elif self.config.dtype == "int4":
             head_w = embed_w if s.tie_word_embeddings else self.weight(bundle, head_name)
             logits = self.linear(last, "lm_head", head_w, None, bits=self.config.head_bits, rank=2)
