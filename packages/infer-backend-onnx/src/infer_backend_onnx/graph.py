@@ -20,9 +20,10 @@ values in place, so a decode step costs no copy of the cache. Positions come fro
 ``seqlens_k``, which is why the graph needs no position input.
 
 Precisions: ``fp32`` (the default, exact to the reference), ``fp16`` (weights, activations
-and cache in half precision; logits cast back to float32), ``int4`` (every projection and the
-output head as ``MatMulNBits`` with symmetric 4-bit blocks and int8 activations, cache in
-float32; the embedding table stays float32 since a lookup reads one row per token), ``native``
+and cache in half precision; logits cast back to float32), ``int4`` (every projection as
+``MatMulNBits`` 4-bit blocks with float minimums fitted by least squares, see
+:func:`~infer_backend_onnx.quantize.fit_affine`, and int8 activations; the embedding table and
+output head as 8-bit blocks, one shared initializer when tied; cache in float32), ``native``
 (a bundle imported from GGUF only: every quantized matrix, the output head included, becomes
 ``MatMulNBits`` blocks with the file's own codes and scales, see :mod:`.gguf_blocks`; tensors of
 other types, and the embedding table, are their exact float32 values; activations and cache in
@@ -90,8 +91,13 @@ class GraphConfig:
     #: SmolLM2-135M: ~10% faster decode than asymmetric blocks at a similar error.
     symmetric: bool = True
     #: int4 only: bits of the output head, 4 or 8 (on SmolLM2-135M, 8 cuts the first-token KL
-    #: to the fp32 logits from 0.65 to 0.50 for ~8% slower decode).
-    head_bits: int = 4
+    #: to the fp32 logits from 0.65 to 0.50 for ~8% slower decode). The embedding table is
+    #: 8-bit blocks in an int4 graph either way, shared with a tied 8-bit head.
+    head_bits: int = 8
+    #: int4 only: 4-bit blocks with float minimums fitted by least squares
+    #: (:func:`~infer_backend_onnx.quantize.fit_affine`), the minimums carried as an offset
+    #: product; ``False``: round-to-nearest (``symmetric`` says which grid).
+    fit: bool = True
     #: int4 only: keep weights that already lie on a 4-bit block grid (GGUF Q4_1 imports) exactly
     #: on it, adding the block offsets as a separate small product, instead of requantising.
     #: Measured on SmolLM2 Q4_1 (with ``head_bits=8``, which holds its Q8_0 head exactly):
@@ -116,6 +122,7 @@ class GraphConfig:
         if self.dtype == "int4":
             key += f"-b{self.block_size}-a{self.accuracy_level}-h{self.head_bits}" + ("-sym" if self.symmetric else "")
             key += "-grid" if self.exact_grid else ""
+            key += "-fit" if self.fit else ""
         return key
 
 
@@ -302,6 +309,11 @@ class _GraphBuilder:
             fitted = fit_grid(w, self.config.block_size, bits=bits) if self.config.exact_grid else None
             if fitted is not None:
                 return self.blocks_linear(x, name, fitted[0], fitted[1], bias, rank=rank)
+            if bits == 4 and self.config.fit:
+                from infer_backend_onnx.quantize import fit_affine
+
+                q4, offsets = fit_affine(w, self.config.block_size, bits=4)
+                return self.blocks_linear(x, name, q4, offsets, bias, rank=rank)
             q = quantize(w, self.config.block_size, bits=bits, symmetric=self.config.symmetric)
             inputs = [x, self.const(name + ".qweight", q.packed), self.const(name + ".scales", q.scales)]
             # Symmetric blocks use the op's default zero point: no tensor to read.
@@ -444,8 +456,15 @@ class _GraphBuilder:
         s, dt = self.spec, self.act_dtype
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
         native = self.config.dtype == "native"
-        # A quantized table stays quantized in the file's own blocks; any other is a float Gather.
+        # A quantized table stays quantized in the file's own blocks; an int4 graph's is 8-bit
+        # blocks; any other is a float Gather.
         embed_block = self.native_block(bundle, "model.embed_tokens.weight") if native else None
+        if self.config.dtype == "int4":
+            from infer_backend_onnx.gguf_blocks import BlockWeight
+            from infer_backend_onnx.quantize import quantize
+
+            table = self.weight(bundle, "model.embed_tokens.weight")
+            embed_block = BlockWeight(quantize(table, self.config.block_size, bits=8, symmetric=True), None)
         if embed_block is not None:
             x, embed_codes = self.block_embedding(embed_block)
         else:
@@ -481,13 +500,15 @@ class _GraphBuilder:
         head_block = None
         if native:
             head_block = embed_block if s.tie_word_embeddings else self.native_block(bundle, head_name)
+        elif self.config.dtype == "int4" and s.tie_word_embeddings and self.config.head_bits == 8:
+            head_block = embed_block
         if head_block is not None:
             shared = embed_codes if s.tie_word_embeddings else None
             logits = self.blocks_linear(
                 last, "lm_head", head_block.weight, head_block.offsets, None, rank=2, packed=shared
             )
         elif self.config.dtype == "int4":
-            head_w = embed_w if s.tie_word_embeddings else self.weight(bundle, head_name)
+            head_w = self.weight(bundle, head_name)
             logits = self.linear(last, "lm_head", head_w, None, bits=self.config.head_bits, rank=2)
         else:
             head = embed if s.tie_word_embeddings else self.const(head_name, self.weight(bundle, head_name).astype(dt))
