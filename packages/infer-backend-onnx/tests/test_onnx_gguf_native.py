@@ -185,3 +185,31 @@ def test_tied_table_is_stored_once_in_its_blocks_for_lookup_and_output_head(
     assert "model.embed_tokens.weight" not in names  # no float copy of the table
     users = {n.op_type for n in model.graph.node if "model.embed_tokens.qweight" in n.input}
     assert users == {"GatherBlockQuantized", "MatMulNBits"}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("env", ["INFER_SMOLLM2_GGUF", "INFER_GEMMA3_GGUF"])
+def test_every_tensor_of_a_real_gguf_maps_onto_blocks_equal_to_its_dequantization(env: str) -> None:
+    import os
+
+    path = os.environ.get(env)
+    if not path:
+        pytest.skip(f"set {env} to the GGUF file to run (see shared/ANCHORS.md)")
+    reader = gguf.GGUFReader(path)
+    seen = set()
+    for tensor in reader.tensors:
+        qtype = Q(tensor.tensor_type).name
+        if qtype not in EXACT_TYPES or len(tensor.shape) != 2:
+            continue
+        shape = (int(tensor.shape[1]), int(tensor.shape[0]))
+        blocks = np.asarray(tensor.data).reshape(shape[0], -1)
+        block = from_gguf(RawTensor(qtype=qtype, shape=shape, blocks=blocks))
+        assert block is not None
+        want = gguf.quants.dequantize(blocks, Q[qtype]).reshape(shape)
+        got = block.dequantize()
+        offsets = 0 if block.offsets is None else np.repeat(block.offsets, block.weight.block_size, 1)
+        bound = 4 * np.finfo(np.float32).eps * (np.abs(want - offsets) + np.abs(offsets))
+        assert np.all(np.abs(got - want) <= bound), tensor.name
+        seen.add(qtype)
+    assert seen  # the file has quantized matrices, and every one was checked
