@@ -138,28 +138,30 @@ def tiny_gguf_bundle(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     from infer.gguf_import import import_gguf
 
-    def make(qtype: Any) -> Bundle:
+    def make(qtype: Any, tied: bool = False) -> Bundle:
         folder = tmp_path_factory.mktemp(qtype.name)
-        write_tiny_gguf(folder / "tiny.gguf", qtype)
+        write_tiny_gguf(folder / "tiny.gguf", qtype, tied=tied)
         return Bundle.open(import_gguf(folder / "tiny.gguf", folder / "bundle"))
 
     return make
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_1])
+@pytest.mark.parametrize(("qtype", "tied"), [(Q.Q4_0, False), (Q.Q4_1, False), (Q.Q8_0, True), (Q.Q5_1, True)])
 def test_gguf_model_runs_natively_by_default_closer_to_its_weights_than_int4(
-    tiny_gguf_bundle: Any, build_dir: Path, qtype: Any
+    tiny_gguf_bundle: Any, build_dir: Path, qtype: Any, tied: bool
 ) -> None:
-    bundle = tiny_gguf_bundle(qtype)
+    bundle = tiny_gguf_bundle(qtype, tied)
     reference = pytest.importorskip("infer_conformance.reference", reason="needs infer-conformance")
     expected = reference.ReferenceModel(bundle).forward(PROMPT)[-1]
     errors = {}
     for dtype in (None, "int4"):
-        model = plugin.infer_load(load_spec(bundle, dtype=dtype), {"cache_dir": build_dir, "threads": 1})
+        # int4 rounding to the nearest point of a new grid: the second rounding native avoids.
+        opts = {"cache_dir": build_dir, "threads": 1, "int4_fit": False}
+        model = plugin.infer_load(load_spec(bundle, dtype=dtype), opts)
         assert model is not None
         errors[model.dtype] = np.abs(step(model, [model.new_sequence(32)], [PROMPT])[0] - expected).max()  # type: ignore[arg-type]
     # Only the int8 activations of accuracy level 4 stand between native and the reference;
-    # int4 rounds the weights a second time.
+    # round-to-nearest int4 rounds the weights a second time.
     assert set(errors) == {"native", "int4"}
     assert errors["native"] < errors["int4"] / 3
 
@@ -178,3 +180,46 @@ def test_native_on_a_float_bundle_runs_its_float32_weights_unrounded(tiny_bundle
     finally:
         native.close()
         fp32.close()
+
+
+def test_tied_table_is_stored_once_in_its_blocks_for_lookup_and_output_head(
+    tiny_gguf_bundle: Any, tmp_path: Path
+) -> None:
+    import onnx
+
+    from infer_backend_onnx.graph import build_decoder
+
+    bundle = tiny_gguf_bundle(Q.Q8_0, True)
+    model = onnx.load(str(build_decoder(bundle, GraphConfig(dtype="native"), tmp_path)), load_external_data=False)
+    names = {init.name for init in model.graph.initializer}
+    assert "model.embed_tokens.weight" not in names  # no float copy of the table
+    users = {n.op_type for n in model.graph.node if "model.embed_tokens.qweight" in n.input}
+    assert users == {"GatherBlockQuantized", "MatMulNBits"}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("env", ["INFER_SMOLLM2_GGUF", "INFER_GEMMA3_GGUF"])
+def test_every_tensor_of_a_real_gguf_maps_onto_blocks_equal_to_its_dequantization(env: str) -> None:
+    import os
+
+    path = os.environ.get(env)
+    if not path:
+        pytest.skip(f"set {env} to the GGUF file to run (see shared/ANCHORS.md)")
+    reader = gguf.GGUFReader(path)
+    seen = set()
+    for tensor in reader.tensors:
+        qtype = Q(tensor.tensor_type).name
+        if qtype not in EXACT_TYPES or len(tensor.shape) != 2:
+            continue
+        shape = (int(tensor.shape[1]), int(tensor.shape[0]))
+        blocks = np.asarray(tensor.data).reshape(shape[0], -1)
+        block = from_gguf(RawTensor(qtype=qtype, shape=shape, blocks=blocks))
+        assert block is not None
+        want = gguf.quants.dequantize(blocks, Q[qtype]).reshape(shape)
+        got = block.dequantize()
+        offsets = 0 if block.offsets is None else np.repeat(block.offsets, block.weight.block_size, 1)
+        bound = 4 * np.finfo(np.float32).eps * (np.abs(want - offsets) + np.abs(offsets))
+        assert np.all(np.abs(got - want) <= bound), tensor.name
+        seen.add(qtype)
+    assert seen  # the file has quantized matrices, and every one was checked

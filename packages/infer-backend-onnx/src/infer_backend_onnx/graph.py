@@ -28,9 +28,10 @@ built-in q/k norm inputs have no CPU kernel); Gemma's extra norms, ``(1 + w)`` w
 embedding scale, GELU-tanh and final soft-capping are plain ops around it.
 
 Precisions: ``fp32`` (the default, exact to the reference), ``fp16`` (weights, activations
-and cache in half precision; logits cast back to float32), ``int4`` (every projection and the
-output head as ``MatMulNBits`` with symmetric 4-bit blocks and int8 activations, cache in
-float32; the embedding table stays float32 since a lookup reads one row per token), ``native``
+and cache in half precision; logits cast back to float32), ``int4`` (every projection as
+``MatMulNBits`` 4-bit blocks with float minimums fitted by least squares, see
+:func:`~infer_backend_onnx.quantize.fit_affine`, and int8 activations; the embedding table and
+output head as 8-bit blocks, one shared initializer when tied; cache in float32), ``native``
 (a bundle imported from GGUF only: every quantized matrix, the output head included, becomes
 ``MatMulNBits`` blocks with the file's own codes and scales, see :mod:`.gguf_blocks`; tensors of
 other types, and the embedding table, are their exact float32 values; activations and cache in
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     import onnx
 
     from infer.bundle import ArchSpec, Bundle
+    from infer_backend_onnx.gguf_blocks import BlockWeight
     from infer_backend_onnx.quantize import QuantizedWeight
 
 __all__ = [
@@ -114,8 +116,13 @@ class GraphConfig:
     #: SmolLM2-135M: ~10% faster decode than asymmetric blocks at a similar error.
     symmetric: bool = True
     #: int4 only: bits of the output head, 4 or 8 (on SmolLM2-135M, 8 cuts the first-token KL
-    #: to the fp32 logits from 0.65 to 0.50 for ~8% slower decode).
-    head_bits: int = 4
+    #: to the fp32 logits from 0.65 to 0.50 for ~8% slower decode). The embedding table is
+    #: 8-bit blocks in an int4 graph either way, shared with a tied 8-bit head.
+    head_bits: int = 8
+    #: int4 only: 4-bit blocks with float minimums fitted by least squares
+    #: (:func:`~infer_backend_onnx.quantize.fit_affine`), the minimums carried as an offset
+    #: product; ``False``: round-to-nearest (``symmetric`` says which grid).
+    fit: bool = True
     #: int4 only: keep weights that already lie on a 4-bit block grid (GGUF Q4_1 imports) exactly
     #: on it, adding the block offsets as a separate small product, instead of requantising.
     #: Measured on SmolLM2 Q4_1 (with ``head_bits=8``, which holds its Q8_0 head exactly):
@@ -140,6 +147,7 @@ class GraphConfig:
         if self.dtype == "int4":
             key += f"-b{self.block_size}-a{self.accuracy_level}-h{self.head_bits}" + ("-sym" if self.symmetric else "")
             key += "-grid" if self.exact_grid else ""
+            key += "-fit" if self.fit else ""
         return key
 
 
@@ -256,6 +264,37 @@ class _GraphBuilder:
         w = np.concatenate([self.weight(bundle, part) for part in parts], axis=0)
         return self.linear(x, name, w, bias, bits=bits)
 
+    def native_block(self, bundle: Bundle, name: str) -> BlockWeight | None:
+        """Tensor ``name`` of a GGUF bundle as ``MatMulNBits`` blocks, or ``None`` for a float or unmapped type."""
+        from infer.gguf_tensors import GGUFWeights
+        from infer_backend_onnx.gguf_blocks import from_gguf
+
+        assert isinstance(bundle.weights, GGUFWeights)  # the loader gives native only to GGUF bundles
+        return from_gguf(bundle.weights.raw(name))
+
+    def block_embedding(self, block: BlockWeight) -> tuple[str, str]:
+        """Look up ``input_ids`` in a quantized table as stored: ``GatherBlockQuantized`` on the very
+        codes a tied output head multiplies by. Returns the embeddings and the codes' initializer."""
+        q = block.weight
+        name = "model.embed_tokens"
+        packed = self.const(name + ".qweight", q.packed)
+        # The lookup reads [vocab, blocks, block] codes with one scale per block: scales as [vocab, blocks, 1].
+        (y,) = self.op(
+            "GatherBlockQuantized",
+            [packed, "input_ids", self.const(name + ".gather_scales", q.scales[..., None])],
+            domain=_MS,
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=q.block_size,
+            bits=q.bits,
+        )
+        if block.offsets is not None:
+            (shift,) = self.op("Gather", [self.const(name + ".gather_offsets", block.offsets[..., None]), "input_ids"])
+            (y,) = self.op("Add", [y, shift])
+        shape = self.const(name + ".shape", np.array([0, 0, q.k], np.int64), external=False)
+        (x,) = self.op("Reshape", [y, shape])
+        return x, packed
+
     def native_linear(
         self,
         bundle: Bundle,
@@ -263,28 +302,23 @@ class _GraphBuilder:
         name: str,
         parts: list[str],
         bias: npt.NDArray[np.float32] | None,
-        *,
-        rank: int = 3,
     ) -> str:
         """The GGUF blocks of ``parts`` as they are: one ``MatMulNBits`` when their blocks agree,
         else one product per part joined by a ``Concat``; a float tensor is a float32 ``MatMul``."""
-        from infer.gguf_tensors import GGUFWeights
-        from infer_backend_onnx.gguf_blocks import from_gguf, join
+        from infer_backend_onnx.gguf_blocks import join
 
-        weights = bundle.weights
-        assert isinstance(weights, GGUFWeights)  # the loader gives native only to GGUF bundles
-        blocks = [from_gguf(weights.raw(part)) for part in parts]
+        blocks = [self.native_block(bundle, part) for part in parts]
         if all(b is not None for b in blocks):
             joined = join([b for b in blocks if b is not None])
             if joined is not None:
-                return self.blocks_linear(x, name, joined.weight, joined.offsets, bias, rank=rank)
+                return self.blocks_linear(x, name, joined.weight, joined.offsets, bias)
         outs = []
         for i, (part, b) in enumerate(zip(parts, blocks, strict=True)):
             sub = name if len(parts) == 1 else f"{name}.{i}"
             if b is None:
                 (y,) = self.op("MatMul", [x, self.const(sub + ".weight", self.weight(bundle, part).T)])
             else:
-                y = self.blocks_linear(x, sub, b.weight, b.offsets, None, rank=rank)
+                y = self.blocks_linear(x, sub, b.weight, b.offsets, None)
             outs.append(y)
         (y,) = self.op("Concat", outs, axis=-1) if len(outs) > 1 else (outs[0],)
         if bias is not None:
@@ -309,6 +343,11 @@ class _GraphBuilder:
             fitted = fit_grid(w, self.config.block_size, bits=bits) if self.config.exact_grid else None
             if fitted is not None:
                 return self.blocks_linear(x, name, fitted[0], fitted[1], bias, rank=rank)
+            if bits == 4 and self.config.fit:
+                from infer_backend_onnx.quantize import fit_affine
+
+                q4, offsets = fit_affine(w, self.config.block_size, bits=4)
+                return self.blocks_linear(x, name, q4, offsets, bias, rank=rank)
             q = quantize(w, self.config.block_size, bits=bits, symmetric=self.config.symmetric)
             inputs = [x, self.const(name + ".qweight", q.packed), self.const(name + ".scales", q.scales)]
             # Symmetric blocks use the op's default zero point: no tensor to read.
@@ -340,14 +379,16 @@ class _GraphBuilder:
         bias: npt.NDArray[np.float32] | None,
         *,
         rank: int = 3,
+        packed: str | None = None,
     ) -> str:
         """``x @ (offsets + scales * (codes - 2**(bits-1))).T``: the codes through ``MatMulNBits``
         (default zero point), the per-block offsets, when any, as a small product with the sums of
-        ``x`` over each block. ``rank``: of ``x`` (3 in the layers, 2 at the output head)."""
+        ``x`` over each block. ``rank``: of ``x`` (3 in the layers, 2 at the output head);
+        ``packed``: an initializer already holding ``q.packed`` (a tied head shares the lookup's)."""
         n, k = q.packed.shape[0], q.k
         inputs = [
             x,
-            self.const(name + ".qweight", q.packed),
+            packed or self.const(name + ".qweight", q.packed),
             self.const(name + ".scales", q.scales),
             "",  # default zero point: the offsets carry the grid's minimum
         ]
@@ -503,14 +544,27 @@ class _GraphBuilder:
 
         s, dt = self.spec, self.act_dtype
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
-        embed_w = self.weight(bundle, "model.embed_tokens.weight")
-        embed = self.const("model.embed_tokens.weight", embed_w.astype(dt))
-        rope = self.rope_tables()
-        (x,) = self.op("Gather", [embed, "input_ids"])
+        native = self.config.dtype == "native"
+        # A quantized table stays quantized in the file's own blocks; an int4 graph's is 8-bit
+        # blocks; any other is a float Gather.
+        embed_block = self.native_block(bundle, "model.embed_tokens.weight") if native else None
+        if self.config.dtype == "int4":
+            from infer_backend_onnx.gguf_blocks import BlockWeight
+            from infer_backend_onnx.quantize import quantize
+
+            table = self.weight(bundle, "model.embed_tokens.weight")
+            embed_block = BlockWeight(quantize(table, self.config.block_size, bits=8, symmetric=True), None)
+        if embed_block is not None:
+            x, embed_codes = self.block_embedding(embed_block)
+        else:
+            embed_w = self.weight(bundle, "model.embed_tokens.weight")
+            embed = self.const("model.embed_tokens.weight", embed_w.astype(dt))
+            (x,) = self.op("Gather", [embed, "input_ids"])
         if s.embedding_scale != 1.0:
             # In the activation dtype, as transformers scales Gemma's embeddings.
             scale = self.const("embedding_scale", np.array(s.embedding_scale, dtype=dt), external=False)
             (x,) = self.op("Mul", [x, scale])
+        rope = self.rope_tables()
 
         def norm_weight(name: str) -> str:
             return self.norm_weight(bundle, name)
@@ -535,10 +589,18 @@ class _GraphBuilder:
         (flat,) = self.op("Reshape", [h, flat_shape])
         (last,) = self.op("Gather", [flat, "last_token_index"], axis=0)
         head_name = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
-        if self.config.dtype == "native":
-            logits = self.native_linear(bundle, last, "lm_head", [head_name], None, rank=2)
+        head_block = None
+        if native:
+            head_block = embed_block if s.tie_word_embeddings else self.native_block(bundle, head_name)
+        elif self.config.dtype == "int4" and s.tie_word_embeddings and self.config.head_bits == 8:
+            head_block = embed_block
+        if head_block is not None:
+            shared = embed_codes if s.tie_word_embeddings else None
+            logits = self.blocks_linear(
+                last, "lm_head", head_block.weight, head_block.offsets, None, rank=2, packed=shared
+            )
         elif self.config.dtype == "int4":
-            head_w = embed_w if s.tie_word_embeddings else self.weight(bundle, head_name)
+            head_w = self.weight(bundle, head_name)
             logits = self.linear(last, "lm_head", head_w, None, bits=self.config.head_bits, rank=2)
         else:
             head = embed if s.tie_word_embeddings else self.const(head_name, self.weight(bundle, head_name).astype(dt))

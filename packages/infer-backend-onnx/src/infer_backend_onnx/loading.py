@@ -24,7 +24,8 @@ OPTIONS: Final = {
     "threads": "a positive integer (intra-op threads; default: the CPUs this process may use)",
     "cache_dir": "a folder path for built graphs (default: infer's cache folder)",
     "block_size": "32 or 64 (int4 quantisation block)",
-    "head_bits": "4 or 8 (int4: bits of the output head)",
+    "head_bits": "4 or 8 (int4: bits of the output head; default 8)",
+    "int4_fit": "true or false (int4: least-squares blocks with float minimums, default true; false: round-to-nearest)",
     "exact_grid": "true or false (int4: keep weights already on a 4-bit grid, e.g. from a Q4_1 GGUF, exact)",
     "batch_invariant": "true or false (default true: int4 never runs a lone row, so batching never changes results)",
 }
@@ -37,7 +38,8 @@ class LoadOptions:
     threads: int | None = None
     cache_dir: Path | None = None
     block_size: int = 32
-    head_bits: int = 4
+    head_bits: int = 8
+    int4_fit: bool = True
     exact_grid: bool = False
     batch_invariant: bool = True
 
@@ -56,9 +58,12 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
     block_size = options.get("block_size", 32)
     if block_size not in (32, 64) or isinstance(block_size, bool):
         raise InvalidParameterError("block_size", block_size, OPTIONS["block_size"])
-    head_bits = options.get("head_bits", 4)
+    head_bits = options.get("head_bits", 8)
     if head_bits not in (4, 8) or isinstance(head_bits, bool):
         raise InvalidParameterError("head_bits", head_bits, OPTIONS["head_bits"])
+    int4_fit = options.get("int4_fit", True)
+    if not isinstance(int4_fit, bool):
+        raise InvalidParameterError("int4_fit", int4_fit, OPTIONS["int4_fit"])
     exact_grid = options.get("exact_grid", False)
     if not isinstance(exact_grid, bool):
         raise InvalidParameterError("exact_grid", exact_grid, OPTIONS["exact_grid"])
@@ -67,6 +72,7 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
         raise InvalidParameterError("batch_invariant", batch_invariant, OPTIONS["batch_invariant"])
     return LoadOptions(
         exact_grid=exact_grid,
+        int4_fit=int4_fit,
         batch_invariant=batch_invariant,
         head_bits=head_bits,
         threads=threads,
@@ -113,7 +119,11 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     # as float32 (exact for F32, F16 and BF16 files alike).
     graph_dtype = "fp32" if dtype == "native" and not gguf else dtype
     config = GraphConfig(
-        dtype=graph_dtype, block_size=opts.block_size, head_bits=opts.head_bits, exact_grid=opts.exact_grid
+        dtype=graph_dtype,
+        block_size=opts.block_size,
+        head_bits=opts.head_bits,
+        exact_grid=opts.exact_grid,
+        fit=opts.int4_fit,
     )
     content = bundle.content_hash()
     key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"

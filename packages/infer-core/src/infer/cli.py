@@ -91,6 +91,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
 
+    p = sub.add_parser("eval", help="perplexity on a fixed text, and greedy agreement with a reference precision")
+    model_args(p)
+    p.add_argument("--reference-dtype", default="fp32", help="precision to compare with (default fp32; 'none': skip)")
+    p.add_argument("--chunks", type=_positive_int, default=8, help="chunks of text to score (default 8)")
+    p.add_argument(
+        "--chunk-tokens", type=_positive_int, default=512, help="tokens a chunk (default 512; less for short contexts)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
     from infer.cli_models import add_model_commands
     from infer.serve.cli import add_serve_command
 
@@ -234,12 +244,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     finally:
         model.close()
     report["model"] = args.model
-    if args.json:
+    _print_report(report, as_json=args.json)
+    return 0
+
+
+def _print_report(report: dict[str, Any], *, as_json: bool) -> None:
+    """One JSON object, or one aligned ``key  value`` line per entry."""
+    if as_json:
         print(json.dumps(report))
-    else:
-        width = max(map(len, report))
-        for key, value in report.items():
-            print(f"{key:<{width}}  {value}")
+        return
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import infer
+    from infer.evaluate import evaluate
+
+    model = _load(args)
+    reference = None
+    try:
+        if args.reference_dtype not in ("none", model.dtype):
+            reference = infer.load(
+                args.model,
+                backend=model.backend,
+                device=args.device,
+                dtype=args.reference_dtype,
+                **_options(args.option),
+            )
+        report = evaluate(model, reference=reference, chunks=args.chunks, chunk_tokens=args.chunk_tokens).as_dict()
+    finally:
+        model.close()
+        if reference is not None:
+            reference.close()
+    report["model"] = args.model
+    _print_report(report, as_json=args.json)
     return 0
 
 
