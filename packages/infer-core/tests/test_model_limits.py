@@ -86,3 +86,12 @@ def test_a_prompt_just_under_the_byte_limit_is_tokenized_and_judged_by_its_token
 def test_long_text_tokenizes_the_same_through_the_gil_free_path(model: infer.Model) -> None:
     text = "Hello, world! <|im_end|> " * 2000
     assert model.encode(text) == model.tokenizer.backend.encode(text).ids
+
+
+def test_token_bytes_of_partial_characters_are_the_tokens_own_bytes(model: infer.Model) -> None:
+    text = "héllo 机器人 🤖"
+    ids = model.encode(text, add_special_tokens=False)
+    pieces = [model.tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces)  # some tokens are part of a character
+    assert model.tokenizer.token_bytes(model.tokenizer.token_to_id("<|im_end|>")) == b"<|im_end|>"

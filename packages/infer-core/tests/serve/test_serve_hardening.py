@@ -203,3 +203,13 @@ async def test_a_generation_past_the_deadline_quotes_the_configured_timeout(clie
     c = client_for(make_model(latency=0.05), request_timeout=0.5)
     r = await c.post("/v1/completions", json=TEXT | {"max_tokens": 200, "ignore_eos": True})
     assert "the server's timeout of 0.5 s" in error_of(r, 504)["message"]
+
+
+async def test_chat_logprob_bytes_of_a_partial_character_are_its_bytes_not_a_replacement(client, fake_model):
+    options = {"max_tokens": 40, "ignore_eos": True, "seed": 1}
+    r = await client.post("/v1/chat/completions", json=CHAT | options | {"logprobs": True})
+    served = [bytes(e["bytes"]) for e in r.json()["choices"][0]["logprobs"]["content"]]
+    solo = fake_model.generate(messages=CHAT["messages"], logprobs=True, **options)
+    assert served == [fake_model.tokenizer.token_bytes(e.token_id) for e in solo.logprobs]
+    assert all(b"\xef\xbf\xbd" not in b for b in served)  # no U+FFFD standing in for a byte
+    assert any(len(b) == 1 and b[0] >= 0x80 for b in served)  # the fake samples partial characters

@@ -471,6 +471,7 @@ class _GenerationResponse(Response):
             created=int(time.time()),
             model=server.model_name,
             token_text=lambda token: server.model.decode([token]),
+            token_bytes=server.model.tokenizer.token_bytes,
         )
         self._last_token = 0.0
         #: The server cancelled this response (shutdown past its grace period).
