@@ -107,7 +107,7 @@ async def test_a_prompt_over_the_byte_limit_is_a_400_without_tokenizing(client_f
     from infer.tokenizer import Tokenizer
 
     c = client_for(fake_model, max_prompt_tokens=100, max_body_bytes=10_000_000)
-    limit = 100 * fake_model.tokenizer.max_token_bytes
+    limit = 100 * (fake_model.max_prompt_bytes // fake_model.context_length)
     monkeypatch.setattr(Tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized an oversized prompt"))
     r = await c.post("/v1/completions", json=TEXT | {"prompt": "x" * (limit + 1)})
     error = error_of(r, 400)

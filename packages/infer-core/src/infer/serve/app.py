@@ -217,7 +217,8 @@ class _Server:
         # A prompt over this many bytes cannot fit the token limit: refused before tokenizing.
         self.max_prompt_bytes = model.max_prompt_bytes
         if max_prompt_tokens is not None:
-            self.max_prompt_bytes = min(self.max_prompt_bytes, max_prompt_tokens * model.tokenizer.max_token_bytes)
+            per_token = model.max_prompt_bytes // model.context_length  # the model's own bytes-per-token bound
+            self.max_prompt_bytes = min(self.max_prompt_bytes, max_prompt_tokens * per_token)
         self._prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
         self._ignored_names: set[str] = set()
         self.metrics = ServerMetrics(lambda: model.active_requests)
