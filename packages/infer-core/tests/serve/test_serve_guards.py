@@ -35,7 +35,8 @@ def _record(msg: str) -> logging.LogRecord:
 
 def test_repeated_log_lines_pass_once_per_interval_and_the_rest_are_counted() -> None:
     damper = RepeatFilter(interval=60.0)
-    passed = [damper.filter(_record("socket.accept() out of system resource")) for _ in range(10_000)]
+    lines = [f"socket.accept() out of system resource\nsocket: <socket fd={n}>" for n in range(10_000)]
+    passed = [damper.filter(_record(line)) for line in lines]
     assert passed.count(True) == 1
     assert damper.dropped == 9_999
     assert damper.filter(_record("a different problem"))  # other messages are not held back

@@ -113,7 +113,7 @@ class HeaderTimeoutH11(H11Protocol):
 
 @final
 class RepeatFilter(logging.Filter):
-    """Pass the first record of each (logger, message template) per ``interval`` seconds; count the rest."""
+    """Pass the first record of each (logger, first message line) per ``interval`` seconds; count the rest."""
 
     def __init__(self, interval: float = 10.0) -> None:
         super().__init__()
@@ -124,7 +124,8 @@ class RepeatFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether ``record`` is logged."""
-        key = (record.name, str(record.msg))
+        # The first line only: asyncio's handler appends the failing socket (fd, addresses) below it.
+        key = (record.name, str(record.msg).split("\n", 1)[0][:200])
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
