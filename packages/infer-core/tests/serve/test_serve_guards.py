@@ -53,3 +53,17 @@ def test_a_repeated_line_passes_again_after_the_interval(monkeypatch: pytest.Mon
     assert not damper.filter(_record("x"))
     now[0] += 6
     assert damper.filter(_record("x"))
+
+
+def test_brief_mode_turns_an_exception_into_one_line() -> None:
+    try:
+        raise OSError(24, "Too many open files")
+    except OSError:
+        import sys
+
+        record = logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "accept failed\nsocket: x", None, sys.exc_info()
+        )
+    assert RepeatFilter(brief=True).filter(record)
+    assert record.exc_info is None
+    assert record.getMessage() == "accept failed (OSError: [Errno 24] Too many open files)"

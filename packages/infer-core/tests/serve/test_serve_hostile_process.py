@@ -109,3 +109,35 @@ def test_oversized_prompts_are_refused_before_tokenizing_without_stalling_health
         assert server.rss() - baseline < 200 * 1024 * 1024
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux) to lower the descriptor limit")
+def test_at_the_descriptor_limit_the_log_stays_small_and_the_server_recovers():
+    import socket
+
+    server = ServerProcess("--header-timeout", "1", prefix=("prlimit", "--nofile=120:120"))
+    held = []
+    try:
+        for _ in range(300):  # far past the limit: accept() fails with EMFILE for a while
+            try:
+                held.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
+            except OSError:
+                break
+        time.sleep(3)  # the header timeout closes the idle ones; the server keeps trying to accept
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not recover from the descriptor limit"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert log.count("out of system resource") <= 3, log[-2000:]  # damped: one per 10 s, not per attempt
+    assert len(log) < 50_000
+    assert "Traceback" not in log  # asyncio's own errors come as one line each

@@ -129,9 +129,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=args.grace,
             limit_concurrency=args.max_concurrency + args.max_queue + CONNECTION_HEADROOM,
         )
-        damper = RepeatFilter()
-        for name in ("asyncio", "uvicorn.error"):
-            logging.getLogger(name).addFilter(damper)
+        logging.getLogger("asyncio").addFilter(RepeatFilter(brief=True))
+        logging.getLogger("uvicorn.error").addFilter(RepeatFilter())
         server = uvicorn.Server(config)
         # uvicorn restores the previous SIGTERM handler after draining and raises the signal
         # again; the default handler would then kill the process with status -15.

@@ -115,9 +115,12 @@ class HeaderTimeoutH11(H11Protocol):
 class RepeatFilter(logging.Filter):
     """Pass the first record of each (logger, first message line) per ``interval`` seconds; count the rest."""
 
-    def __init__(self, interval: float = 10.0) -> None:
+    def __init__(self, interval: float = 10.0, *, brief: bool = False) -> None:
         super().__init__()
         self.interval = interval
+        #: Log a passing record's exception as one line instead of a traceback (for asyncio's
+        #: own errors: a full accept() or a retry timer firing after shutdown, not bugs here).
+        self.brief = brief
         self._last: dict[tuple[str, str], float] = {}
         #: Records dropped so far.
         self.dropped = 0
@@ -134,4 +137,10 @@ class RepeatFilter(logging.Filter):
         if len(self._last) > 1024:  # bounded: forget everything rather than grow
             self._last.clear()
         self._last[key] = now
+        if self.brief and record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{key[1]} ({type(error).__name__}: {error})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
         return True
