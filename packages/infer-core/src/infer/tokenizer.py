@@ -7,7 +7,9 @@ character split over several byte tokens appears once all its bytes have arrived
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
 
@@ -119,6 +121,43 @@ class Tokenizer:
         """Token string of an id, or ``None``."""
         return self._tok.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, even when they are only part of a UTF-8 character.
+
+        ``decode([id])`` turns such a partial character into U+FFFD; this reads the vocabulary
+        instead: byte-level BPE spells each byte as one character, SentencePiece's byte
+        fallback as ``<0xNN>`` and a space as ``▁``. Other tokens give their decoded text.
+        """
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        fallback = _BYTE_FALLBACK.fullmatch(piece)
+        if fallback is not None:
+            return bytes([int(fallback.group(1), 16)])
+        from tokenizers.decoders import ByteLevel
+
+        if isinstance(self._tok.decoder, ByteLevel):
+            table = _byte_level_table()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+            return piece.encode()  # an added token, spelled as plain text
+        text = self._tok.decode([token_id], skip_special_tokens=False)
+        return (text if "\ufffd" not in text else piece.replace("\u2581", " ")).encode()
+
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for one generated sequence."""
         return StreamDecoder(self._tok)
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """Character -> byte of byte-level BPE (GPT-2's scheme): printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in table.values())
+    table.update({chr(0x100 + n): b for n, b in enumerate(shifted)})
+    return table

@@ -50,12 +50,20 @@ def stream_text(events: list[Any]) -> str:
 
 
 class ServerProcess:
-    """``python -m infer.cli serve MODEL ...`` on a free loopback port, stopped on exit."""
+    """``python -m infer.cli serve MODEL ...`` on a free loopback port, stopped on exit (``prefix`` wraps it)."""
 
-    def __init__(self, *args: str, model: str = "fake", backend: str = "fake", ready_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        *args: str,
+        model: str = "fake",
+        backend: str = "fake",
+        ready_timeout: float = 120.0,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "infer.cli", "serve", model, "--backend", backend, "--port", str(self.port), *args]
+        cmd = [*prefix, *cmd]  # e.g. prlimit, to start the server under other resource limits
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"infer-serve-{self.port}.log"
         self._log = self.log_path.open("w")

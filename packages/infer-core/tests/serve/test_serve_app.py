@@ -152,7 +152,8 @@ async def test_chat_logprobs_list_each_token_with_its_alternatives(client):
     for entry in content:
         assert entry["logprob"] <= 0
         assert len(entry["top_logprobs"]) == 3
-        assert entry["bytes"] == list(entry["token"].encode())
+        if "\ufffd" not in entry["token"]:  # a whole character: its bytes are the text's
+            assert entry["bytes"] == list(entry["token"].encode())
 
 
 async def test_completion_logprobs_use_the_legacy_format_in_streams_too(client):

@@ -139,3 +139,17 @@ def test_the_served_name_of_a_model_path_is_its_last_part_not_the_path(tmp_path)
     assert _public_name(str(folder)) == "my-model"
     assert _public_name(str(folder) + "/") == "my-model"
     assert _public_name("hf:org/name") == "hf:org/name"  # not a path: kept as given
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        ([], ("localhost", "127.0.0.1", "::1", "127.0.0.1")),
+        (["--host", "10.1.2.3"], ("localhost", "127.0.0.1", "::1", "10.1.2.3")),
+        (["--host", "0.0.0.0"], ("localhost", "127.0.0.1", "::1")),  # all interfaces: names must be given
+        (["--host", "0.0.0.0", "--allowed-hosts", "*"], ("*",)),
+    ],
+)
+def test_allowed_hosts_default_to_loopback_and_a_specific_listen_address(captured, args, allowed):
+    assert main(["serve", "fake", "--backend", "fake", *args]) == 0
+    assert captured["config"].app.user_middleware[0].kwargs["allowed"] == allowed

@@ -217,7 +217,8 @@ class _Server:
         # A prompt over this many bytes cannot fit the token limit: refused before tokenizing.
         self.max_prompt_bytes = model.max_prompt_bytes
         if max_prompt_tokens is not None:
-            self.max_prompt_bytes = min(self.max_prompt_bytes, max_prompt_tokens * model.tokenizer.max_token_bytes)
+            per_token = model.max_prompt_bytes // model.context_length  # the model's own bytes-per-token bound
+            self.max_prompt_bytes = min(self.max_prompt_bytes, max_prompt_tokens * per_token)
         self._prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
         self._ignored_names: set[str] = set()
         self.metrics = ServerMetrics(lambda: model.active_requests)
@@ -374,16 +375,14 @@ class _Server:
         try:
             params = SamplingParams(**parsed.sampling)
             params.validate(model.vocab_size)
-            text: str | None
+            limit = self.max_prompt_bytes
             if parsed.messages is not None:
-                text = model.apply_chat_template(parsed.messages, timeout=left, **parsed.template_kwargs)
+                ids = model.chat_ids(parsed.messages, timeout=left, max_bytes=limit, **parsed.template_kwargs)
+            elif isinstance(parsed.prompt, str):
+                model.check_prompt_bytes(parsed.prompt, max_bytes=limit)
+                ids = model.encode(parsed.prompt)
             else:
-                text = parsed.prompt if isinstance(parsed.prompt, str) else None
-            if text is not None:
-                self._check_bytes(text, field)
-                ids = model.encode(text, add_special_tokens=parsed.messages is None)
-            else:
-                ids = [] if isinstance(parsed.prompt, str) else list(parsed.prompt or ())
+                ids = list(parsed.prompt or ())
         except InferError as exc:
             raise from_infer_error(exc, params=parsed.error_names) from None
         if not ids:
@@ -414,19 +413,6 @@ class _Server:
                 code="context_length_exceeded",
             )
         return ids, params
-
-    def _check_bytes(self, text: str, field: str) -> None:
-        if len(text) * 4 <= self.max_prompt_bytes:
-            return
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > self.max_prompt_bytes:
-            raise APIError(
-                400,
-                f"the prompt has {size} bytes; no prompt over {self.max_prompt_bytes} bytes fits this server's "
-                "token limit, so it was refused before tokenizing; shorten it",
-                param=field,
-                code="context_length_exceeded",
-            )
 
     def remaining(self, job: _Job) -> float | None:
         """Seconds left before the job's deadline (``None``: no deadline)."""
@@ -471,6 +457,7 @@ class _GenerationResponse(Response):
             created=int(time.time()),
             model=server.model_name,
             token_text=lambda token: server.model.decode([token]),
+            token_bytes=server.model.tokenizer.token_bytes,
         )
         self._last_token = 0.0
         #: The server cancelled this response (shutdown past its grace period).

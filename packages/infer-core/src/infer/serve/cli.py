@@ -64,8 +64,7 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
         p.add_argument(flag, type=seconds, default=default, help=f"{text} (default: {default:g})")
     p.add_argument(
         "--allowed-hosts",
-        default="localhost,127.0.0.1,::1",
-        help="comma-separated Host names to answer ('*': any; default: loopback names only)",
+        help="comma-separated Host names to answer ('*': any; default: the loopback names and --host)",
     )
     p.add_argument(
         "--strict-requests", action="store_true", help="refuse unknown request fields with 400 instead of ignoring them"
@@ -98,7 +97,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    hosts = _allowed_hosts(args.allowed_hosts, args.host)
     if not hosts:
         print("infer: error: --allowed-hosts names no host; give names, or '*' for any", file=sys.stderr)
         return 2
@@ -129,9 +128,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=args.grace,
             limit_concurrency=args.max_concurrency + args.max_queue + CONNECTION_HEADROOM,
         )
-        damper = RepeatFilter()
-        for name in ("asyncio", "uvicorn.error"):
-            logging.getLogger(name).addFilter(damper)
+        logging.getLogger("asyncio").addFilter(RepeatFilter(brief=True))
+        logging.getLogger("uvicorn.error").addFilter(RepeatFilter())
         server = uvicorn.Server(config)
         # uvicorn restores the previous SIGTERM handler after draining and raises the signal
         # again; the default handler would then kill the process with status -15.
@@ -140,6 +138,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         model.close()
     return 0 if server.started else 1
+
+
+def _allowed_hosts(given: str | None, listen: str) -> list[str]:
+    """The Host names to answer: those given, else the loopback names plus a specific ``--host``."""
+    from infer.serve.guards import DEFAULT_ALLOWED_HOSTS
+
+    if given is not None:
+        return [h.strip() for h in given.split(",") if h.strip()]
+    wildcard = listen in ("0.0.0.0", "::", "")
+    return [*DEFAULT_ALLOWED_HOSTS, *([] if wildcard else [listen])]
 
 
 def _public_name(ref: str) -> str:

@@ -45,6 +45,8 @@ class Formatter:
     created: int
     model: str
     token_text: TokenText
+    #: Token id -> the bytes it stands for (a partial UTF-8 character included).
+    token_bytes: Callable[[int], bytes]
     _offset: int = 0
 
     @property
@@ -133,9 +135,9 @@ class Formatter:
         return {
             "token": token,
             "logprob": event.logprob,
-            "bytes": list(token.encode()),
+            "bytes": list(self.token_bytes(event.token_id)),
             "top_logprobs": [
-                {"token": (alt := self.token_text(t)), "logprob": lp, "bytes": list(alt.encode())}
+                {"token": self.token_text(t), "logprob": lp, "bytes": list(self.token_bytes(t))}
                 for t, lp in event.top_logprobs
             ],
         }

@@ -113,18 +113,22 @@ class HeaderTimeoutH11(H11Protocol):
 
 @final
 class RepeatFilter(logging.Filter):
-    """Pass the first record of each (logger, message template) per ``interval`` seconds; count the rest."""
+    """Pass the first record of each (logger, first message line) per ``interval`` seconds; count the rest."""
 
-    def __init__(self, interval: float = 10.0) -> None:
+    def __init__(self, interval: float = 10.0, *, brief: bool = False) -> None:
         super().__init__()
         self.interval = interval
+        #: Log a passing record's exception as one line instead of a traceback (for asyncio's
+        #: own errors: a full accept() or a retry timer firing after shutdown, not bugs here).
+        self.brief = brief
         self._last: dict[tuple[str, str], float] = {}
         #: Records dropped so far.
         self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether ``record`` is logged."""
-        key = (record.name, str(record.msg))
+        # The first line only: asyncio's handler appends the failing socket (fd, addresses) below it.
+        key = (record.name, str(record.msg).split("\n", 1)[0][:200])
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
@@ -133,4 +137,10 @@ class RepeatFilter(logging.Filter):
         if len(self._last) > 1024:  # bounded: forget everything rather than grow
             self._last.clear()
         self._last[key] = now
+        if self.brief and record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{key[1]} ({type(error).__name__}: {error})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
         return True
