@@ -182,7 +182,7 @@ class GGUFWeights(Weights):
             # Rows only: a bias un-permutes like the weight rows it goes with.
             array = unpermute_rows(array, heads)
         if add:
-            array += np.float32(add)
+            array = array + np.float32(add)  # F32 data is a read-only view of the mapped file
         return array
 
     @property
