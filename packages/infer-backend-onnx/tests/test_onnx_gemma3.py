@@ -30,7 +30,8 @@ def gemma3(tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
     gguf_import = pytest.importorskip("infer.gguf_import")
     folder = tmp_path_factory.mktemp("gemma3")
     bundle = Bundle.open(gguf_import.import_gguf(Path(path), folder / "bundle"))
-    model = plugin.infer_load(load_spec(bundle), {"cache_dir": folder / "cache"})
+    # fp32 asked for by name: a GGUF model's default is its own quantization ("native").
+    model = plugin.infer_load(load_spec(bundle, dtype="fp32"), {"cache_dir": folder / "cache"})
     assert isinstance(model, OnnxModel)
     return model
 
