@@ -46,6 +46,8 @@ RENDER_SECONDS = 1.0
 MAX_RENDER_CHARS = 8 * 1024 * 1024
 #: Widths and counts a template may ask of a filter or string method (``center(n)``, ``"%99d"``).
 _MAX_WIDTH = 100_000
+# Budget checks between two hand-overs of the GIL during a long render.
+_YIELD_EVERY = 256
 # A printf or str.format width/precision of 6+ digits would allocate past any sane prompt.
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(\d{6,}|\d*\.\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}")
 
@@ -56,14 +58,20 @@ _budget: ContextVar[_Budget | None] = ContextVar("infer_chat_budget", default=No
 class _Budget:
     """The deadline and size limit of one render."""
 
-    __slots__ = ("deadline", "max_chars", "seconds")
+    __slots__ = ("deadline", "max_chars", "seconds", "ticks")
 
     def __init__(self, seconds: float, max_chars: int) -> None:
         self.seconds = seconds
         self.max_chars = max_chars
         self.deadline = time.monotonic() + seconds
+        self.ticks = 0
 
     def tick(self) -> None:
+        self.ticks += 1
+        if not self.ticks % _YIELD_EVERY:
+            # A long render is pure Python and holds the GIL; handing it over now and then
+            # keeps the server's event loop (and /health) responsive while renders run.
+            time.sleep(0)
         if time.monotonic() > self.deadline:
             raise ChatTemplateError(
                 f"the chat template did not finish rendering within {self.seconds:g} s; "

@@ -551,7 +551,7 @@ class Engine:
 
 
 def _ending(request: Request, now: float) -> bool:
-    """Whether ``request`` is to be retired before another step: cancelled, or past its deadline."""
+    """Whether ``request`` is to be retired before another step: cancelled, consumer gone, or past its deadline."""
     return request.cancelled or request.channel.abandoned or (request.deadline is not None and now >= request.deadline)
 
 

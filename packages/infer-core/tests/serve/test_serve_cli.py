@@ -101,7 +101,7 @@ def test_a_bad_backend_option_exits_2_with_its_name(captured, capsys):
 
 
 def test_safe_defaults_reach_the_app_and_uvicorn(captured):
-    from infer.serve.app import DEFAULT_REQUEST_TIMEOUT
+    from infer.serve.defaults import DEFAULT_REQUEST_TIMEOUT
     from infer.serve.guards import HeaderTimeoutH11
 
     assert main(["serve", "fake", "--backend", "fake"]) == 0
@@ -153,3 +153,16 @@ def test_the_served_name_of_a_model_path_is_its_last_part_not_the_path(tmp_path)
 def test_allowed_hosts_default_to_loopback_and_a_specific_listen_address(captured, args, allowed):
     assert main(["serve", "fake", "--backend", "fake", *args]) == 0
     assert captured["config"].app.user_middleware[0].kwargs["allowed"] == allowed
+
+
+def test_help_with_the_serve_command_registered_imports_no_server_or_numeric_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom infer.cli import main\ntry:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print([m for m in ('numpy', 'starlette', 'uvicorn', 'jinja2', 'infer.serve.app') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--allowed-hosts" in result.stdout and "--header-timeout" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -42,6 +42,7 @@ from infer.model import AsyncTokenStream, Model
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
 from infer.serve.admission import Admission, Ticket
+from infer.serve.defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 from infer.serve.errors import APIError, from_infer_error, shutdown_error
 from infer.serve.formats import Formatter, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
@@ -56,12 +57,6 @@ DEFAULT_MAX_CONCURRENCY = 32
 DEFAULT_MAX_QUEUE = 256
 #: Default request body limit (a 128k-token prompt is about 0.5 MB of text).
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
-#: Default seconds a request may take from arrival to its last token (504 past it).
-DEFAULT_REQUEST_TIMEOUT = 600.0
-#: Default seconds a client has to send a request body once its headers arrived (408 past it).
-DEFAULT_BODY_TIMEOUT = 30.0
-#: Default seconds one write may wait on a client that stopped reading before the request is dropped.
-DEFAULT_WRITE_TIMEOUT = 30.0
 #: Worker threads rendering templates and tokenizing prompts at once. Few on purpose: the work
 #: holds the GIL in part, and the event loop must keep its share to answer /health meanwhile.
 PREPARE_THREADS = 4

@@ -25,8 +25,6 @@ __all__ = ["add_serve_command"]
 
 #: Default seconds in-flight requests get to finish after SIGTERM.
 DEFAULT_GRACE = 30.0
-#: Default seconds a connection has to send a request's headers.
-DEFAULT_HEADER_TIMEOUT = 10.0
 #: Connections beyond the slots and the queue that may be open at once (health checks, scrapes,
 #: clients being told 429); past the total uvicorn answers 503 at once.
 CONNECTION_HEADROOM = 64
@@ -39,7 +37,12 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     ``--device``, ``--dtype``, ``-o KEY=VALUE``), so the model is loaded as ``infer run`` loads it.
     """
     from infer.cli import _positive_int, bounded
-    from infer.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WRITE_TIMEOUT
+    from infer.serve.defaults import (
+        DEFAULT_BODY_TIMEOUT,
+        DEFAULT_HEADER_TIMEOUT,
+        DEFAULT_REQUEST_TIMEOUT,
+        DEFAULT_WRITE_TIMEOUT,
+    )
 
     non_negative_int = bounded(int, minimum=0, inclusive=True, expected="an integer >= 0")
     seconds = bounded(float, minimum=0, inclusive=False, expected="a positive number of seconds")

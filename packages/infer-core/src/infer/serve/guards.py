@@ -23,6 +23,7 @@ from typing import Any, final
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from infer.serve.defaults import DEFAULT_HEADER_TIMEOUT
 from infer.serve.errors import APIError
 
 __all__ = ["DEFAULT_ALLOWED_HOSTS", "HeaderTimeoutH11", "HostCheck", "RepeatFilter", "host_name"]
@@ -71,7 +72,7 @@ class HeaderTimeoutH11(H11Protocol):
     """uvicorn's h11 protocol that drops connections whose request headers arrive too slowly."""
 
     #: Seconds from a request's first byte to the end of its headers (set by the server's CLI).
-    header_timeout = 10.0
+    header_timeout = DEFAULT_HEADER_TIMEOUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
