@@ -119,6 +119,8 @@ class GraphConfig:
     def key(self) -> str:
         """A short string naming this configuration (part of the build cache key)."""
         key = self.dtype
+        if self.dtype == "native":
+            key += f"-a{self.accuracy_level}"
         if self.dtype == "int4":
             key += f"-b{self.block_size}-a{self.accuracy_level}-h{self.head_bits}" + ("-sym" if self.symmetric else "")
             key += "-grid" if self.exact_grid else ""
