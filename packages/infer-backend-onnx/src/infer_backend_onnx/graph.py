@@ -237,8 +237,11 @@ class _GraphBuilder:
         from infer.gguf_tensors import GGUFWeights
         from infer_backend_onnx.gguf_blocks import from_gguf
 
-        assert isinstance(bundle.weights, GGUFWeights)  # the loader gives native only to GGUF bundles
-        return from_gguf(bundle.weights.raw(name))
+        weights = bundle.weights
+        assert isinstance(weights, GGUFWeights)  # the loader gives native only to GGUF bundles
+        block = from_gguf(weights.raw(name))
+        weights.release(name)  # the blocks were copied into the graph's layout: drop the file's pages
+        return block
 
     def block_embedding(self, block: BlockWeight) -> tuple[str, str]:
         """Look up ``input_ids`` in a quantized table as stored: ``GatherBlockQuantized`` on the very
