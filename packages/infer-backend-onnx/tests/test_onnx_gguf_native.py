@@ -223,3 +223,28 @@ def test_every_tensor_of_a_real_gguf_maps_onto_blocks_equal_to_its_dequantizatio
         assert np.all(np.abs(got - want) <= bound), tensor.name
         seen.add(qtype)
     assert seen  # the file has quantized matrices, and every one was checked
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_smollm2_native_scores_like_its_float32_weights(tmp_path: Path) -> None:
+    """With float32 activations (accuracy level 0) native is the file's weights exactly: the same
+    perplexity as fp32; the default int8 activations cost a fraction of a percent."""
+    import os
+
+    import infer
+    from infer.evaluate import eval_chunks, perplexity
+
+    path = os.environ.get("INFER_SMOLLM2_GGUF")
+    if not path:
+        pytest.skip("set INFER_SMOLLM2_GGUF to the SmolLM2 GGUF file to run")
+    os.environ.setdefault("INFER_HOME", str(tmp_path))
+    scores = {}
+    for label, kwargs in {"fp32": {"dtype": "fp32"}, "exact": {"accuracy_level": 0}, "native": {}}.items():
+        with infer.load(path, backend="onnx", cache_dir=tmp_path / "cache", **kwargs) as model:
+            assert model.dtype == kwargs.get("dtype", "native")
+            scores[label] = perplexity(model, eval_chunks(model, 2, chunk_tokens=128))
+    ppl = {label: s[0] for label, s in scores.items()}
+    assert ppl["exact"] == pytest.approx(ppl["fp32"], rel=1e-4)
+    assert np.mean(scores["exact"][2] == scores["fp32"][2]) > 0.99
+    assert ppl["native"] == pytest.approx(ppl["fp32"], rel=0.01)

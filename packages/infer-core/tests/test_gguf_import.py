@@ -56,6 +56,18 @@ def test_raw_blocks_dequantize_to_the_same_tensor_rows_in_hugging_face_order(tmp
         )
 
 
+def test_released_pages_read_back_the_same_blocks(tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q4_1)
+    weights = Bundle.open(import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")).weights
+    assert isinstance(weights, GGUFWeights)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    raw = weights.raw(name).blocks.copy()
+    before = weights[name]
+    weights.release(name)
+    np.testing.assert_array_equal(weights.raw(name).blocks, raw)
+    np.testing.assert_array_equal(weights[name], before)
+
+
 def test_import_writes_no_weight_copy_and_links_the_gguf(tmp_path: Path) -> None:
     write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q4_1)
     out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")

@@ -24,9 +24,12 @@ Scales are the products :mod:`gguf` dequantizes with (``d * sc`` in float32), so
 graph multiplies by equals :func:`gguf.quants.dequantize` to float32 rounding (exactly where
 there is no offset). The offsets are added outside the op as ``block_sums(x) @ offsets.T``, a
 ``[K/block, N]`` product: ``MatMulNBits`` also takes float zero points, which would carry the
-minimums inside the op, but on ONNX Runtime 1.32's CPU provider that path is ~200x slower
-(measured, see ``benchmarks/onnx/matmulnbits_mins.py``), while the offset product costs a few
-percent of the matmul it accompanies.
+minimums inside the op, but on ONNX Runtime 1.32's CPU provider that path is ~140x slower
+(``benchmarks/onnx/matmulnbits_mins.py``, one row: SmolLM2's 49,152 x 576 head 273 ms against
+2.6 ms with the offset product and 1.9 ms without minimums; its 3,072 x 576 gate/up 6.6 ms
+against 0.052 and 0.047 ms). On the whole SmolLM2 Q4_1 model the offset products cost ~15% of a
+decode step. A uint8 zero point of 0 plus the product (exact without the ``+ 8 d`` term) measured
+slower than the default zero point (4.5 ms on the head).
 
 5- and 6-bit types become 8-bit blocks (the op has no 5- or 6-bit kernel): the codes are the same
 integers, at twice the memory of a 4-bit block.

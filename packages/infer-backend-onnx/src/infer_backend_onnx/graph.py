@@ -144,6 +144,8 @@ class GraphConfig:
     def key(self) -> str:
         """A short string naming this configuration (part of the build cache key)."""
         key = self.dtype
+        if self.dtype == "native":
+            key += f"-a{self.accuracy_level}"
         if self.dtype == "int4":
             key += f"-b{self.block_size}-a{self.accuracy_level}-h{self.head_bits}" + ("-sym" if self.symmetric else "")
             key += "-grid" if self.exact_grid else ""
@@ -269,8 +271,11 @@ class _GraphBuilder:
         from infer.gguf_tensors import GGUFWeights
         from infer_backend_onnx.gguf_blocks import from_gguf
 
-        assert isinstance(bundle.weights, GGUFWeights)  # the loader gives native only to GGUF bundles
-        return from_gguf(bundle.weights.raw(name))
+        weights = bundle.weights
+        assert isinstance(weights, GGUFWeights)  # the loader gives native only to GGUF bundles
+        block = from_gguf(weights.raw(name))
+        weights.release(name)  # the blocks were copied into the graph's layout: drop the file's pages
+        return block
 
     def block_embedding(self, block: BlockWeight) -> tuple[str, str]:
         """Look up ``input_ids`` in a quantized table as stored: ``GatherBlockQuantized`` on the very

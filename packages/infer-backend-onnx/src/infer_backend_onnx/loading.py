@@ -26,6 +26,7 @@ OPTIONS: Final = {
     "block_size": "32 or 64 (int4 quantisation block)",
     "head_bits": "4 or 8 (int4: bits of the output head; default 8)",
     "int4_fit": "true or false (int4: least-squares blocks with float minimums, default true; false: round-to-nearest)",
+    "accuracy_level": "0 to 4 (int4/native MatMulNBits: 4, the default, int8 activations; 0: float32)",
     "exact_grid": "true or false (int4: keep weights already on a 4-bit grid, e.g. from a Q4_1 GGUF, exact)",
     "batch_invariant": "true or false (default true: int4 never runs a lone row, so batching never changes results)",
 }
@@ -40,6 +41,7 @@ class LoadOptions:
     block_size: int = 32
     head_bits: int = 8
     int4_fit: bool = True
+    accuracy_level: int = 4
     exact_grid: bool = False
     batch_invariant: bool = True
 
@@ -64,6 +66,9 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
     int4_fit = options.get("int4_fit", True)
     if not isinstance(int4_fit, bool):
         raise InvalidParameterError("int4_fit", int4_fit, OPTIONS["int4_fit"])
+    accuracy_level = options.get("accuracy_level", 4)
+    if accuracy_level not in (0, 1, 2, 3, 4) or isinstance(accuracy_level, bool):
+        raise InvalidParameterError("accuracy_level", accuracy_level, OPTIONS["accuracy_level"])
     exact_grid = options.get("exact_grid", False)
     if not isinstance(exact_grid, bool):
         raise InvalidParameterError("exact_grid", exact_grid, OPTIONS["exact_grid"])
@@ -73,6 +78,7 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
     return LoadOptions(
         exact_grid=exact_grid,
         int4_fit=int4_fit,
+        accuracy_level=accuracy_level,
         batch_invariant=batch_invariant,
         head_bits=head_bits,
         threads=threads,
@@ -124,6 +130,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         head_bits=opts.head_bits,
         exact_grid=opts.exact_grid,
         fit=opts.int4_fit,
+        accuracy_level=opts.accuracy_level,
     )
     content = bundle.content_hash()
     key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"

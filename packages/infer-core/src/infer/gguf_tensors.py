@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,8 @@ class GGUFWeights(Weights):
         self._file = file
         #: name -> (bytes of data, rotary heads to un-permute or 0, constant to add after dequantizing)
         self._extra = dict(extra)
-        self._map: np.memmap[Any, np.dtype[np.uint8]] | None = None
+        self._mmap: mmap.mmap | None = None
+        self._map: npt.NDArray[np.uint8] | None = None
 
     @classmethod
     def open(cls, root: Path) -> GGUFWeights:
@@ -178,6 +180,7 @@ class GGUFWeights(Weights):
                 f"tensor {name!r} has type {info.dtype}, which gguf cannot dequantize: {exc}", path=info.file
             ) from exc
         array = np.ascontiguousarray(flat, dtype=np.float32).reshape(info.shape)
+        self.release(name)
         if heads:
             # Rows only: a bias un-permutes like the weight rows it goes with.
             array = unpermute_rows(array, heads)
@@ -190,12 +193,27 @@ class GGUFWeights(Weights):
         """The GGUF file holding every tensor."""
         return self._file
 
-    def _mapped(self) -> np.memmap[Any, np.dtype[np.uint8]]:
+    def release(self, name: str) -> None:
+        """Let the pages of ``name``'s data go from this process's memory (a backend done with its blocks).
+
+        The map is read-only and file-backed, so this is always safe: a later read maps the pages
+        in again from the file. Without it a build that reads every tensor once would end holding
+        the whole file in its resident memory.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.info(name)
+        start = info.offset - info.offset % mmap.PAGESIZE
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, info.offset + self._extra[name][0] - start)
+
+    def _mapped(self) -> npt.NDArray[np.uint8]:
         if self._map is None:
             try:
-                self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
-            except OSError as exc:
+                with self._file.open("rb") as f:
+                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
                 raise ModelNotFoundError(f"cannot map {self._file.name}: {exc}", path=self._file) from exc
+            self._map = np.frombuffer(self._mmap, dtype=np.uint8)
         return self._map
 
 
