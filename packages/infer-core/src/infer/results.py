@@ -72,7 +72,8 @@ class Completion:
     id: str
     #: Generated text, stop string excluded.
     text: str
-    #: Generated token ids (an end-of-sequence token that ended generation is not included).
+    #: Generated token ids, the end-of-sequence or stop token that ended generation included (it
+    #: counts in ``usage.completion_tokens`` too; its text is not part of ``text``).
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     usage: Usage
