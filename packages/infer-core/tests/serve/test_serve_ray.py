@@ -1,0 +1,315 @@
+"""``infer serve`` on Ray Serve: two fake-backend replicas behind the ingress, driven by the openai client.
+
+One local Ray instance serves the whole session (its start-up is the slow part); the tests
+share one application and run in file order: the last ones kill a replica and delete the
+application. Skipped without the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+with warnings.catch_warnings():
+    # Ray's pydantic models use Field keywords pydantic 2 deprecates; warnings are errors here.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'infer-core[ray]'")
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx2", reason="installed with openai")
+    from ray import serve
+
+    import infer
+    from infer.errors import InvalidParameterError
+    from infer.serve.ray import APP_NAME, REPLICA_HEADER, RayServeArgs, build_app
+    from infer.serve.routing import prefix_key
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(600),
+    # Ray's own modules warn about their internals (pydantic, asyncio policies) on import.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+ROOT = Path(__file__).resolve().parents[4]
+#: Seconds the fake backend sleeps per step: streams last long enough to be caught mid-flight.
+STEP_LATENCY = 0.01
+APP_ARGS: dict[str, Any] = {
+    "model": "fake",
+    "backend": "fake",
+    "options": {"latency": STEP_LATENCY},
+    "replicas": 2,
+    # Two cores shared with other work: the replicas reserve little, so the cluster fits.
+    "num_cpus": 0.25,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> Iterator[str]:
+    """A local Ray instance with Serve's proxy on a free port; its base URL."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(ray_serve: str) -> str:
+    """The application with two fake replicas, deployed once; its base URL."""
+    serve.run(build_app(APP_ARGS), name=APP_NAME, route_prefix="/")
+    return ray_serve
+
+
+@pytest.fixture
+def client(served: str) -> Iterator[Any]:
+    with openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def _chat(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def _solo_text(messages: list[dict[str, str]], **params: Any) -> str:
+    """What one fake model, alone in this process, answers through the chat template."""
+    with infer.load("fake", backend="fake") as model:
+        return model.generate(messages=messages, **params).text
+
+
+# -- building the application ----------------------------------------------------------------
+
+
+def test_builder_refuses_an_unknown_argument_by_name() -> None:
+    with pytest.raises(InvalidParameterError) as caught:
+        build_app({"model": "fake", "replica": 2})
+    assert "replica" in str(caught.value)
+
+
+def test_builder_refuses_fixed_and_autoscaled_replica_counts_together() -> None:
+    with pytest.raises(InvalidParameterError, match="replicas"):
+        RayServeArgs.parse({"model": "fake", "replicas": 2, "max_replicas": 4})
+
+
+def test_autoscaling_arguments_become_ray_autoscaling_config() -> None:
+    args = RayServeArgs.parse(
+        {"model": "fake", "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8, "num_gpus": 1}
+    )
+    options = args.replica_options()
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert "num_replicas" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
+    assert options["request_router_config"]["request_router_class"].endswith("PrefixAffinityRouter")
+
+
+def test_every_turn_of_a_conversation_has_its_first_turns_key() -> None:
+    system = {"role": "system", "content": "be brief"}
+    turn1 = [system, {"role": "user", "content": "hello"}]
+    turn3 = [*turn1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "and then?"}]
+    other = [system, {"role": "user", "content": "goodbye"}]
+    key = prefix_key(json_body(model="m", messages=turn1))
+    assert key is not None
+    assert prefix_key(json_body(model="m", messages=turn3)) == key
+    assert prefix_key(json_body(model="m", messages=other)) != key
+    assert prefix_key(json_body(model="other", messages=turn1)) != key
+    assert prefix_key(b"not json") is None
+
+
+def json_body(**fields: Any) -> bytes:
+    import json
+
+    return json.dumps(fields).encode()
+
+
+# -- serving ----------------------------------------------------------------------------------
+
+
+def test_chat_through_two_replicas_answers_as_one_model_does(client: Any) -> None:
+    messages = _chat("hello there")
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake", messages=messages, max_tokens=10, seed=3, temperature=0.7
+    )
+    answer = raw.parse()
+    assert raw.headers[REPLICA_HEADER]
+    assert answer.choices[0].message.content == _solo_text(messages, max_tokens=10, seed=3, temperature=0.7)
+    assert answer.usage.completion_tokens == 10
+
+
+def test_streamed_completion_equals_the_whole_one(client: Any) -> None:
+    whole = client.completions.create(model="fake", prompt="once upon", max_tokens=12, seed=5)
+    parts = [
+        chunk.choices[0].text
+        for chunk in client.completions.create(model="fake", prompt="once upon", max_tokens=12, seed=5, stream=True)
+        if chunk.choices
+    ]
+    assert "".join(parts) == whole.choices[0].text
+
+
+def test_errors_keep_infer_serves_status_and_body(client: Any, served: str) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="nope", messages=_chat("hi"))
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="fake", messages=_chat("hi"), max_tokens=-1)
+    assert bad.value.body["param"] == "max_tokens"
+    refused = httpx.post(f"{served}/v1/completions", content=b"prompt=hi", headers={"content-type": "text/plain"})
+    assert refused.status_code == 415
+    assert refused.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_health_reaches_a_replica_and_names_it(served: str) -> None:
+    answer = httpx.get(f"{served}/health")
+    assert answer.status_code == 200
+    assert answer.json()["backend"] == "fake"
+    assert answer.headers[REPLICA_HEADER]
+
+
+def test_hundred_concurrent_streams_equal_their_solo_runs(served: str) -> None:
+    async def run() -> tuple[list[str], list[str], set[str]]:
+        async with openai.AsyncOpenAI(base_url=f"{served}/v1", api_key="x", max_retries=0, timeout=120) as c:
+
+            async def one(i: int) -> tuple[str, str]:
+                async with c.chat.completions.with_streaming_response.create(
+                    model="fake",
+                    messages=_chat(f"story number {i}"),
+                    max_tokens=8,
+                    seed=i,
+                    temperature=1.0,
+                    stream=True,
+                ) as response:
+                    replica = response.headers[REPLICA_HEADER]
+                    text = "".join(
+                        [
+                            chunk.choices[0].delta.content or ""
+                            async for chunk in await response.parse()
+                            if chunk.choices
+                        ]
+                    )
+                return text, replica
+
+            solo = [(await one(i))[0] for i in range(100)]
+            together = await asyncio.gather(*(one(i) for i in range(100)))
+            return solo, [t for t, _ in together], {r for _, r in together}
+
+    solo, together, replicas = asyncio.run(run())
+    assert together == solo
+    assert len(replicas) == 2  # the load was shared
+
+
+def test_turns_of_one_conversation_land_on_one_replica(client: Any) -> None:
+    homes: dict[int, set[str]] = {}
+    for conversation in range(16):
+        messages = [{"role": "system", "content": "terse"}, {"role": "user", "content": f"topic {conversation}"}]
+        for _ in range(3):
+            raw = client.chat.completions.with_raw_response.create(model="fake", messages=messages, max_tokens=4)
+            homes.setdefault(conversation, set()).add(raw.headers[REPLICA_HEADER])
+            reply = raw.parse().choices[0].message.content
+            messages = [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
+    assert all(len(replicas) == 1 for replicas in homes.values()), homes
+    assert len(set().union(*homes.values())) == 2  # conversations spread over both replicas
+
+
+# -- failure and shutdown (these change the application: they run last) ------------------------
+
+
+def _replica_actor(replica_id: str) -> Any:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].endswith(f"#InferReplica#{replica_id}"):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise LookupError(f"no actor for replica {replica_id}")
+
+
+def _running_replicas() -> int:
+    status = serve.status().applications[APP_NAME].deployments["InferReplica"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def test_killed_replica_ends_its_streams_with_an_error_and_the_other_keeps_serving(client: Any) -> None:
+    # Find a conversation the doomed replica holds, then open two long streams on it.
+    first = client.chat.completions.with_raw_response.create(model="fake", messages=_chat("doomed"), max_tokens=1)
+    doomed = first.headers[REPLICA_HEADER]
+    streams = [
+        client.chat.completions.create(model="fake", messages=_chat("doomed"), max_tokens=2000, stream=True)
+        for _ in range(2)
+    ]
+    for stream in streams:
+        next(iter(stream))  # mid-generation now
+    ray.kill(_replica_actor(doomed))
+    for stream in streams:
+        with pytest.raises(openai.APIError, match="replica"):
+            for _ in stream:
+                pass
+    # The survivor answers at once, whatever the conversation.
+    for i in range(6):
+        raw = client.chat.completions.with_raw_response.create(model="fake", messages=_chat(f"after {i}"), max_tokens=4)
+        assert raw.headers[REPLICA_HEADER] != doomed
+    deadline = time.monotonic() + 120
+    while _running_replicas() < 2:  # Ray brings the second replica back
+        assert time.monotonic() < deadline, "Ray did not restart the killed replica"
+        time.sleep(0.5)
+    answer = client.chat.completions.create(model="fake", messages=_chat("doomed"), max_tokens=4)
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_deleting_the_application_lets_in_flight_streams_finish(client: Any, served: str) -> None:
+    request = {"model": "fake", "prompt": "last words", "max_tokens": 60, "seed": 1}
+    whole = client.completions.create(**request)
+    stream = client.completions.create(**request, stream=True)
+    received = [next(iter(stream))]
+    deleting = threading.Thread(target=serve.delete, args=(APP_NAME,))
+    deleting.start()
+    received += list(stream)
+    deleting.join(120)
+    assert not deleting.is_alive()
+    assert "".join(chunk.choices[0].text for chunk in received if chunk.choices) == whole.choices[0].text
+    assert received[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert APP_NAME not in serve.status().applications
+
+
+def test_cli_serves_on_a_running_cluster_and_stops_on_sigterm(ray_serve: str) -> None:
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    address = ray.get_runtime_context().gcs_address
+    command = [str(Path(sys.executable).parent / "infer"), "serve", "fake", "--backend", "fake", "--replicas", "1"]
+    command += ["--ray-address", address, "--num-cpus", "0.25", "--name", "cli-fake"]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the application did not come up"
+            try:
+                if httpx.get(f"{ray_serve}/v1/models", timeout=5).json()["data"][0]["id"] == "cli-fake":
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert APP_NAME not in serve.status().applications  # only its application went away
+    assert ray.is_initialized()
