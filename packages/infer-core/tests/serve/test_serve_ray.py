@@ -143,6 +143,27 @@ def json_body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+@pytest.mark.parametrize("name", ["ray-serve.yaml", "kuberay-rayservice.yaml"])
+def test_deploy_configs_are_valid_serve_configs_naming_the_builder(name: str) -> None:
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    document = yaml.safe_load((ROOT / "deploy" / name).read_text())
+    if document.get("kind") == "RayService":
+        assert document["apiVersion"] == "ray.io/v1"
+        assert {"headGroupSpec", "workerGroupSpecs"} <= set(document["spec"]["rayClusterConfig"])
+        document = yaml.safe_load(document["spec"]["serveConfigV2"])
+    config = ServeDeploySchema.model_validate(document)
+    assert config.applications
+    for application in config.applications:
+        module, _, attribute = application.import_path.partition(":")
+        assert getattr(importlib.import_module(module), attribute) is build_app
+        assert isinstance(build_app(application.args), serve.Application)  # its arguments are valid
+        assert {d.name for d in application.deployments} <= {"InferIngress", "InferReplica"}
+
+
 # -- serving ----------------------------------------------------------------------------------
 
 
@@ -231,6 +252,23 @@ def test_turns_of_one_conversation_land_on_one_replica(client: Any) -> None:
     assert len(set().union(*homes.values())) == 2  # conversations spread over both replicas
 
 
+def test_client_leaving_mid_stream_takes_its_request_off_the_replica(client: Any, served: str) -> None:
+    prompt = {"model": "fake", "prompt": "walk away"}
+    stream = client.completions.create(**prompt, max_tokens=3000, stream=True)  # 30 s of steps
+    next(iter(stream))
+    replica = stream.response.headers[REPLICA_HEADER]
+    stream.close()
+    # A GET with the same body carries the same prefix key: /health answers from that replica.
+    deadline = time.monotonic() + 10
+    while True:
+        health = httpx.request("GET", f"{served}/health", json=prompt)
+        assert health.headers[REPLICA_HEADER] == replica
+        if health.json()["active_sequences"] == 0:
+            break
+        assert time.monotonic() < deadline, "the replica kept generating for a client that left"
+        time.sleep(0.2)
+
+
 # -- failure and shutdown (these change the application: they run last) ------------------------
 
 
@@ -288,16 +326,18 @@ def test_deleting_the_application_lets_in_flight_streams_finish(client: Any, ser
     assert APP_NAME not in serve.status().applications
 
 
-def test_cli_serves_on_a_running_cluster_and_stops_on_sigterm(ray_serve: str) -> None:
+def test_cli_serves_on_a_running_cluster_and_stops_on_sigterm(ray_serve: str, tmp_path: Path) -> None:
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     address = ray.get_runtime_context().gcs_address
     command = [str(Path(sys.executable).parent / "infer"), "serve", "fake", "--backend", "fake", "--replicas", "1"]
     command += ["--ray-address", address, "--num-cpus", "0.25", "--name", "cli-fake"]
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:  # a file, not a pipe: Ray's log lines must never block the server
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert process.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the application did not come up"
             try:
                 if httpx.get(f"{ray_serve}/v1/models", timeout=5).json()["data"][0]["id"] == "cli-fake":
@@ -306,7 +346,7 @@ def test_cli_serves_on_a_running_cluster_and_stops_on_sigterm(ray_serve: str) ->
                 pass
             time.sleep(1)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(120) == 0
+        assert process.wait(120) == 0, log.read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.kill()

@@ -61,12 +61,14 @@ def serve_on_ray(args: argparse.Namespace, app_options: dict[str, Any]) -> int:
     def stopping(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    # Before deploying: a stop asked for while replicas start must still take the application down.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stopping)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(application, name=APP_NAME, route_prefix="/")
-        print(f"infer: serving {args.model} on http://{args.host}:{args.port} through Ray Serve", file=sys.stderr)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, stopping)
+        where = f"http://{args.host}:{args.port}" if local else "the cluster's Serve proxy"
+        print(f"infer: serving {args.model} on {where} through Ray Serve", file=sys.stderr)
         stop.wait()
     finally:
         if local:
