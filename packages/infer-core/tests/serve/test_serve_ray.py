@@ -143,6 +143,65 @@ def json_body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+def _router(imbalanced_threshold: int = 8) -> Any:
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from infer.serve.routing import PrefixAffinityRouter
+
+    deployment = DeploymentID(name="InferReplica", app_name="t")
+    # As Ray builds it for a handle: the queue lengths probed from replicas are cached.
+    router = PrefixAffinityRouter(deployment, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
+    router.initialize_state(imbalanced_threshold=imbalanced_threshold)
+    return router
+
+
+def _replicas(*names: str) -> list[Any]:
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentID, ReplicaID
+
+    deployment = DeploymentID(name="InferReplica", app_name="t")
+    return [SimpleNamespace(replica_id=ReplicaID(unique_id=n, deployment_id=deployment)) for n in names]
+
+
+def _pending(key: str | None) -> Any:
+    from types import SimpleNamespace
+
+    from infer.serve.routing import ForwardedRequest
+
+    return SimpleNamespace(args=[ForwardedRequest({}, b"", True, key)], kwargs={})
+
+
+def test_router_ranks_the_keys_replica_first_whatever_the_candidates_order() -> None:
+    router, replicas = _router(), _replicas("a", "b", "c", "d")
+    homes = set()
+    for key in (f"conversation-{i}" for i in range(40)):
+        ranks = asyncio.run(router.choose_replicas(replicas, _pending(key)))
+        again = asyncio.run(router.choose_replicas(replicas[::-1], _pending(key)))
+        assert len(ranks[0]) == 1 and ranks[0] == again[0]
+        assert sorted(r.replica_id.unique_id for r in ranks[1]) == sorted(
+            r.replica_id.unique_id for r in replicas if r is not ranks[0][0]
+        )
+        homes.add(ranks[0][0].replica_id.unique_id)
+        # Removing another replica leaves the key where it was (rendezvous hashing).
+        others = [r for r in replicas if r is not ranks[0][0]]
+        fewer = [ranks[0][0], *others[1:]]
+        assert asyncio.run(router.choose_replicas(fewer, _pending(key)))[0] == ranks[0]
+    assert homes == {"a", "b", "c", "d"}  # keys spread over every replica
+
+
+def test_router_goes_least_loaded_without_a_key_or_past_the_imbalance() -> None:
+    router, replicas = _router(imbalanced_threshold=2), _replicas("a", "b")
+    assert asyncio.run(router.choose_replicas(replicas, _pending(None))) == [replicas]
+    first = asyncio.run(router.choose_replicas(replicas, _pending("k")))[0][0]
+    other = next(r for r in replicas if r is not first)
+    router.on_new_queue_len_info(first.replica_id, 4)
+    router.on_new_queue_len_info(other.replica_id, 2)
+    assert asyncio.run(router.choose_replicas(replicas, _pending("k")))[0] == [first]  # 2 more: within the threshold
+    router.on_new_queue_len_info(other.replica_id, 1)
+    assert asyncio.run(router.choose_replicas(replicas, _pending("k"))) == [replicas]  # 3 more: least-loaded
+
+
 @pytest.mark.parametrize("name", ["ray-serve.yaml", "kuberay-rayservice.yaml"])
 def test_deploy_configs_are_valid_serve_configs_naming_the_builder(name: str) -> None:
     import importlib

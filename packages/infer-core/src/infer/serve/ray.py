@@ -109,9 +109,13 @@ class RayServeArgs:
             raise InvalidParameterError(
                 "replicas", parsed.replicas, "left out when min_replicas/max_replicas autoscale the count"
             )
-        lo, hi = parsed.min_replicas or 1, parsed.max_replicas or max(parsed.min_replicas or 1, 1)
+        lo, hi = parsed.bounds()
         if parsed.autoscaling and lo > hi:
             raise InvalidParameterError("max_replicas", hi, f"at least min_replicas ({lo})")
+        for name in ("max_concurrency", "max_queue", "max_body_bytes"):  # read here too, before a replica exists
+            value = parsed.app.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
+                raise InvalidParameterError(f"app.{name}", value, "a positive integer (max_queue may be 0)")
         for name in ("num_cpus", "num_gpus", "target_ongoing_requests", "grace"):
             value = getattr(parsed, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -122,6 +126,13 @@ class RayServeArgs:
     def autoscaling(self) -> bool:
         """Whether the replica count follows the load."""
         return any(v is not None for v in (self.min_replicas, self.max_replicas, self.target_ongoing_requests))
+
+    def bounds(self) -> tuple[int, int]:
+        """The fewest and most replicas (equal when the count is fixed)."""
+        if not self.autoscaling:
+            return self.replicas or 1, self.replicas or 1
+        lo = 1 if self.min_replicas is None else self.min_replicas
+        return lo, self.max_replicas or max(lo, 1)
 
     def slots(self) -> int:
         """Requests one replica's app admits at once (running plus queued) before answering 429."""
@@ -144,23 +155,19 @@ class RayServeArgs:
             "max_ongoing_requests": self.slots(),
             "graceful_shutdown_timeout_s": self.grace,
         }
+        lo, hi = self.bounds()
         if self.autoscaling:
-            lo = 1 if self.min_replicas is None else self.min_replicas
             options["autoscaling_config"] = {
                 "min_replicas": lo,
-                "max_replicas": self.max_replicas or max(lo, 1),
+                "max_replicas": hi,
                 "target_ongoing_requests": self.target_ongoing_requests
                 or self.app.get("max_concurrency", DEFAULT_MAX_CONCURRENCY),
             }
         else:
-            options["num_replicas"] = self.replicas or 1
+            options["num_replicas"] = hi
         if self.prefix_routing:
             options["request_router_config"] = {"request_router_class": _ROUTER}
         return options
-
-    def most_replicas(self) -> int:
-        """The largest replica count this configuration can reach."""
-        return self.max_replicas or self.min_replicas or self.replicas or 1
 
 
 def build_app(args: Mapping[str, Any]) -> serve.Application:
@@ -176,7 +183,7 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     ingress = InferIngress.options(
         # Every request passes through; it only relays, so it reserves no CPU of its own.
         ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=parsed.slots() * parsed.most_replicas(),
+        max_ongoing_requests=parsed.slots() * parsed.bounds()[1],
         graceful_shutdown_timeout_s=parsed.grace,
     )
     return ingress.bind(
