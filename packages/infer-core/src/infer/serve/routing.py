@@ -15,8 +15,8 @@ lengths and takes the least loaded replica that accepts, so a full preferred rep
 loaded past ``imbalanced_threshold`` more requests than the idlest, falls back to least-loaded.
 A request without a key (``/health``, a body that is not JSON) is routed least-loaded.
 
-This module imports nothing from Ray at the top but the router's base class, and only
-:mod:`infer.serve.ray` imports it.
+Ray Serve loads the router by its import path (``infer.serve.routing:PrefixAffinityRouter``)
+and ships it to each ingress by value, so the router finds the key by attribute, not by class.
 """
 
 from __future__ import annotations
