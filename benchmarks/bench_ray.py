@@ -99,10 +99,11 @@ async def throughput(url: str, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-async def hit_rate(url: str, args: argparse.Namespace) -> float:
+async def hit_rate(url: str, args: argparse.Namespace) -> dict[str, float]:
     from infer.serve.ray import REPLICA_HEADER
 
     hits = turns = 0
+    seen: set[str] = set()
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
         async def conversation(c: int) -> tuple[int, int]:
@@ -114,6 +115,7 @@ async def hit_rate(url: str, args: argparse.Namespace) -> float:
                 answer = await client.post("/v1/chat/completions", json=body)
                 answer.raise_for_status()
                 replica = answer.headers[REPLICA_HEADER]
+                seen.add(replica)
                 same += previous == replica
                 previous = replica
                 messages.append({"role": "assistant", "content": answer.json()["choices"][0]["message"]["content"]})
@@ -121,7 +123,7 @@ async def hit_rate(url: str, args: argparse.Namespace) -> float:
 
         for same, counted in await asyncio.gather(*(conversation(c) for c in range(args.conversations))):
             hits, turns = hits + same, turns + counted
-    return round(hits / turns, 3)
+    return {"hit_rate": round(hits / turns, 3), "replicas_answering": len(seen)}
 
 
 def main() -> None:
@@ -163,8 +165,8 @@ def main() -> None:
         "cpus": args.cpus,
         "tok_s_ratio_2_vs_1": round(rows[2]["tok_s"] / rows[1]["tok_s"], 2),
         "p99_ratio_2_vs_1": round(rows[2]["p99_s"] / rows[1]["p99_s"], 2),
-        "hit_rate_prefix_aware": routed,
-        "hit_rate_power_of_two": unrouted,
+        "prefix_aware": routed,
+        "power_of_two": unrouted,
     }
     print(json.dumps(summary))
 

@@ -143,6 +143,18 @@ def json_body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+def test_infer_and_serve_help_import_nothing_from_ray() -> None:
+    code = (
+        "import contextlib, io, sys, infer\n"
+        "from infer.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['serve', '--help'])\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'infer.serve.ray'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_serve_flags_become_the_builders_arguments() -> None:
     from infer.cli import _build_parser
     from infer.serve.cli import _app_options, _on_ray
