@@ -207,8 +207,8 @@ def test_router_ranks_the_keys_replica_first_whatever_the_candidates_order() -> 
     for key in (f"conversation-{i}" for i in range(40)):
         ranks = asyncio.run(router.choose_replicas(replicas, _pending(key)))
         again = asyncio.run(router.choose_replicas(replicas[::-1], _pending(key)))
-        assert len(ranks[0]) == 1 and ranks[0] == again[0]
-        assert sorted(r.replica_id.unique_id for r in ranks[1]) == sorted(
+        assert len(ranks[0]) == 1 and ranks[0] == ranks[1] == again[0]
+        assert sorted(r.replica_id.unique_id for r in ranks[-1]) == sorted(
             r.replica_id.unique_id for r in replicas if r is not ranks[0][0]
         )
         homes.add(ranks[0][0].replica_id.unique_id)

@@ -10,9 +10,10 @@ later turn of the same conversation repeats; a completion request by the first
 :class:`PrefixAffinityRouter` is a Ray Serve custom request router (``request_router_config``):
 rendezvous hashing of the key over the live replicas names one preferred replica, so the mapping
 is the same in every ingress process without shared state, and only the keys of a replica that
-goes away move. It ranks that replica first and the others second; Ray probes each rank's queue
-lengths and takes the least loaded replica that accepts, so a full preferred replica, or one
-loaded past ``imbalanced_threshold`` more requests than the idlest, falls back to least-loaded.
+goes away move. It ranks that replica first (twice: Ray doubles the probe deadline for the
+second try) and the others after; Ray probes each rank's queue lengths and takes the least
+loaded replica that accepts, so a full preferred replica, or one loaded past
+``imbalanced_threshold`` more requests than the idlest, falls back to least-loaded.
 A request without a key (``/health``, a body that is not JSON) is routed least-loaded.
 
 Ray Serve loads the router by its import path (``infer.serve.routing:PrefixAffinityRouter``)
@@ -130,7 +131,7 @@ class PrefixAffinityRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        """Rank the key's replica first and the rest second; one least-loaded rank without a key."""
+        """Rank the key's replica first and the rest after; one least-loaded rank without a key."""
         key = _key_of(pending_request)
         if key is None or len(candidate_replicas) < 2:
             return [candidate_replicas]
@@ -138,7 +139,9 @@ class PrefixAffinityRouter(RequestRouter):
         rest = [r for r in candidate_replicas if r is not first]
         if self._overloaded(first, rest):
             return [candidate_replicas]
-        return [[first], rest]
+        # The owner twice: a probe of its queue that misses Ray's short deadline on a busy host
+        # is retried with the deadline doubled before its conversation moves elsewhere.
+        return [[first], [first], rest]
 
     def _overloaded(self, first: RunningReplica, rest: list[RunningReplica]) -> bool:
         cache = self.replica_queue_len_cache
