@@ -31,7 +31,7 @@ from typing import Any, final
 import anyio
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.exceptions import BackPressureError, RayServeException, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import Message
 
@@ -366,6 +366,8 @@ class _Relay:
                         for k, v in message.get("headers", [])
                     )
                 await send(message)
+        except RequestCancelledError:
+            return  # cancelled because the client went away: nobody to answer
         except BackPressureError:
             await _fail(
                 send,
