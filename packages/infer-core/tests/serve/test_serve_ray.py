@@ -340,6 +340,35 @@ def test_turns_of_one_conversation_land_on_one_replica(client: Any) -> None:
     assert len(set().union(*homes.values())) == 2  # conversations spread over both replicas
 
 
+def _replica_request_counts() -> dict[str, float]:
+    """``infer_replica_requests_total`` for /v1/completions 200s by replica label, from Ray's metrics port."""
+    import re
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    counts: dict[str, float] = {}
+    wanted = ("ray_infer_replica_requests_total{", 'path="/v1/completions"', 'status="200"')
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        found = re.search(r'replica="([^"]+)"', line)
+        if line.startswith(wanted[0]) and all(w in line for w in wanted[1:]) and found:
+            counts[found[1]] = counts.get(found[1], 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_replicas_export_request_counts_tagged_with_their_id_through_ray(client: Any) -> None:
+    before = _replica_request_counts()
+    answered = set()
+    for i in range(6):
+        raw = client.completions.with_raw_response.create(model="fake", prompt=f"count me {i}", max_tokens=2)
+        answered.add(raw.headers[REPLICA_HEADER])
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while True:
+        after = _replica_request_counts()
+        if sum(after.values()) - sum(before.values()) >= 6 and answered <= set(after):
+            break
+        assert time.monotonic() < deadline, (before, after, answered)
+        time.sleep(1)
+
+
 def test_client_leaving_mid_stream_takes_its_request_off_the_replica(client: Any, served: str) -> None:
     prompt = {"model": "fake", "prompt": "walk away"}
     stream = client.completions.create(**prompt, max_tokens=3000, stream=True)  # 30 s of steps
