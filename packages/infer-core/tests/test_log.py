@@ -43,3 +43,13 @@ def test_nothing_is_logged_at_the_default_level():
     env = {k: v for k, v in os.environ.items() if k != "INFER_LOG_LEVEL"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, check=True).stderr
     assert out == ""
+
+
+def test_process_fields_ride_on_every_later_event():
+    # What a Ray Serve replica does at start-up: its id then tags the engine's events too.
+    script = "from infer.log import bind_process_fields; bind_process_fields(replica='r1'); " + SCRIPT
+    full = {**os.environ, "INFER_LOG_FORMAT": "json", "INFER_LOG_LEVEL": "info"}
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full, check=True).stderr
+    events = [json.loads(line) for line in err.splitlines()]
+    assert {e["event"] for e in events} >= {"model.loaded", "request.finished"}
+    assert all(e["replica"] == "r1" for e in events)

@@ -12,14 +12,32 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["bind_process_fields", "configure_logging", "get_logger"]
 
 _logger: Any = None
 _lock = threading.Lock()
+# Fields every event of this process carries (a Ray Serve replica's id, for one).
+_process_fields: dict[str, Any] = {}
+
+
+def bind_process_fields(**fields: Any) -> None:
+    """Add ``fields`` to every event this process logs from now on (``replica="..."``).
+
+    Process-wide on purpose: a server's events come from its event loop, worker threads and
+    the scheduler's thread, which share no context variables.
+    """
+    _process_fields.update(fields)
+
+
+def _add_process_fields(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in _process_fields.items():
+        event.setdefault(key, value)
+    return event
 
 
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
@@ -39,6 +57,7 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
         structlog.PrintLogger(file=sys.stderr),
         processors=[
             structlog.processors.add_log_level,
+            _add_process_fields,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],

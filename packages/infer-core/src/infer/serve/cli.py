@@ -73,7 +73,55 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
         "--strict-requests", action="store_true", help="refuse unknown request fields with 400 instead of ignoring them"
     )
     p.add_argument("--grace", type=seconds, default=DEFAULT_GRACE, help="seconds to drain on SIGTERM")
+    _add_scale_out_arguments(p)
     p.set_defaults(func=_cmd_serve)
+
+
+def _add_scale_out_arguments(p: argparse.ArgumentParser) -> None:
+    """The Ray Serve flags: any of them serves through Ray (the ``ray`` extra) instead of uvicorn."""
+    from infer.cli import _positive_int, bounded
+
+    amount = bounded(float, minimum=0, inclusive=True, expected="a number >= 0")
+    ray = p.add_argument_group("serving on Ray (pip install 'infer-core[ray]')")
+    ray.add_argument("--replicas", type=_positive_int, help="model replicas on Ray Serve, each loading the model")
+    ray.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray instance)")
+    ray.add_argument(
+        "--min-replicas",
+        type=bounded(int, minimum=0, inclusive=True, expected="an integer >= 0"),
+        help="autoscale: fewest replicas",
+    )
+    ray.add_argument("--max-replicas", type=_positive_int, help="autoscale: most replicas")
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=amount,
+        help="autoscale: requests per replica to aim at (default: --max-concurrency)",
+    )
+    ray.add_argument("--num-cpus", type=amount, help="CPUs Ray reserves per replica (default: 1)")
+    ray.add_argument("--num-gpus", type=amount, help="GPUs Ray reserves per replica (CUDA; default: 0)")
+    ray.add_argument(
+        "--no-prefix-routing", action="store_true", help="route least-loaded only, not by conversation prefix"
+    )
+
+
+def _on_ray(args: argparse.Namespace) -> bool:
+    scale = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus", "num_gpus")
+    return any(getattr(args, name, None) is not None for name in (*scale, "ray_address"))
+
+
+def _app_options(args: argparse.Namespace, hosts: list[str]) -> dict[str, Any]:
+    """``create_app``'s keyword arguments from the command line (but the model and its name)."""
+    return {
+        "api_key": args.api_key,
+        "max_concurrency": args.max_concurrency,
+        "max_queue": args.max_queue,
+        "max_body_bytes": args.max_body_bytes,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "request_timeout": args.timeout,
+        "body_timeout": args.body_timeout,
+        "write_timeout": args.write_timeout,
+        "allowed_hosts": hosts,
+        "strict_requests": args.strict_requests,
+    }
 
 
 def _drained(signum: int, frame: FrameType | None) -> None:
@@ -104,22 +152,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not hosts:
         print("infer: error: --allowed-hosts names no host; give names, or '*' for any", file=sys.stderr)
         return 2
+    if _on_ray(args):
+        from infer.serve.ray_cli import serve_on_ray
+
+        return serve_on_ray(args, _app_options(args, hosts))
     model = _load(args)
     try:
-        app = create_app(
-            model,
-            model_name=args.name or _public_name(args.model),
-            api_key=args.api_key,
-            max_concurrency=args.max_concurrency,
-            max_queue=args.max_queue,
-            max_body_bytes=args.max_body_bytes,
-            max_prompt_tokens=args.max_prompt_tokens,
-            request_timeout=args.timeout,
-            body_timeout=args.body_timeout,
-            write_timeout=args.write_timeout,
-            allowed_hosts=hosts,
-            strict_requests=args.strict_requests,
-        )
+        app = create_app(model, model_name=args.name or _public_name(args.model), **_app_options(args, hosts))
         protocol = type("Protocol", (HeaderTimeoutH11,), {"header_timeout": args.header_timeout})
         config = uvicorn.Config(
             app,
