@@ -19,12 +19,13 @@ __all__ = ["Gate", "StepDelay", "StepRecorder", "StepStall", "installed", "track
 
 
 class StepRecorder:
-    """Records every prefill/decode call on one model: kind, row count, and when."""
+    """Records every prefill/decode call on one model: kind, row count, when, and how many still run."""
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
         self.calls: list[tuple[str, int, float, tuple[int, ...]]] = []
         self._lock = threading.Lock()
+        self._in_flight = 0
 
     def _record(self, kind: str, model: Any, batch: Any) -> None:
         if model is self._handle:
@@ -41,15 +42,32 @@ class StepRecorder:
         with self._lock:
             return sum(1 for c in self.calls if id(sequence) in c[3])
 
+    def wait_returned(self, seconds: float) -> None:
+        """Fail unless every recorded call has returned within ``seconds`` (a step that never returns)."""
+        deadline = time.monotonic() + seconds
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert self._in_flight == 0, f"a backend step has not returned {seconds:g} s later: the backend hangs"
+
+    def _watch(self, kind: str, model: Any, batch: Any) -> Generator[None, Any, Any]:
+        self._record(kind, model, batch)
+        if model is not self._handle:
+            return (yield)
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return (yield)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
     @hookimpl(wrapper=True)
     def infer_prefill(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
-        self._record("prefill", model, batch)
-        return (yield)
+        return (yield from self._watch("prefill", model, batch))
 
     @hookimpl(wrapper=True)
     def infer_decode(self, model: Any, batch: Any) -> Generator[None, Any, Any]:
-        self._record("decode", model, batch)
-        return (yield)
+        return (yield from self._watch("decode", model, batch))
 
 
 class StepStall:

@@ -322,9 +322,9 @@ class _SharedScratch(FakeModel):
         return _SCRATCH[:rows, :vocab].copy()
 
 
-class _HangsAtStep5(FakeModel):
+class _HangsAtStep3(FakeModel):
     def forward(self, batch: infer.Batch) -> Any:
-        if self.steps == 4:  # the fifth step never returns (until the model is closed)
+        if self.steps == 2:  # the third step never returns (until the model is closed)
             self.steps += 1
             self._unhang.wait(30)
         return super().forward(batch)
@@ -371,5 +371,5 @@ RELEASE_LEAKS = _Broken("broken-leak", _ReleaseLeaks)
 ALIASED_LOGITS = _Broken("broken-alias", _AliasedLogits)
 SHARED_SCRATCH = _Broken("broken-scratch", _SharedScratch)
 CANCELLATION_IGNORED = _Broken("broken-cancel", _CancellationIgnored)
-HANGS = _Broken("broken-hang", _HangsAtStep5)
+HANGS = _Broken("broken-hang", _HangsAtStep3)
 SYNTHETIC_AS_DEFAULT = _Broken("broken-synthetic", FakeModel, priority=0)

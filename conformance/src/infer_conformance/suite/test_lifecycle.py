@@ -115,6 +115,7 @@ def test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end(fresh_model):
             for _ in stream:
                 pass
         waited = time.monotonic() - started
+        recorder.wait_returned(5.0)
         wait_idle(fresh_model)
     assert waited < 1.5, f"the 0.2 s deadline ended the stream only after {waited:.2f} s"
     assert recorder.count("decode") < longest - 1, "the stream ran to its end instead of stopping at the deadline"

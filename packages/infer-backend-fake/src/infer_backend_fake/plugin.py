@@ -1,4 +1,4 @@
-"""The fake backend: a complete infer backend in one file, and the template to copy.
+"""The fake backend: a complete infer backend in one file, and the template for a test double.
 
 A backend is a module with four hook functions (see ``infer.hookspecs``):
 
@@ -11,6 +11,8 @@ A backend is a module with four hook functions (see ``infer.hookspecs``):
 Here the "model" is a fixed random table: the logits of a context are the table row picked by a
 rolling hash of all its tokens, so any split of the same tokens into prefill and decode steps
 gives the same logits. The KV cache stores the tokens and the hash, bounded by its capacity.
+It reads no weight, so it declares ``Capability.SYNTHETIC`` (for a backend that computes real
+logits, copy ``infer_backend_numpy`` instead).
 
 Fault injection (load options): ``latency`` seconds per step, ``hang_at_step`` N (blocks
 ``hang_seconds``), ``raise_at_step`` N, ``corrupt_cache_at_step`` N. Steps count every prefill
