@@ -9,6 +9,8 @@ import infer
 from infer_backend_fake import FakeKV, FakeModel, FakeOptions
 from infer_backend_fake.plugin import build_tokenizer, infer_backend_info
 
+pytestmark = pytest.mark.integration
+
 
 def test_logits_are_a_function_of_the_whole_context_only():
     model = FakeModel(FakeOptions())

@@ -10,6 +10,8 @@ import infer
 from infer.contract import LoadSpec
 from infer_backend_onnx import plugin
 
+pytestmark = pytest.mark.integration
+
 
 def test_int4_gives_each_row_of_a_batch_its_solo_logits(load_tiny):
     model = load_tiny("int4")

@@ -11,6 +11,8 @@ import pytest
 import infer
 from infer_conformance.probes import StepRecorder, installed
 
+pytestmark = pytest.mark.integration
+
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33]
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import infer
+
+pytestmark = pytest.mark.unit
 
 
 def test_every_public_name_is_exported_and_resolves():

@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 SCRIPT = (
     "import infer; m = infer.load('fake', backend='fake');"
     "m.generate([1, 2, 3], max_tokens=4, temperature=0, ignore_eos=True); m.close()"

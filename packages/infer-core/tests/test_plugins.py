@@ -12,6 +12,8 @@ import pytest
 import infer
 from infer.plugins import Registry
 
+pytestmark = pytest.mark.integration
+
 
 def ep(name: str, value: str) -> metadata.EntryPoint:
     return metadata.EntryPoint(name=name, value=value, group="infer.backends")

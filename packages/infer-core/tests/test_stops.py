@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from infer.stops import StopMatcher
+
+pytestmark = pytest.mark.unit
 
 
 def feed_all(matcher, pieces):

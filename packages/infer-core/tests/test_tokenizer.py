@@ -8,6 +8,8 @@ import infer
 from infer.tokenizer import MAX_PENDING_TOKENS, Tokenizer
 from infer_backend_fake.plugin import build_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def tok() -> Tokenizer:
