@@ -20,7 +20,9 @@ from infer.gguf_import import import_gguf
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize(("fixture", "arch"), [("tiny-gemma3", "gemma3"), ("tiny-qwen3", "qwen3")])
+@pytest.mark.parametrize(
+    ("fixture", "arch"), [("tiny-gemma3", "gemma3"), ("tiny-qwen3", "qwen3"), ("tiny-phi3", "phi3")]
+)
 def test_family_gguf_imports_to_the_hugging_face_weights_and_spec(tmp_path: Path, fixture: str, arch: str) -> None:
     expected = write_family_gguf(tmp_path / "m.gguf", fixture, arch)
     bundle = Bundle.open(import_gguf(tmp_path / "m.gguf", tmp_path / "out"))
@@ -33,6 +35,7 @@ def test_family_gguf_imports_to_the_hugging_face_weights_and_spec(tmp_path: Path
     ignored = {"sliding_window", "local_rope", "attention_scale"}
     assert s.features() - ignored == original.features() - ignored
     same = ("hidden_size", "head_dim", "num_key_value_heads", "qk_norm", "norm_offset", "hidden_act", "attention_bias")
+    same += ("rotary_dim", "fused_projections")
     assert all(getattr(s, f) == getattr(original, f) for f in same)
 
 
@@ -131,3 +134,12 @@ def test_rope_freqs_following_another_rule_are_refused_by_name(tmp_path: Path) -
     with pytest.raises(UnsupportedModelError, match="rope_freqs"):
         import_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_phi3_longrope_factors_are_refused_by_name(tmp_path: Path) -> None:
+    from tiny_gguf import write_tiny_gguf
+
+    factors = np.ones(8, dtype=np.float32)
+    write_tiny_gguf(tmp_path / "m.gguf", edit=lambda w: w.add_tensor("rope_factors_long.weight", factors))
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        import_gguf(tmp_path / "m.gguf", tmp_path / "out")

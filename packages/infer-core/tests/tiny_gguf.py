@@ -149,6 +149,8 @@ _FAMILY_LAYER = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
 _GEMMA = {
     "post_attention_layernorm.weight": "post_attention_norm.weight",
@@ -190,13 +192,18 @@ def write_family_gguf(path: Path, fixture: str, arch: str) -> dict[str, np.ndarr
     gemma = arch == "gemma3"
     writer = gguf.GGUFWriter(str(path), arch)
     add_sizes(writer, config)
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
+    if "head_dim" in config:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
     if gemma:
         writer.add_rope_freq_base(config["rope_parameters"]["full_attention"]["rope_theta"])
         writer.add_sliding_window(config["sliding_window"])
     else:
         writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    if arch == "phi3":
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        writer.add_rope_dimension_count(int(head_dim * config["rope_parameters"]["partial_rotary_factor"]))
+        writer.add_sliding_window(config["sliding_window"])
     tokens, types = sentencepiece_vocab(config["vocab_size"])
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)

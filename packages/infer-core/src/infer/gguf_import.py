@@ -2,8 +2,9 @@
 
 What the import does:
 
-* ``config.json`` from the GGUF metadata (``llama``, ``qwen2``, ``qwen3`` and ``gemma3``
-  architectures; the architecture is read from the file header before the rest is parsed);
+* ``config.json`` from the GGUF metadata (``llama``, ``qwen2``, ``qwen3``, ``gemma3`` and
+  ``phi3`` architectures; Llama 3.1+ ``rope_freqs`` become their llama3 scaling; the
+  architecture is read from the file header before the rest is parsed);
 * ``model.safetensors`` in float32, whatever the source type: quantized tensors (Q8_0, Q4_0,
   Q4_1, Q4_K, Q6_K, ...), F16 and BF16 are dequantized with :func:`gguf.quants.dequantize`, so
   every backend reads one precision and decides its own;
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["import_gguf"]
 
 #: GGUF architectures the registry (:mod:`infer.arch`) runs, with their config ``model_type``.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
 
 #: Their ``architectures`` entry in config.json.
 _CLASSES = {
@@ -49,6 +50,7 @@ _CLASSES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 #: llama.cpp's Gemma 3 constants that the GGUF does not store: one global layer in six, and the
@@ -118,6 +120,12 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+
+#: Phi-3's fused matrices: ``attn_qkv`` (q, k, v rows) and ``ffn_up`` holding gate and up rows.
+_PHI3_LAYER_NAMES = _LAYER_NAMES | {
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "ffn_up.weight": "mlp.gate_up_proj.weight",
 }
 
 #: Hugging Face special-token id keys and the GGUF metadata keys holding them.
@@ -288,7 +296,12 @@ def _hf_name(name: str, meta: _Metadata) -> str | None:
         return _GLOBAL_NAMES[name]
     if name == "rope_freqs.weight":
         return None  # read by _config: it becomes the llama3 rope scaling it was computed from
-    names = _GEMMA_LAYER_NAMES if meta.arch == "gemma3" else _LAYER_NAMES
+    if name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        raise UnsupportedModelError(
+            f"{meta.source.name}: longrope scaling ({name}, the 128k-context Phi-3 models) is not supported",
+            path=meta.source,
+        )
+    names = {"gemma3": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}.get(meta.arch, _LAYER_NAMES)
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}"
@@ -348,9 +361,17 @@ def _config(meta: _Metadata, *, tied: bool, biased: bool = False) -> dict[str, A
     }
     config["rope_scaling"] = _rope_scaling(meta, config["rope_theta"], head_dim)
     rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
+    if meta.arch == "phi3":
+        window = meta.arch_get("attention.sliding_window", None)
+        # Phi-3 derives head_dim from hidden_size and rotates a share of it.
+        config |= {
+            "partial_rotary_factor": rope_dims / head_dim,
+            "sliding_window": None if window is None else int(window),
+        }
+    elif rope_dims != head_dim:
         raise UnsupportedModelError(
-            f"{meta.source.name}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported",
+            f"{meta.source.name}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported "
+            f"for GGUF architecture {meta.arch!r}",
             path=meta.source,
         )
     if meta.arch == "gemma3":
