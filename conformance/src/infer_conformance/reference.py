@@ -136,15 +136,7 @@ class ReferenceModel:
 
     def _split_fused(self) -> None:
         """Phi-3's stacked q/k/v and gate/up matrices as the separate ones the forward reads."""
-        s = self.spec
-        q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
-        for n in range(s.num_hidden_layers):
-            p = f"model.layers.{n}."
-            qkv = self.weights.pop(p + "self_attn.qkv_proj.weight")
-            for name, rows in zip("qkv", np.split(qkv, [q, q + kv]), strict=True):
-                self.weights[p + f"self_attn.{name}_proj.weight"] = rows
-            gate, up = np.split(self.weights.pop(p + "mlp.gate_up_proj.weight"), 2)
-            self.weights[p + "mlp.gate_proj.weight"], self.weights[p + "mlp.up_proj.weight"] = gate, up
+        self.weights |= self.spec.unfused(self.weights)
 
     def _norm(self, x: F64, prefix: str) -> F64:
         return _rms_norm(x, self.weights[prefix + ".weight"], self.spec.rms_norm_eps)

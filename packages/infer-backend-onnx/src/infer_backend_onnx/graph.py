@@ -66,7 +66,8 @@ __all__ = [
 BUILDER_VERSION: Final = "3"
 #: Precisions :func:`build_decoder` can write, default first.
 DTYPES: Final = ("fp32", "fp16", "int4")
-#: Every :data:`infer.arch.FEATURES` entry the graph builds (all of them, checked at build).
+#: The :data:`infer.arch.FEATURES` entries the graph builds, checked at build: a feature added
+#: to the registry later is refused here until the graph writes it and it is listed.
 SUPPORTED_FEATURES: Final = frozenset(
     {
         "sliding_window",

@@ -239,6 +239,22 @@ class ArchSpec:
                 shapes |= {p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)}
         return shapes
 
+    def unfused(self, weights: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """The separate q/k/v and gate/up matrices of a spec with :attr:`fused_projections`, by their
+        Hugging Face names, sliced from the stacked ones in ``weights`` (empty when not fused)."""
+        if not self.fused_projections:
+            return {}
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        out: dict[str, npt.NDArray[Any]] = {}
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            qkv = weights[p + "self_attn.qkv_proj.weight"]
+            parts = np.split(qkv, [q, q + kv])
+            out |= {p + f"self_attn.{x}_proj.weight": part for x, part in zip("qkv", parts, strict=True)}
+            gate, up = np.split(weights[p + "mlp.gate_up_proj.weight"], 2)
+            out |= {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
+        return out
+
     def pre_mlp_norm(self, layer: int) -> str:
         """Name of the norm in front of ``layer``'s MLP (it differs between Llama and Gemma layouts)."""
         p = f"model.layers.{layer}."
