@@ -209,3 +209,27 @@ def test_sliding_layers_use_the_local_base_only_when_one_is_given() -> None:
     s = spec(model_type="mistral", sliding_window=8, rope_theta=500.0)
     np.testing.assert_allclose(s.rope_inv_freq(0), s.rope_inv_freq())
     assert math.isclose(s.rope_inv_freq(0)[1], 500.0 ** (-2 / 16))
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_gemma3_multimodal_checkpoint_opens_as_its_text_decoder(tmp_path: Path, prefix: str) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from infer.bundle import Bundle
+
+    source = DATA / "tiny-gemma3"
+    shutil.copytree(source, tmp_path / "mm")
+    text = json.loads((source / "config.json").read_text())
+    (tmp_path / "mm" / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+    original = load_file(source / "model.safetensors")
+    renamed = {prefix + name.removeprefix("model."): w for name, w in original.items()}
+    renamed["vision_tower.vision_model.patch_embedding.weight"] = np.ones((4, 3), np.float32)
+    save_file(renamed, tmp_path / "mm" / "model.safetensors")
+    bundle = Bundle.open(tmp_path / "mm")
+    assert bundle.spec == Bundle.open(source).spec
+    assert sorted(bundle.weights) == sorted(original) and len(bundle.weights) == len(original)
+    for name, w in original.items():
+        np.testing.assert_array_equal(bundle.weights[name], w)
+        assert bundle.weights.info(name).shape == w.shape
