@@ -63,7 +63,6 @@ class ReferenceModel:
             for name in self.weights:
                 if name.endswith("norm.weight"):
                     self.weights[name] = self.weights[name] + s.norm_offset
-        self._inv_freq = [s.rope_inv_freq(n) for n in range(s.num_hidden_layers)]
 
     @property
     def vocab_size(self) -> int:
@@ -142,10 +141,9 @@ class ReferenceModel:
         return _rms_norm(x, self.weights[prefix + ".weight"], self.spec.rms_norm_eps)
 
     def _rope(self, layer: int, positions: npt.NDArray[np.int64]) -> tuple[F64, F64]:
-        angles = positions[:, None].astype(np.float64) * self._inv_freq[layer][None, :]
-        # Half-split layout (the Hugging Face one): dimension i pairs with i + head_dim/2.
-        angles = np.concatenate([angles, angles], axis=-1)
-        return np.cos(angles), np.sin(angles)
+        cos, sin = self.spec.rope_cos_sin(positions, layer)
+        # Half-split layout (the Hugging Face one): dimension i pairs with i + rotary_dim/2.
+        return np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
 
     def _linear(self, x: F64, prefix: str) -> F64:
         y: F64 = x @ self.weights[prefix + ".weight"].T

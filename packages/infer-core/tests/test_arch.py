@@ -156,7 +156,7 @@ def test_gemma2_caps_scores_and_logits_and_alternates_windows() -> None:
             {"sliding_window", "norm_offset", "sandwich_norms", "gelu_tanh", "embedding_scale", "attention_scale"}
             | {"attention_softcap", "final_softcap"},
         ),
-        ("tiny-phi3", {"sliding_window", "partial_rotary", "fused_projections"}),
+        ("tiny-phi3", {"sliding_window", "partial_rotary", "fused_projections"}),  # and LongRoPE
     ],
 )
 def test_fixture_configs_written_by_transformers_give_the_family_features(fixture: str, features: set[str]) -> None:
@@ -176,7 +176,7 @@ def test_phi3_reads_partial_rotary_from_either_place_and_requires_fused_matrices
     assert "model.layers.0.self_attn.q_proj.weight" not in shapes
 
 
-@pytest.mark.parametrize("kind", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("kind", ["yarn", "dynamic", "ntk"])
 def test_rope_scaling_not_built_is_refused_naming_the_kind(kind: str) -> None:
     with pytest.raises(UnsupportedModelError, match=kind):
         spec(model_type="qwen3", rope_scaling={"rope_type": kind, "factor": 4.0})
@@ -233,3 +233,58 @@ def test_gemma3_multimodal_checkpoint_opens_as_its_text_decoder(tmp_path: Path, 
     for name, w in original.items():
         np.testing.assert_array_equal(bundle.weights[name], w)
         assert bundle.weights.info(name).shape == w.shape
+
+
+SHORT = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]
+
+
+def longrope(**extra: Any) -> ArchSpec:
+    scaling = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": [1.0] * 8} | extra
+    return spec(
+        model_type="phi3", head_dim=None, num_attention_heads=4, max_position_embeddings=131072, rope_scaling=scaling
+    )
+
+
+def test_longrope_uses_the_short_factors_and_caps_the_context_where_they_end() -> None:
+    s = longrope(original_max_position_embeddings=4096)
+    plain = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(s.rope_inv_freq(), plain / SHORT)
+    assert s.max_position_embeddings == 4096
+    # Phi-3's attention factor: sqrt(1 + ln(131072 / 4096) / ln(4096)).
+    assert s.rope_attention_factor() == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    cos, sin = s.rope_cos_sin(np.arange(3))
+    np.testing.assert_allclose(cos[0], s.rope_attention_factor())
+    assert cos.shape == sin.shape == (3, 8)
+
+
+def test_longrope_reads_a_given_attention_factor_and_the_top_level_original_length() -> None:
+    s = spec_from_config(
+        BASE
+        | {
+            "model_type": "phi3",
+            "head_dim": None,
+            "original_max_position_embeddings": 256,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "attention_factor": 1.5,
+            },
+        }
+    )
+    assert (s.max_position_embeddings, s.rope_attention_factor()) == (256, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"short_factor": [1.0, 2.0]}, "short_factor has 2 entries"),
+        ({"long_factor": "x"}, "long_factor"),
+        ({}, "original"),
+    ],
+)
+def test_malformed_longrope_raises_model_format_error_naming_it(extra: dict[str, Any], match: str) -> None:
+    if extra:
+        extra |= {"original_max_position_embeddings": 4096}
+    with pytest.raises(ModelFormatError, match=match):
+        longrope(**extra)

@@ -325,10 +325,10 @@ class DecoderGraph:
         # Positions of the chunk's rows; rotary tables (one pair per RoPE base) are gathered by them.
         positions = mb.add(x=position, y=np.arange(chunk, dtype=np.int32))  # [C]
         rope: dict[int, tuple[Var, Var]] = {}
-        for freqs, layers in s.rope_groups().items():
-            angles = np.outer(np.arange(length, dtype=np.float64), np.asarray(freqs))
-            cos = mb.gather(x=np.cos(angles).astype(dt), indices=positions, axis=0)
-            sin = mb.gather(x=np.sin(angles).astype(dt), indices=positions, axis=0)
+        for layers in s.rope_groups().values():
+            cos_table, sin_table = s.rope_cos_sin(np.arange(length), layers[0])
+            cos = mb.gather(x=cos_table.astype(dt), indices=positions, axis=0)
+            sin = mb.gather(x=sin_table.astype(dt), indices=positions, axis=0)
             pair = (
                 mb.reshape(x=cos, shape=[1, 1, chunk, s.rotary_dim // 2]),
                 mb.reshape(x=sin, shape=[1, 1, chunk, s.rotary_dim // 2]),

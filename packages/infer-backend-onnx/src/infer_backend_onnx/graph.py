@@ -429,12 +429,11 @@ class _GraphBuilder:
         """cos/sin caches by layer: one pair per distinct set of frequencies (two on Gemma 3)."""
         s = self.spec
         tables: dict[int, tuple[str, str]] = {}
-        for n, (freqs, layers) in enumerate(s.rope_groups().items()):
-            inv = np.asarray(freqs, dtype=np.float64)
-            angles = np.arange(s.max_position_embeddings, dtype=np.float64)[:, None] * inv[None, :]
+        for n, layers in enumerate(s.rope_groups().values()):
+            cos_table, sin_table = s.rope_cos_sin(np.arange(s.max_position_embeddings), layers[0])
             prefix = "rope." if n == 0 else f"rope.{n}."
-            cos = self.const(prefix + "cos_cache", np.cos(angles).astype(self.act_dtype))
-            sin = self.const(prefix + "sin_cache", np.sin(angles).astype(self.act_dtype))
+            cos = self.const(prefix + "cos_cache", cos_table.astype(self.act_dtype))
+            sin = self.const(prefix + "sin_cache", sin_table.astype(self.act_dtype))
             tables |= dict.fromkeys(layers, (cos, sin))
         return tables
 

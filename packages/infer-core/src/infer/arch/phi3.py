@@ -3,7 +3,9 @@
 ``self_attn.qkv_proj`` and ``mlp.gate_up_proj`` hold q/k/v and gate/up stacked by rows;
 ``partial_rotary_factor`` (top level, or in ``rope_parameters``) rotates only that share of
 each head (Phi-4-mini: 0.75); ``sliding_window`` applies to every layer (Phi-3-mini-4k: 2047).
-``longrope`` scaling (the 128k-context models) is refused by the shared RoPE reader, naming it.
+LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) runs with its short factors and attention factor,
+the context capped at ``original_max_position_embeddings`` (4096 on those models): past it,
+transformers switches to the long factors mid-sequence, which no KV cache can follow.
 """
 
 from __future__ import annotations
@@ -43,4 +45,15 @@ def from_config(config: Mapping[str, Any], *, path: Path | None = None) -> ArchS
     if factor > 1 or rotary % 2:
         raise read.fail(f"partial_rotary_factor={factor} must give an even number of rotated dims of head_dim")
     fields["rotary_dim"] = rotary
+    scaling = fields["rope_scaling"]
+    if scaling is not None and scaling.get("rope_type") == "longrope":
+        for key in ("short_factor", "long_factor"):
+            if len(scaling[key]) != rotary // 2:
+                raise read.fail(
+                    f"longrope {key} has {len(scaling[key])} entries; {rotary} rotated dims need {rotary // 2}"
+                )
+        # Only the short factors are exact (see ConfigReader._longrope): the context stops where they do.
+        fields["max_position_embeddings"] = min(
+            fields["max_position_embeddings"], scaling["original_max_position_embeddings"]
+        )
     return ArchSpec(**fields)

@@ -54,6 +54,11 @@ def rope_inv_freq(theta: float, head_dim: int, scaling: Mapping[str, Any] | None
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
         return inv / factor
+    if kind == "longrope":
+        short = np.asarray(scaling["short_factor"], dtype=np.float64)
+        if short.shape != inv.shape:
+            raise ValueError(f"longrope short_factor has {short.size} entries for {inv.size} frequencies")
+        return inv / short
     if kind == "llama3":
         low = float(scaling.get("low_freq_factor", 1.0))
         high = float(scaling.get("high_freq_factor", 4.0))
@@ -188,6 +193,19 @@ class ArchSpec:
         local = layer is not None and self.local_rope_theta is not None and self.window(layer) is not None
         theta = self.local_rope_theta if local and self.local_rope_theta is not None else self.rope_theta
         return rope_inv_freq(theta, self.rotary_dim, None if local else self.rope_scaling)
+
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by (LongRoPE's attention scaling; 1 otherwise)."""
+        return float((self.rope_scaling or {}).get("attention_factor", 1.0))
+
+    def rope_cos_sin(
+        self, positions: npt.NDArray[np.integer[Any]], layer: int | None = None
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """cos and sin tables ``[len(positions), rotary_dim // 2]`` of ``layer``, attention factor
+        included: the one definition the reference and every backend read their rotations from."""
+        angles = np.asarray(positions, dtype=np.float64)[:, None] * self.rope_inv_freq(layer)[None, :]
+        factor = self.rope_attention_factor()
+        return np.cos(angles) * factor, np.sin(angles) * factor
 
     def rope_groups(self) -> dict[tuple[float, ...], list[int]]:
         """Layers grouped by identical RoPE frequencies (one table per group in a graph)."""
