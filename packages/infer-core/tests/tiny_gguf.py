@@ -184,7 +184,9 @@ def sentencepiece_vocab(size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_family_gguf(path: Path, fixture: str, arch: str) -> dict[str, np.ndarray]:
+def write_family_gguf(
+    path: Path, fixture: str, arch: str, *, edit: Callable[[gguf.GGUFWriter], None] | None = None
+) -> dict[str, np.ndarray]:
     """Write a tiny family fixture as llama.cpp would (Gemma norms stored as 1 + w); return its weights."""
     folder = DATA / fixture
     config = json.loads((folder / "config.json").read_text())
@@ -215,6 +217,8 @@ def write_family_gguf(path: Path, fixture: str, arch: str) -> dict[str, np.ndarr
     writer.add_pad_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_space_prefix(not gemma)
+    if edit is not None:
+        edit(writer)
     names = _FAMILY_LAYER | (_GEMMA if gemma else {"post_attention_layernorm.weight": "ffn_norm.weight"})
     for name, w in weights.items():
         if name in _FAMILY_GLOBAL:

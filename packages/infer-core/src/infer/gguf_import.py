@@ -296,11 +296,8 @@ def _hf_name(name: str, meta: _Metadata) -> str | None:
         return _GLOBAL_NAMES[name]
     if name == "rope_freqs.weight":
         return None  # read by _config: it becomes the llama3 rope scaling it was computed from
-    if name in ("rope_factors_long.weight", "rope_factors_short.weight"):
-        raise UnsupportedModelError(
-            f"{meta.source.name}: longrope scaling ({name}, the 128k-context Phi-3 models) is not supported",
-            path=meta.source,
-        )
+    if name in _LONGROPE_TENSORS:
+        return None  # read by _config: the LongRoPE factors of the 128k-context Phi-3 models
     names = {"gemma3": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}.get(meta.arch, _LAYER_NAMES)
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
@@ -438,7 +435,33 @@ def _rope_freqs_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[st
     return scaling
 
 
+#: LongRoPE's per-frequency factors as llama.cpp stores them, by their config.json key.
+_LONGROPE_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
+
+
+def _longrope_scaling(meta: _Metadata) -> dict[str, Any] | None:
+    """LongRoPE from ``rope_factors_short/long.weight`` and the ``rope.scaling.*`` keys, if present."""
+    found = {t.name: t for t in meta.reader.tensors if t.name in _LONGROPE_TENSORS}
+    if not found:
+        return None
+    if len(found) != len(_LONGROPE_TENSORS):
+        raise ModelFormatError(
+            f"{meta.source.name}: LongRoPE needs both {' and '.join(_LONGROPE_TENSORS)}", path=meta.source
+        )
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for name, key in _LONGROPE_TENSORS.items():
+        scaling[key] = [_float32(f) for f in np.asarray(found[name].data, dtype=np.float32).reshape(-1)]
+    scaling["original_max_position_embeddings"] = int(meta.arch_get("rope.scaling.original_context_length"))
+    attention = meta.arch_get("rope.scaling.attn_factor", None)
+    if attention is not None:
+        scaling["attention_factor"] = _float32(attention)
+    return scaling
+
+
 def _rope_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[str, Any] | None:
+    longrope = _longrope_scaling(meta)
+    if longrope is not None:
+        return longrope
     from_freqs = _rope_freqs_scaling(meta, theta, head_dim)
     if from_freqs is not None:
         return from_freqs
