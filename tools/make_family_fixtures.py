@@ -133,12 +133,22 @@ def phi3() -> PretrainedConfig:
     )
 
 
+def smollm3() -> PretrainedConfig:
+    """SmolLM3: every second layer without RoPE here (every fourth in the released model)."""
+    from transformers import SmolLM3Config
+
+    return SmolLM3Config(
+        **COMMON, num_hidden_layers=2, no_rope_layers=[1, 0], rope_theta=10000.0, tie_word_embeddings=False
+    )
+
+
 FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-mistral": mistral,
     "tiny-qwen3": qwen3,
     "tiny-gemma3": gemma3,
     "tiny-gemma2": gemma2,
     "tiny-phi3": phi3,
+    "tiny-smollm3": smollm3,
 }
 
 

@@ -161,7 +161,8 @@ class ReferenceModel:
         if s.qk_norm:
             # Per head, over head_dim, before the rotation.
             q, k = self._norm(q, p + "self_attn.q_norm"), self._norm(k, p + "self_attn.k_norm")
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if s.rope_layers[n]:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys = np.concatenate([cache.keys[n], k], axis=1)
         values = np.concatenate([cache.values[n], v], axis=1)
         cache.keys[n], cache.values[n] = keys, values

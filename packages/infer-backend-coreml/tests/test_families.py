@@ -29,7 +29,7 @@ reference = pytest.importorskip("infer_conformance.reference", reason="needs inf
 
 #: Largest |logit - reference| measured over the families: fp32 3.6e-6, fp16 2.1e-2.
 ATOL = {"fp32": 1e-5, "fp16": 5e-2}
-BUILT = ["llama", "mistral", "qwen3", "gemma3", "phi3"]
+BUILT = ["llama", "mistral", "qwen3", "gemma3", "phi3", "smollm3"]
 PROMPT = [int(t) for t in np.random.default_rng(0).integers(3, 384, 30)]
 
 

@@ -46,7 +46,7 @@ def test_every_family_module_is_discovered_by_its_model_types() -> None:
     assert arch.registry()["qwen3"] is arch.qwen3.from_config  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("model_type", ["smollm3", "phi", "gpt2", ""])
+@pytest.mark.parametrize("model_type", ["phi", "gpt2", "mamba", ""])
 def test_unregistered_family_is_refused_naming_it_and_the_supported_ones(model_type: str) -> None:
     with pytest.raises(UnsupportedModelError, match=rf"model_type {model_type!r} is not supported.*gemma3"):
         spec(model_type=model_type)
@@ -157,6 +157,7 @@ def test_gemma2_caps_scores_and_logits_and_alternates_windows() -> None:
             | {"attention_softcap", "final_softcap"},
         ),
         ("tiny-phi3", {"sliding_window", "partial_rotary", "fused_projections"}),  # and LongRoPE
+        ("tiny-smollm3", {"nope_layers"}),
     ],
 )
 def test_fixture_configs_written_by_transformers_give_the_family_features(fixture: str, features: set[str]) -> None:
@@ -288,3 +289,11 @@ def test_malformed_longrope_raises_model_format_error_naming_it(extra: dict[str,
         extra |= {"original_max_position_embeddings": 4096}
     with pytest.raises(ModelFormatError, match=match):
         longrope(**extra)
+
+
+def test_smollm3_leaves_every_fourth_layer_unrotated_unless_told_otherwise() -> None:
+    assert spec(model_type="smollm3", num_hidden_layers=8).rope_layers == (True, True, True, False) * 2
+    given = spec(model_type="smollm3", num_hidden_layers=2, no_rope_layers=[0, 1])
+    assert given.rope_layers == (False, True)
+    with pytest.raises(ModelFormatError, match="no_rope_layers"):
+        spec(model_type="smollm3", num_hidden_layers=2, no_rope_layers=[1])

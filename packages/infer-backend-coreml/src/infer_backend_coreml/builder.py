@@ -184,6 +184,7 @@ SUPPORTED_FEATURES: Final[frozenset[str]] = frozenset(
         "final_softcap",
         "partial_rotary",
         "fused_projections",
+        "nope_layers",
     }
 )
 
@@ -366,9 +367,10 @@ class DecoderGraph:
             if s.qk_norm:
                 q = self.rms_norm(q, p + "self_attn.q_norm.weight")
                 k = self.rms_norm(k, p + "self_attn.k_norm.weight")
-            cos, sin = rope[n]
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
+            if s.rope_layers[n]:
+                cos, sin = rope[n]
+                q = self._rotate(q, cos, sin)
+                k = self._rotate(k, cos, sin)
             if s.attention_scale is not None:
                 # The fused op divides by sqrt(head_dim): pre-scale q to the spec's factor.
                 q = mb.mul(x=q, y=self._scalar(s.scale * np.sqrt(d)))

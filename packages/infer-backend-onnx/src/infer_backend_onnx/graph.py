@@ -82,6 +82,7 @@ SUPPORTED_FEATURES: Final = frozenset(
         "final_softcap",
         "partial_rotary",
         "fused_projections",
+        "nope_layers",
     }
 )
 #: File names of a build inside its folder.
@@ -338,14 +339,15 @@ class _GraphBuilder:
         if s.attention_softcap is not None:
             attrs["softcap"] = s.attention_softcap
         past_k, past_v = past_names(layer)
+        rotary = s.rope_layers[layer]
         out, _, _ = self.op(
             "GroupQueryAttention",
-            [*qkv_inputs, past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+            [*qkv_inputs, past_k, past_v, "seqlens_k", "total_sequence_length", *((cos, sin) if rotary else ())],
             n_out=3,
             domain=_MS,
             num_heads=s.num_attention_heads,
             kv_num_heads=s.num_key_value_heads,
-            do_rotary=1,
+            do_rotary=int(rotary),
             rotary_interleaved=0,
             scale=s.scale,
             **attrs,

@@ -39,6 +39,7 @@ FEATURES: Final[Mapping[str, str]] = {
     "final_softcap": "tanh soft-capping of the output logits",
     "partial_rotary": "RoPE on the first part of each head only",
     "fused_projections": "q/k/v and gate/up stored as fused matrices",
+    "nope_layers": "layers without rotary embedding (NoPE)",
 }
 
 
@@ -125,8 +126,12 @@ class ArchSpec:
     #: Phi-3 layout: ``self_attn.qkv_proj`` (q, k, v rows stacked) and ``mlp.gate_up_proj``
     #: (gate rows, then up rows) instead of separate matrices.
     fused_projections: bool = False
+    #: Per layer: whether RoPE rotates its queries and keys (SmolLM3 leaves every fourth unrotated).
+    rope_layers: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_hidden_layers)
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
         if not self.rotary_dim:
@@ -164,6 +169,7 @@ class ArchSpec:
             "final_softcap": self.final_softcap is not None,
             "partial_rotary": self.rotary_dim != self.head_dim,
             "fused_projections": self.fused_projections,
+            "nope_layers": not all(self.rope_layers),
         }
         return frozenset(name for name, used in found.items() if used)
 
