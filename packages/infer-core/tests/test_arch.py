@@ -297,3 +297,15 @@ def test_smollm3_leaves_every_fourth_layer_unrotated_unless_told_otherwise() -> 
     assert given.rope_layers == (False, True)
     with pytest.raises(ModelFormatError, match="no_rope_layers"):
         spec(model_type="smollm3", num_hidden_layers=2, no_rope_layers=[1])
+
+
+def test_longrope_on_any_family_is_checked_and_capped_the_same_way() -> None:
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": SHORT,
+        "long_factor": SHORT,
+        "original_max_position_embeddings": 64,
+    }
+    assert spec(model_type="llama", rope_scaling=scaling).max_position_embeddings == 64
+    with pytest.raises(ModelFormatError, match="short_factor has 3 entries"):
+        spec(model_type="qwen3", rope_scaling=scaling | {"short_factor": [1.0, 1.0, 1.0]})

@@ -45,15 +45,4 @@ def from_config(config: Mapping[str, Any], *, path: Path | None = None) -> ArchS
     if factor > 1 or rotary % 2:
         raise read.fail(f"partial_rotary_factor={factor} must give an even number of rotated dims of head_dim")
     fields["rotary_dim"] = rotary
-    scaling = fields["rope_scaling"]
-    if scaling is not None and scaling.get("rope_type") == "longrope":
-        for key in ("short_factor", "long_factor"):
-            if len(scaling[key]) != rotary // 2:
-                raise read.fail(
-                    f"longrope {key} has {len(scaling[key])} entries; {rotary} rotated dims need {rotary // 2}"
-                )
-        # Only the short factors are exact (see ConfigReader._longrope): the context stops where they do.
-        fields["max_position_embeddings"] = min(
-            fields["max_position_embeddings"], scaling["original_max_position_embeddings"]
-        )
     return ArchSpec(**fields)

@@ -18,7 +18,7 @@ from typing import Any, Final, final
 import numpy as np
 import numpy.typing as npt
 
-from infer.errors import UnsupportedModelError
+from infer.errors import ModelFormatError, UnsupportedModelError
 
 __all__ = ["ACTIVATIONS", "FEATURES", "ArchSpec", "rope_inv_freq"]
 
@@ -56,10 +56,8 @@ def rope_inv_freq(theta: float, head_dim: int, scaling: Mapping[str, Any] | None
     if kind == "linear":
         return inv / factor
     if kind == "longrope":
-        short = np.asarray(scaling["short_factor"], dtype=np.float64)
-        if short.shape != inv.shape:
-            raise ValueError(f"longrope short_factor has {short.size} entries for {inv.size} frequencies")
-        return inv / short
+        # ArchSpec checks the factors' length against its rotated dims.
+        return inv / np.asarray(scaling["short_factor"], dtype=np.float64)
     if kind == "llama3":
         low = float(scaling.get("low_freq_factor", 1.0))
         high = float(scaling.get("high_freq_factor", 4.0))
@@ -136,6 +134,17 @@ class ArchSpec:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
         if not self.rotary_dim:
             object.__setattr__(self, "rotary_dim", self.head_dim)
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(scaling[key]) != self.rotary_dim // 2:
+                    raise ModelFormatError(
+                        f"config.json: longrope {key} has {len(scaling[key])} entries; "
+                        f"{self.rotary_dim} rotated dims need {self.rotary_dim // 2}"
+                    )
+            # Only the short factors are exact (see ConfigReader._longrope): the context stops where they do.
+            limit = min(self.max_position_embeddings, int(scaling["original_max_position_embeddings"]))
+            object.__setattr__(self, "max_position_embeddings", limit)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, path: Path | None = None) -> ArchSpec:
