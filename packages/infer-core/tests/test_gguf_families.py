@@ -21,7 +21,8 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize(
-    ("fixture", "arch"), [("tiny-gemma3", "gemma3"), ("tiny-qwen3", "qwen3"), ("tiny-phi3", "phi3")]
+    ("fixture", "arch"),
+    [("tiny-gemma3", "gemma3"), ("tiny-gemma2", "gemma2"), ("tiny-qwen3", "qwen3"), ("tiny-phi3", "phi3")],
 )
 def test_family_gguf_imports_to_the_hugging_face_weights_and_spec(tmp_path: Path, fixture: str, arch: str) -> None:
     expected = write_family_gguf(tmp_path / "m.gguf", fixture, arch)
@@ -35,7 +36,7 @@ def test_family_gguf_imports_to_the_hugging_face_weights_and_spec(tmp_path: Path
     ignored = {"sliding_window", "local_rope", "attention_scale"}
     assert s.features() - ignored == original.features() - ignored
     same = ("hidden_size", "head_dim", "num_key_value_heads", "qk_norm", "norm_offset", "hidden_act", "attention_bias")
-    same += ("rotary_dim", "fused_projections")
+    same += ("rotary_dim", "fused_projections", "attention_softcap", "final_softcap")
     assert all(getattr(s, f) == getattr(original, f) for f in same)
 
 

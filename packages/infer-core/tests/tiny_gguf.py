@@ -191,15 +191,20 @@ def write_family_gguf(
     folder = DATA / fixture
     config = json.loads((folder / "config.json").read_text())
     weights = load_file(folder / "model.safetensors")
-    gemma = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
     writer = gguf.GGUFWriter(str(path), arch)
     add_sizes(writer, config)
     if "head_dim" in config:
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
-    if gemma:
+    if arch == "gemma3":
         writer.add_rope_freq_base(config["rope_parameters"]["full_attention"]["rope_theta"])
         writer.add_sliding_window(config["sliding_window"])
+    elif arch == "gemma2":
+        writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     else:
         writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     if arch == "phi3":

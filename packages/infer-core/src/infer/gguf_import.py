@@ -2,8 +2,8 @@
 
 What the import does:
 
-* ``config.json`` from the GGUF metadata (``llama``, ``qwen2``, ``qwen3``, ``gemma3`` and
-  ``phi3`` architectures; Llama 3.1+ ``rope_freqs`` become their llama3 scaling; the
+* ``config.json`` from the GGUF metadata (``llama``, ``qwen2``, ``qwen3``, ``gemma2``,
+  ``gemma3`` and ``phi3`` architectures; Llama 3.1+ ``rope_freqs`` become their llama3 scaling; the
   architecture is read from the file header before the rest is parsed);
 * ``model.safetensors`` in float32, whatever the source type: quantized tensors (Q8_0, Q4_0,
   Q4_1, Q4_K, Q6_K, ...), F16 and BF16 are dequantized with :func:`gguf.quants.dequantize`, so
@@ -42,13 +42,21 @@ if TYPE_CHECKING:
 __all__ = ["import_gguf"]
 
 #: GGUF architectures the registry (:mod:`infer.arch`) runs, with their config ``model_type``.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+}
 
 #: Their ``architectures`` entry in config.json.
 _CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
@@ -56,6 +64,9 @@ _CLASSES = {
 #: llama.cpp's Gemma 3 constants that the GGUF does not store: one global layer in six, and the
 #: RoPE base of the sliding-window layers.
 _GEMMA3_PATTERN, _GEMMA3_LOCAL_BASE = 6, 10000.0
+#: Layers of the 27B models, which llama.cpp scales queries by 1/sqrt(hidden / heads) instead
+#: of 1/sqrt(head_dim) (their query_pre_attn_scalar).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 #: Per-layer GGUF tensor suffixes and their Hugging Face names.
 _LAYER_NAMES = {
@@ -298,7 +309,9 @@ def _hf_name(name: str, meta: _Metadata) -> str | None:
         return None  # read by _config: it becomes the llama3 rope scaling it was computed from
     if name in _LONGROPE_TENSORS:
         return None  # read by _config: the LongRoPE factors of the 128k-context Phi-3 models
-    names = {"gemma3": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}.get(meta.arch, _LAYER_NAMES)
+    names = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}.get(
+        meta.arch, _LAYER_NAMES
+    )
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}"
@@ -315,7 +328,7 @@ def _hf_layout(
         return _unpermute_rope(array, heads)
     if meta.arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
         return _unpermute_rope(array, kv_heads)
-    if meta.arch == "gemma3" and name.endswith("norm.weight"):
+    if meta.arch in _GEMMA_27B_LAYERS and name.endswith("norm.weight"):
         # Gemma norms compute x * (1 + w); the converter stores 1 + w.
         return array - np.float32(1.0)
     return array
@@ -371,9 +384,9 @@ def _config(meta: _Metadata, *, tied: bool, biased: bool = False) -> dict[str, A
             f"for GGUF architecture {meta.arch!r}",
             path=meta.source,
         )
-    if meta.arch == "gemma3":
+    if meta.arch in _GEMMA_27B_LAYERS:
         # Gemma names its activation hidden_activation.
-        config = {k: v for k, v in config.items() if k != "hidden_act"} | _gemma3_config(meta, config)
+        config = {k: v for k, v in config.items() if k != "hidden_act"} | _gemma_config(meta, config)
     for key, gguf_key in _SPECIAL_IDS.items():
         value = meta.get(f"tokenizer.ggml.{gguf_key}", None)
         if value is not None and key != "unk_token_id":
@@ -381,22 +394,24 @@ def _config(meta: _Metadata, *, tied: bool, biased: bool = False) -> dict[str, A
     return config
 
 
-def _gemma3_config(meta: _Metadata, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Gemma 3 keys beyond the Llama ones, with llama.cpp's values where the GGUF is silent."""
+def _gemma_config(meta: _Metadata, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 2 / 3 keys beyond the Llama ones, with llama.cpp's values where the GGUF is silent."""
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
-    # llama.cpp scales queries by 1/sqrt(head_dim), except on the 27B model (62 layers), which
-    # uses hidden_size / heads (its query_pre_attn_scalar).
-    scalar = config["hidden_size"] // heads if layers == 62 else config["head_dim"]
+    scalar = config["hidden_size"] // heads if layers == _GEMMA_27B_LAYERS[meta.arch] else config["head_dim"]
     window = meta.arch_get("attention.sliding_window", None)
-    return {
+    gemma: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": scalar,
         "sliding_window": None if window is None else int(window),
-        "sliding_window_pattern": _GEMMA3_PATTERN,
-        "rope_local_base_freq": _GEMMA3_LOCAL_BASE,
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
+        "attn_logit_softcapping": meta.arch_get("attn_logit_softcapping", None),
+        "final_logit_softcapping": meta.arch_get("final_logit_softcapping", None),
     }
+    if meta.arch == "gemma3":
+        gemma |= {"sliding_window_pattern": _GEMMA3_PATTERN, "rope_local_base_freq": _GEMMA3_LOCAL_BASE}
+    else:
+        # Gemma 2 alternates local and global layers, starting local (the registry's default).
+        gemma["layer_types"] = [("sliding_attention" if n % 2 == 0 else "full_attention") for n in range(layers)]
+    return gemma
 
 
 def _float32(value: Any) -> float:
