@@ -2,7 +2,8 @@
 
 Every family the registry knows is built from its spec (sliding windows as per-layer masks,
 a rotary table per RoPE base, q/k norm, Gemma's norms and scales, GELU-tanh, partial rotary,
-Phi-3's fused matrices), except Gemma 2's attention soft-capping, which is refused at load.
+Phi-3's fused matrices, NoPE layers, soft-capping with the attention written out); a feature
+the builder does not write is refused at load.
 
 The package holds two functions that share one set of weights and one KV state:
 
@@ -168,9 +169,8 @@ class ConstantKV:
         return value
 
 
-#: :data:`infer.arch.FEATURES` entries this builder writes; a feature added to the registry
-#: later is refused until it is written and listed. Not attention soft-capping (Gemma 2): the
-#: fused attention op has no hook between the scores and the softmax (the onnx backend runs it).
+#: :data:`infer.arch.FEATURES` entries this builder writes (all of today's); a feature added to
+#: the registry later is refused until it is written and listed.
 SUPPORTED_FEATURES: Final[frozenset[str]] = frozenset(
     {
         "sliding_window",
@@ -181,6 +181,7 @@ SUPPORTED_FEATURES: Final[frozenset[str]] = frozenset(
         "gelu_tanh",
         "embedding_scale",
         "attention_scale",
+        "attention_softcap",
         "final_softcap",
         "partial_rotary",
         "fused_projections",
@@ -290,6 +291,18 @@ class DecoderGraph:
         second = mb.add(x=mb.mul(x=x2, y=cos), y=mb.mul(x=x1, y=sin))
         return mb.concat(values=[first, second] if rest is None else [first, second, rest], axis=-1)
 
+    def _attend(self, q: Var, keys: Var, values: Var, mask: Var) -> Var:
+        """softmax(q k^T / sqrt(d) + mask) v; with soft-capping (Gemma 2) written out, since the
+        fused op has no hook between the scores and the softmax."""
+        mb, _, _ = _mil()
+        cap = self.spec.attention_softcap
+        if cap is None:
+            return mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=mask)
+        scores = mb.matmul(x=q, y=keys, transpose_y=True)
+        scores = mb.mul(x=scores, y=self._scalar(1.0 / np.sqrt(self.spec.head_dim)))
+        scores = mb.mul(x=mb.tanh(x=mb.real_div(x=scores, y=self._scalar(cap))), y=self._scalar(cap))
+        return mb.matmul(x=mb.softmax(x=mb.add(x=scores, y=mask), axis=-1), y=values)
+
     def _heads(self, x: Var, heads: int, chunk: int) -> Var:
         """``[1, C, heads*D]`` -> ``[1, heads, C, D]``."""
         mb, _, _ = _mil()
@@ -377,7 +390,7 @@ class DecoderGraph:
             keys = self._cache(kv, f"k_{n}", k, begin, end)
             values = self._cache(kv, f"v_{n}", v, begin, end)
             q = mb.reshape(x=q, shape=[1, kv_heads, group * chunk, d])
-            attn = mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=mask_of(s.window(n)))
+            attn = self._attend(q, keys, values, mask_of(s.window(n)))
             attn = mb.transpose(x=mb.reshape(x=attn, shape=[1, heads, chunk, d]), perm=[0, 2, 1, 3])
             attn = mb.reshape(x=attn, shape=[1, chunk, heads * d])
             attn = self._linear(attn, p + "self_attn.o_proj", s.o_bias)
