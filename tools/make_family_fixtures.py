@@ -106,19 +106,39 @@ def gemma2() -> PretrainedConfig:
 
 
 def phi3() -> PretrainedConfig:
-    """Phi-3: fused qkv and gate_up, RoPE on half of each head (Phi-4-mini rotates 3/4), a window on every layer."""
+    """Phi-3: fused qkv and gate_up, LongRoPE on half of each head (Phi-4-mini rotates 3/4), a window on every layer."""
     from transformers import Phi3Config
 
     # Phi-3 derives head_dim from hidden_size: 2 heads of 32, so the rotated half (16 dims) is
     # a size ONNX Runtime's attention kernel rotates (a multiple of 16).
-    common = COMMON | {"num_attention_heads": 2, "num_key_value_heads": 1}
+    common = COMMON | {"num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
     del common["head_dim"]
     return Phi3Config(
         **common,
         num_hidden_layers=2,
         sliding_window=WINDOW,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        # LongRoPE as on Phi-3.5 / Phi-4-mini: per-frequency short/long factors and an attention
+        # factor (max 512 over an original 256 gives sqrt(1 + ln 2 / ln 256)); the goldens' 134
+        # positions stay under 256, where transformers uses the short factors.
+        original_max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": 256,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0],
+        },
         tie_word_embeddings=False,
+    )
+
+
+def smollm3() -> PretrainedConfig:
+    """SmolLM3: every second layer without RoPE here (every fourth in the released model)."""
+    from transformers import SmolLM3Config
+
+    return SmolLM3Config(
+        **COMMON, num_hidden_layers=2, no_rope_layers=[1, 0], rope_theta=10000.0, tie_word_embeddings=False
     )
 
 
@@ -128,6 +148,7 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-gemma3": gemma3,
     "tiny-gemma2": gemma2,
     "tiny-phi3": phi3,
+    "tiny-smollm3": smollm3,
 }
 
 

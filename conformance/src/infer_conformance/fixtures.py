@@ -45,6 +45,7 @@ FAMILY_FIXTURES: Final[dict[str, Path]] = {
     "gemma3": DATA / "tiny-gemma3",
     "gemma2": DATA / "tiny-gemma2",
     "phi3": DATA / "tiny-phi3",
+    "smollm3": DATA / "tiny-smollm3",
 }
 
 

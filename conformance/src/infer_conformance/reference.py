@@ -63,7 +63,6 @@ class ReferenceModel:
             for name in self.weights:
                 if name.endswith("norm.weight"):
                     self.weights[name] = self.weights[name] + s.norm_offset
-        self._inv_freq = [s.rope_inv_freq(n) for n in range(s.num_hidden_layers)]
 
     @property
     def vocab_size(self) -> int:
@@ -136,24 +135,15 @@ class ReferenceModel:
 
     def _split_fused(self) -> None:
         """Phi-3's stacked q/k/v and gate/up matrices as the separate ones the forward reads."""
-        s = self.spec
-        q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
-        for n in range(s.num_hidden_layers):
-            p = f"model.layers.{n}."
-            qkv = self.weights.pop(p + "self_attn.qkv_proj.weight")
-            for name, rows in zip("qkv", np.split(qkv, [q, q + kv]), strict=True):
-                self.weights[p + f"self_attn.{name}_proj.weight"] = rows
-            gate, up = np.split(self.weights.pop(p + "mlp.gate_up_proj.weight"), 2)
-            self.weights[p + "mlp.gate_proj.weight"], self.weights[p + "mlp.up_proj.weight"] = gate, up
+        self.weights |= self.spec.unfused(self.weights)
 
     def _norm(self, x: F64, prefix: str) -> F64:
         return _rms_norm(x, self.weights[prefix + ".weight"], self.spec.rms_norm_eps)
 
     def _rope(self, layer: int, positions: npt.NDArray[np.int64]) -> tuple[F64, F64]:
-        angles = positions[:, None].astype(np.float64) * self._inv_freq[layer][None, :]
-        # Half-split layout (the Hugging Face one): dimension i pairs with i + head_dim/2.
-        angles = np.concatenate([angles, angles], axis=-1)
-        return np.cos(angles), np.sin(angles)
+        cos, sin = self.spec.rope_cos_sin(positions, layer)
+        # Half-split layout (the Hugging Face one): dimension i pairs with i + rotary_dim/2.
+        return np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
 
     def _linear(self, x: F64, prefix: str) -> F64:
         y: F64 = x @ self.weights[prefix + ".weight"].T
@@ -171,7 +161,8 @@ class ReferenceModel:
         if s.qk_norm:
             # Per head, over head_dim, before the rotation.
             q, k = self._norm(q, p + "self_attn.q_norm"), self._norm(k, p + "self_attn.k_norm")
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if s.rope_layers[n]:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys = np.concatenate([cache.keys[n], k], axis=1)
         values = np.concatenate([cache.values[n], v], axis=1)
         cache.keys[n], cache.values[n] = keys, values

@@ -125,3 +125,16 @@ def folded_model(tiny_bundle: Bundle) -> Callable[..., CoreMLModel]:
         )
 
     return make
+
+
+@pytest.fixture
+def fold_bundle() -> Callable[..., CoreMLModel]:
+    """``f(bundle, dtype, context_length, prefill_chunk)``: a :class:`CoreMLModel` of any bundle whose
+    functions run through :class:`FoldingExecutor`."""
+
+    def make(bundle: Bundle, dtype: str = "fp32", context_length: int = 48, prefill_chunk: int = 4) -> CoreMLModel:
+        config = BuildConfig(dtype=dtype, context_length=context_length, prefill_chunk=prefill_chunk)
+        executor = FoldingExecutor(bundle, config)
+        return CoreMLModel(executor, config=config, vocab_size=bundle.spec.vocab_size, kv_bytes=1, device="cpu")
+
+    return make

@@ -111,7 +111,7 @@ def test_partial_rotary_the_attention_kernel_cannot_rotate_is_refused(tmp_path: 
     folder = tmp_path / "phi3"
     shutil.copytree(fixtures.FAMILY_FIXTURES["phi3"], folder)
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"]["partial_rotary_factor"] = 0.25  # 8 of 32 dims
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="rotates 8 dims"):
         graph.build_decoder(Bundle.open(folder), graph.GraphConfig(), tmp_path / "build")

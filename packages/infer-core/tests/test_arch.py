@@ -46,7 +46,7 @@ def test_every_family_module_is_discovered_by_its_model_types() -> None:
     assert arch.registry()["qwen3"] is arch.qwen3.from_config  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("model_type", ["smollm3", "phi", "gpt2", ""])
+@pytest.mark.parametrize("model_type", ["phi", "gpt2", "mamba", ""])
 def test_unregistered_family_is_refused_naming_it_and_the_supported_ones(model_type: str) -> None:
     with pytest.raises(UnsupportedModelError, match=rf"model_type {model_type!r} is not supported.*gemma3"):
         spec(model_type=model_type)
@@ -156,7 +156,8 @@ def test_gemma2_caps_scores_and_logits_and_alternates_windows() -> None:
             {"sliding_window", "norm_offset", "sandwich_norms", "gelu_tanh", "embedding_scale", "attention_scale"}
             | {"attention_softcap", "final_softcap"},
         ),
-        ("tiny-phi3", {"sliding_window", "partial_rotary", "fused_projections"}),
+        ("tiny-phi3", {"sliding_window", "partial_rotary", "fused_projections"}),  # and LongRoPE
+        ("tiny-smollm3", {"nope_layers"}),
     ],
 )
 def test_fixture_configs_written_by_transformers_give_the_family_features(fixture: str, features: set[str]) -> None:
@@ -176,7 +177,7 @@ def test_phi3_reads_partial_rotary_from_either_place_and_requires_fused_matrices
     assert "model.layers.0.self_attn.q_proj.weight" not in shapes
 
 
-@pytest.mark.parametrize("kind", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("kind", ["yarn", "dynamic", "ntk"])
 def test_rope_scaling_not_built_is_refused_naming_the_kind(kind: str) -> None:
     with pytest.raises(UnsupportedModelError, match=kind):
         spec(model_type="qwen3", rope_scaling={"rope_type": kind, "factor": 4.0})
@@ -209,3 +210,102 @@ def test_sliding_layers_use_the_local_base_only_when_one_is_given() -> None:
     s = spec(model_type="mistral", sliding_window=8, rope_theta=500.0)
     np.testing.assert_allclose(s.rope_inv_freq(0), s.rope_inv_freq())
     assert math.isclose(s.rope_inv_freq(0)[1], 500.0 ** (-2 / 16))
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_gemma3_multimodal_checkpoint_opens_as_its_text_decoder(tmp_path: Path, prefix: str) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from infer.bundle import Bundle
+
+    source = DATA / "tiny-gemma3"
+    shutil.copytree(source, tmp_path / "mm")
+    text = json.loads((source / "config.json").read_text())
+    (tmp_path / "mm" / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+    original = load_file(source / "model.safetensors")
+    renamed = {prefix + name.removeprefix("model."): w for name, w in original.items()}
+    renamed["vision_tower.vision_model.patch_embedding.weight"] = np.ones((4, 3), np.float32)
+    save_file(renamed, tmp_path / "mm" / "model.safetensors")
+    bundle = Bundle.open(tmp_path / "mm")
+    assert bundle.spec == Bundle.open(source).spec
+    assert sorted(bundle.weights) == sorted(original) and len(bundle.weights) == len(original)
+    for name, w in original.items():
+        np.testing.assert_array_equal(bundle.weights[name], w)
+        assert bundle.weights.info(name).shape == w.shape
+
+
+SHORT = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]
+
+
+def longrope(**extra: Any) -> ArchSpec:
+    scaling = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": [1.0] * 8} | extra
+    return spec(
+        model_type="phi3", head_dim=None, num_attention_heads=4, max_position_embeddings=131072, rope_scaling=scaling
+    )
+
+
+def test_longrope_uses_the_short_factors_and_caps_the_context_where_they_end() -> None:
+    s = longrope(original_max_position_embeddings=4096)
+    plain = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(s.rope_inv_freq(), plain / SHORT)
+    assert s.max_position_embeddings == 4096
+    # Phi-3's attention factor: sqrt(1 + ln(131072 / 4096) / ln(4096)).
+    assert s.rope_attention_factor() == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    cos, sin = s.rope_cos_sin(np.arange(3))
+    np.testing.assert_allclose(cos[0], s.rope_attention_factor())
+    assert cos.shape == sin.shape == (3, 8)
+
+
+def test_longrope_reads_a_given_attention_factor_and_the_top_level_original_length() -> None:
+    s = spec_from_config(
+        BASE
+        | {
+            "model_type": "phi3",
+            "head_dim": None,
+            "original_max_position_embeddings": 256,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "attention_factor": 1.5,
+            },
+        }
+    )
+    assert (s.max_position_embeddings, s.rope_attention_factor()) == (256, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"short_factor": [1.0, 2.0]}, "short_factor has 2 entries"),
+        ({"long_factor": "x"}, "long_factor"),
+        ({}, "original"),
+    ],
+)
+def test_malformed_longrope_raises_model_format_error_naming_it(extra: dict[str, Any], match: str) -> None:
+    if extra:
+        extra |= {"original_max_position_embeddings": 4096}
+    with pytest.raises(ModelFormatError, match=match):
+        longrope(**extra)
+
+
+def test_smollm3_leaves_every_fourth_layer_unrotated_unless_told_otherwise() -> None:
+    assert spec(model_type="smollm3", num_hidden_layers=8).rope_layers == (True, True, True, False) * 2
+    given = spec(model_type="smollm3", num_hidden_layers=2, no_rope_layers=[0, 1])
+    assert given.rope_layers == (False, True)
+    with pytest.raises(ModelFormatError, match="no_rope_layers"):
+        spec(model_type="smollm3", num_hidden_layers=2, no_rope_layers=[1])
+
+
+def test_longrope_on_any_family_is_checked_and_capped_the_same_way() -> None:
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": SHORT,
+        "long_factor": SHORT,
+        "original_max_position_embeddings": 64,
+    }
+    assert spec(model_type="llama", rope_scaling=scaling).max_position_embeddings == 64
+    with pytest.raises(ModelFormatError, match="short_factor has 3 entries"):
+        spec(model_type="qwen3", rope_scaling=scaling | {"short_factor": [1.0, 1.0, 1.0]})

@@ -14,13 +14,16 @@ from tiny_gguf import DATA, MARK, write_family_gguf
 from tokenizers import Tokenizer
 
 from infer.bundle import Bundle
-from infer.errors import UnsupportedModelError
+from infer.errors import ModelFormatError, UnsupportedModelError
 from infer.gguf_import import import_gguf
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize(("fixture", "arch"), [("tiny-gemma3", "gemma3"), ("tiny-qwen3", "qwen3")])
+@pytest.mark.parametrize(
+    ("fixture", "arch"),
+    [("tiny-gemma3", "gemma3"), ("tiny-gemma2", "gemma2"), ("tiny-qwen3", "qwen3"), ("tiny-phi3", "phi3")],
+)
 def test_family_gguf_imports_to_the_hugging_face_weights_and_spec(tmp_path: Path, fixture: str, arch: str) -> None:
     expected = write_family_gguf(tmp_path / "m.gguf", fixture, arch)
     bundle = Bundle.open(import_gguf(tmp_path / "m.gguf", tmp_path / "out"))
@@ -33,6 +36,7 @@ def test_family_gguf_imports_to_the_hugging_face_weights_and_spec(tmp_path: Path
     ignored = {"sliding_window", "local_rope", "attention_scale"}
     assert s.features() - ignored == original.features() - ignored
     same = ("hidden_size", "head_dim", "num_key_value_heads", "qk_norm", "norm_offset", "hidden_act", "attention_bias")
+    same += ("rotary_dim", "fused_projections", "attention_softcap", "final_softcap")
     assert all(getattr(s, f) == getattr(original, f) for f in same)
 
 
@@ -131,3 +135,31 @@ def test_rope_freqs_following_another_rule_are_refused_by_name(tmp_path: Path) -
     with pytest.raises(UnsupportedModelError, match="rope_freqs"):
         import_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_phi3_longrope_factors_import_as_longrope(tmp_path: Path) -> None:
+    short, long = np.linspace(1, 2, 8, dtype=np.float32), np.linspace(1, 9, 8, dtype=np.float32)
+
+    def add_longrope(w: gguf.GGUFWriter) -> None:
+        w.add_tensor("rope_factors_short.weight", short)
+        w.add_tensor("rope_factors_long.weight", long)
+        w.add_rope_scaling_orig_ctx_len(128)
+        w.add_rope_scaling_attn_factors(1.25)
+
+    write_family_gguf(tmp_path / "m.gguf", "tiny-phi3", "phi3", edit=add_longrope)
+    bundle = Bundle.open(import_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    scaling = bundle.spec.rope_scaling
+    assert scaling is not None and scaling["rope_type"] == "longrope"
+    np.testing.assert_allclose(scaling["long_factor"], long)
+    assert (bundle.spec.max_position_embeddings, bundle.spec.rope_attention_factor()) == (128, 1.25)
+    plain = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(bundle.spec.rope_inv_freq(), plain / short, rtol=1e-6)
+
+
+def test_longrope_with_one_factor_tensor_missing_is_a_format_error(tmp_path: Path) -> None:
+    from tiny_gguf import write_tiny_gguf
+
+    factors = np.ones(8, dtype=np.float32)
+    write_tiny_gguf(tmp_path / "m.gguf", edit=lambda w: w.add_tensor("rope_factors_long.weight", factors))
+    with pytest.raises(ModelFormatError, match="LongRoPE needs both"):
+        import_gguf(tmp_path / "m.gguf", tmp_path / "out")

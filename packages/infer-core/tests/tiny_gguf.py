@@ -149,6 +149,8 @@ _FAMILY_LAYER = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
 _GEMMA = {
     "post_attention_layernorm.weight": "post_attention_norm.weight",
@@ -182,21 +184,33 @@ def sentencepiece_vocab(size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_family_gguf(path: Path, fixture: str, arch: str) -> dict[str, np.ndarray]:
+def write_family_gguf(
+    path: Path, fixture: str, arch: str, *, edit: Callable[[gguf.GGUFWriter], None] | None = None
+) -> dict[str, np.ndarray]:
     """Write a tiny family fixture as llama.cpp would (Gemma norms stored as 1 + w); return its weights."""
     folder = DATA / fixture
     config = json.loads((folder / "config.json").read_text())
     weights = load_file(folder / "model.safetensors")
-    gemma = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
     writer = gguf.GGUFWriter(str(path), arch)
     add_sizes(writer, config)
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
-    if gemma:
+    if "head_dim" in config:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if arch == "gemma3":
         writer.add_rope_freq_base(config["rope_parameters"]["full_attention"]["rope_theta"])
         writer.add_sliding_window(config["sliding_window"])
+    elif arch == "gemma2":
+        writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     else:
         writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    if arch == "phi3":
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        writer.add_rope_dimension_count(int(head_dim * config["rope_parameters"]["partial_rotary_factor"]))
+        writer.add_sliding_window(config["sliding_window"])
     tokens, types = sentencepiece_vocab(config["vocab_size"])
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -208,6 +222,8 @@ def write_family_gguf(path: Path, fixture: str, arch: str) -> dict[str, np.ndarr
     writer.add_pad_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_space_prefix(not gemma)
+    if edit is not None:
+        edit(writer)
     names = _FAMILY_LAYER | (_GEMMA if gemma else {"post_attention_layernorm.weight": "ffn_norm.weight"})
     for name, w in weights.items():
         if name in _FAMILY_GLOBAL:

@@ -1,4 +1,9 @@
-"""Build a Llama-family decoder as a stateful, multifunction Core ML package with the MIL builder.
+"""Build a decoder as a stateful, multifunction Core ML package with the MIL builder.
+
+Every family the registry knows is built from its spec (sliding windows as per-layer masks,
+a rotary table per RoPE base, q/k norm, Gemma's norms and scales, GELU-tanh, partial rotary,
+Phi-3's fused matrices, NoPE layers, soft-capping with the attention written out); a feature
+the builder does not write is refused at load.
 
 The package holds two functions that share one set of weights and one KV state:
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +71,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the graph changes, so cached packages from older builders are rebuilt.
-BUILDER_VERSION: Final = "1"
+BUILDER_VERSION: Final = "2"
 FUNCTION_PREFILL: Final = "prefill"
 FUNCTION_DECODE: Final = "decode"
 INPUT_IDS: Final = "input_ids"
@@ -163,9 +169,25 @@ class ConstantKV:
         return value
 
 
-#: :data:`infer.arch.FEATURES` entries this builder writes: none yet, so sliding windows,
-#: q/k norm, Gemma's norms and the rest are refused at load (the onnx backend runs them).
-SUPPORTED_FEATURES: Final[frozenset[str]] = frozenset()
+#: :data:`infer.arch.FEATURES` entries this builder writes (all of today's); a feature added to
+#: the registry later is refused until it is written and listed.
+SUPPORTED_FEATURES: Final[frozenset[str]] = frozenset(
+    {
+        "sliding_window",
+        "local_rope",
+        "qk_norm",
+        "norm_offset",
+        "sandwich_norms",
+        "gelu_tanh",
+        "embedding_scale",
+        "attention_scale",
+        "attention_softcap",
+        "final_softcap",
+        "partial_rotary",
+        "fused_projections",
+        "nope_layers",
+    }
+)
 
 
 @dataclass
@@ -187,6 +209,9 @@ class DecoderGraph:
     def __post_init__(self) -> None:
         # A family feature this graph does not write would be silently dropped: refuse instead.
         self.spec.require(SUPPORTED_FEATURES, backend="coreml")
+        if self.spec.fused_projections:
+            # Phi-3's stacked matrices, read as the separate ones the ops below name.
+            self.weights = ChainMap(self.spec.unfused(self.weights), self.weights)
 
     @property
     def np_dtype(self) -> type[np.floating[Any]]:
@@ -207,6 +232,8 @@ class DecoderGraph:
             expected = self.spec.expected_shapes().get(name)
             if expected is not None and array.shape != expected:
                 raise ModelFormatError(f"weight {name!r} has shape {array.shape}, expected {expected}")
+            if name.endswith("norm.weight") and self.spec.norm_offset:
+                array = array + np.float32(self.spec.norm_offset)  # (1 + w) norms
             self._consts[name] = mb.const(val=array.astype(self.np_dtype), name=name.replace(".", "_"))
         return self._consts[name]
 
@@ -239,14 +266,42 @@ class DecoderGraph:
         mb, _, _ = _mil()
         return mb.mul(x=x, y=mb.sigmoid(x=x)) if self.foldable else mb.silu(x=x)
 
-    def _rotate(self, x: Var, cos: Var, sin: Var) -> Var:
-        """Apply rotary embedding in the half-split layout (first half paired with second)."""
+    def _activation(self, x: Var) -> Var:
         mb, _, _ = _mil()
-        half = self.spec.head_dim // 2
+        if self.spec.hidden_act != "gelu_tanh":
+            return self._silu(x)
+        if not self.foldable:
+            return mb.gelu(x=x, mode="TANH_APPROXIMATION")
+        # gelu has no value inference: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+        cube = mb.mul(x=mb.mul(x=x, y=x), y=x)
+        inner = mb.mul(x=mb.add(x=x, y=mb.mul(x=cube, y=self._scalar(0.044715))), y=self._scalar(0.7978845608028654))
+        return mb.mul(x=mb.mul(x=x, y=self._scalar(0.5)), y=mb.add(x=mb.tanh(x=inner), y=self._scalar(1.0)))
+
+    def _rotate(self, x: Var, cos: Var, sin: Var) -> Var:
+        """Apply rotary embedding in the half-split layout (first half paired with second), to the
+        first ``rotary_dim`` dimensions of each head; the rest pass through (partial rotary)."""
+        mb, _, _ = _mil()
+        rotary, d = self.spec.rotary_dim, self.spec.head_dim
+        rest = None
+        if rotary < d:
+            x, rest = mb.split(x=x, split_sizes=[rotary, d - rotary], axis=-1)
+        half = rotary // 2
         x1, x2 = mb.split(x=x, split_sizes=[half, half], axis=-1)
         first = mb.sub(x=mb.mul(x=x1, y=cos), y=mb.mul(x=x2, y=sin))
         second = mb.add(x=mb.mul(x=x2, y=cos), y=mb.mul(x=x1, y=sin))
-        return mb.concat(values=[first, second], axis=-1)
+        return mb.concat(values=[first, second] if rest is None else [first, second, rest], axis=-1)
+
+    def _attend(self, q: Var, keys: Var, values: Var, mask: Var) -> Var:
+        """softmax(q k^T / sqrt(d) + mask) v; with soft-capping (Gemma 2) written out, since the
+        fused op has no hook between the scores and the softmax."""
+        mb, _, _ = _mil()
+        cap = self.spec.attention_softcap
+        if cap is None:
+            return mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=mask)
+        scores = mb.matmul(x=q, y=keys, transpose_y=True)
+        scores = mb.mul(x=scores, y=self._scalar(1.0 / np.sqrt(self.spec.head_dim)))
+        scores = mb.mul(x=mb.tanh(x=mb.real_div(x=scores, y=self._scalar(cap))), y=self._scalar(cap))
+        return mb.matmul(x=mb.softmax(x=mb.add(x=scores, y=mask), axis=-1), y=values)
 
     def _heads(self, x: Var, heads: int, chunk: int) -> Var:
         """``[1, C, heads*D]`` -> ``[1, heads, C, D]``."""
@@ -278,23 +333,39 @@ class DecoderGraph:
 
         embed = self._weight("model.embed_tokens.weight")
         x = mb.gather(x=embed, indices=input_ids, axis=0, name=EMBEDDING_OP)  # [1, C, H]
+        if s.embedding_scale != 1.0:
+            x = mb.mul(x=x, y=self._scalar(s.embedding_scale))
 
-        # Positions of the chunk's rows; rotary tables are gathered by them.
+        # Positions of the chunk's rows; rotary tables (one pair per RoPE base) are gathered by them.
         positions = mb.add(x=position, y=np.arange(chunk, dtype=np.int32))  # [C]
-        angles = np.outer(np.arange(length, dtype=np.float64), s.rope_inv_freq())
-        cos = mb.gather(x=np.cos(angles).astype(dt), indices=positions, axis=0)
-        sin = mb.gather(x=np.sin(angles).astype(dt), indices=positions, axis=0)
-        cos = mb.reshape(x=cos, shape=[1, 1, chunk, d // 2])
-        sin = mb.reshape(x=sin, shape=[1, 1, chunk, d // 2])
+        rope: dict[int, tuple[Var, Var]] = {}
+        for layers in s.rope_groups().values():
+            cos_table, sin_table = s.rope_cos_sin(np.arange(length), layers[0])
+            cos = mb.gather(x=cos_table.astype(dt), indices=positions, axis=0)
+            sin = mb.gather(x=sin_table.astype(dt), indices=positions, axis=0)
+            pair = (
+                mb.reshape(x=cos, shape=[1, 1, chunk, s.rotary_dim // 2]),
+                mb.reshape(x=sin, shape=[1, 1, chunk, s.rotary_dim // 2]),
+            )
+            rope |= dict.fromkeys(layers, pair)
 
-        # Causal mask over the whole state: row i sees keys 0..position+i.
-        hidden = mb.greater(
-            x=np.arange(length, dtype=np.int32).reshape(1, length), y=mb.reshape(x=positions, shape=[chunk, 1])
-        )
-        mask = mb.mul(x=mb.cast(x=hidden, dtype=self.config.compute_dtype), y=self._scalar(MASK_VALUE))
-        # Grouped-query attention folds each KV head's query group into the sequence axis
-        # (rows g*C + i), so K and V are read once rather than repeated per query head.
-        mask = mb.reshape(x=mb.tile(x=mask, reps=[group, 1]), shape=[1, 1, group * chunk, length])
+        masks: dict[int | None, Var] = {}
+
+        def mask_of(window: int | None) -> Var:
+            """Additive mask over the whole state: row i sees keys 0..position+i, and with a
+            window only the last ``window`` of them."""
+            if window not in masks:
+                keys = np.arange(length, dtype=np.int32).reshape(1, length)
+                rows = mb.reshape(x=positions, shape=[chunk, 1])
+                hidden = mb.greater(x=keys, y=rows)
+                if window is not None:
+                    too_old = mb.less_equal(x=keys, y=mb.sub(x=rows, y=np.int32(window)))
+                    hidden = mb.logical_or(x=hidden, y=too_old)
+                mask = mb.mul(x=mb.cast(x=hidden, dtype=self.config.compute_dtype), y=self._scalar(MASK_VALUE))
+                # Grouped-query attention folds each KV head's query group into the sequence axis
+                # (rows g*C + i), so K and V are read once rather than repeated per query head.
+                masks[window] = mb.reshape(x=mb.tile(x=mask, reps=[group, 1]), shape=[1, 1, group * chunk, length])
+            return masks[window]
 
         zero = np.zeros(1, dtype=np.int32)
         begin = mb.concat(values=[zero, zero, position, zero], axis=0)
@@ -306,20 +377,34 @@ class DecoderGraph:
             q = self._heads(self._linear(h, p + "self_attn.q_proj", s.attention_bias), heads, chunk)
             k = self._heads(self._linear(h, p + "self_attn.k_proj", s.attention_bias), kv_heads, chunk)
             v = self._heads(self._linear(h, p + "self_attn.v_proj", s.attention_bias), kv_heads, chunk)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
+            if s.qk_norm:
+                q = self.rms_norm(q, p + "self_attn.q_norm.weight")
+                k = self.rms_norm(k, p + "self_attn.k_norm.weight")
+            if s.rope_layers[n]:
+                cos, sin = rope[n]
+                q = self._rotate(q, cos, sin)
+                k = self._rotate(k, cos, sin)
+            if s.attention_scale is not None:
+                # The fused op divides by sqrt(head_dim): pre-scale q to the spec's factor.
+                q = mb.mul(x=q, y=self._scalar(s.scale * np.sqrt(d)))
             keys = self._cache(kv, f"k_{n}", k, begin, end)
             values = self._cache(kv, f"v_{n}", v, begin, end)
             q = mb.reshape(x=q, shape=[1, kv_heads, group * chunk, d])
-            attn = mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=mask)
+            attn = self._attend(q, keys, values, mask_of(s.window(n)))
             attn = mb.transpose(x=mb.reshape(x=attn, shape=[1, heads, chunk, d]), perm=[0, 2, 1, 3])
             attn = mb.reshape(x=attn, shape=[1, chunk, heads * d])
-            x = mb.add(x=x, y=self._linear(attn, p + "self_attn.o_proj", s.o_bias))
+            attn = self._linear(attn, p + "self_attn.o_proj", s.o_bias)
+            if s.sandwich_norms:
+                attn = self.rms_norm(attn, p + "post_attention_layernorm.weight")
+            x = mb.add(x=x, y=attn)
 
-            h = self.rms_norm(x, p + "post_attention_layernorm.weight")
+            h = self.rms_norm(x, s.pre_mlp_norm(n))
             gate = self._linear(h, p + "mlp.gate_proj", s.mlp_bias)
             up = self._linear(h, p + "mlp.up_proj", s.mlp_bias)
-            x = mb.add(x=x, y=self._linear(mb.mul(x=self._silu(gate), y=up), p + "mlp.down_proj", s.mlp_bias))
+            mlp = self._linear(mb.mul(x=self._activation(gate), y=up), p + "mlp.down_proj", s.mlp_bias)
+            if s.sandwich_norms:
+                mlp = self.rms_norm(mlp, p + "post_feedforward_layernorm.weight")
+            x = mb.add(x=x, y=mlp)
 
         # Only one row's logits leave the model: the head is the largest matmul, and a
         # [C, vocab] output would be copied out on every call.
@@ -331,6 +416,9 @@ class DecoderGraph:
         logits = mb.linear(x=x, weight=self._weight(head))
         if dt is np.float16:
             logits = mb.cast(x=logits, dtype="fp32")
+        if s.final_softcap is not None:
+            cap = np.float32(s.final_softcap)
+            logits = mb.mul(x=mb.tanh(x=mb.real_div(x=logits, y=cap)), y=cap)
         return logits
 
 

@@ -72,7 +72,8 @@ __all__ = [
 BUILDER_VERSION: Final = "3"
 #: Precisions :func:`build_decoder` can write, default first (``native``: a GGUF's own quant types).
 DTYPES: Final = ("fp32", "fp16", "int4", "native")
-#: Every :data:`infer.arch.FEATURES` entry the graph builds (all of them, checked at build).
+#: The :data:`infer.arch.FEATURES` entries the graph builds, checked at build: a feature added
+#: to the registry later is refused here until the graph writes it and it is listed.
 SUPPORTED_FEATURES: Final = frozenset(
     {
         "sliding_window",
@@ -87,6 +88,7 @@ SUPPORTED_FEATURES: Final = frozenset(
         "final_softcap",
         "partial_rotary",
         "fused_projections",
+        "nope_layers",
     }
 )
 #: File names of a build inside its folder.
@@ -448,14 +450,15 @@ class _GraphBuilder:
         if s.attention_softcap is not None:
             attrs["softcap"] = s.attention_softcap
         past_k, past_v = past_names(layer)
+        rotary = s.rope_layers[layer]
         out, _, _ = self.op(
             "GroupQueryAttention",
-            [*qkv_inputs, past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+            [*qkv_inputs, past_k, past_v, "seqlens_k", "total_sequence_length", *((cos, sin) if rotary else ())],
             n_out=3,
             domain=_MS,
             num_heads=s.num_attention_heads,
             kv_num_heads=s.num_key_value_heads,
-            do_rotary=1,
+            do_rotary=int(rotary),
             rotary_interleaved=0,
             scale=s.scale,
             **attrs,
@@ -535,12 +538,11 @@ class _GraphBuilder:
         """cos/sin caches by layer: one pair per distinct set of frequencies (two on Gemma 3)."""
         s = self.spec
         tables: dict[int, tuple[str, str]] = {}
-        for n, (freqs, layers) in enumerate(s.rope_groups().items()):
-            inv = np.asarray(freqs, dtype=np.float64)
-            angles = np.arange(s.max_position_embeddings, dtype=np.float64)[:, None] * inv[None, :]
+        for n, layers in enumerate(s.rope_groups().values()):
+            cos_table, sin_table = s.rope_cos_sin(np.arange(s.max_position_embeddings), layers[0])
             prefix = "rope." if n == 0 else f"rope.{n}."
-            cos = self.const(prefix + "cos_cache", np.cos(angles).astype(self.act_dtype))
-            sin = self.const(prefix + "sin_cache", np.sin(angles).astype(self.act_dtype))
+            cos = self.const(prefix + "cos_cache", cos_table.astype(self.act_dtype))
+            sin = self.const(prefix + "sin_cache", sin_table.astype(self.act_dtype))
             tables |= dict.fromkeys(layers, (cos, sin))
         return tables
 

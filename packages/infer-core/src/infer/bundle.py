@@ -107,6 +107,54 @@ class Weights(Mapping[str, npt.NDArray[np.floating[Any]]]):
         return tuple(sorted({t.file for t in self._tensors.values()}))
 
 
+#: Where multimodal checkpoints (Gemma 3 4B+, ...) keep the text decoder: (stored prefix, the
+#: prefix the spec's names use). transformers < 4.52 wrote ``language_model.model.*``, later
+#: versions ``model.language_model.*``; the vision tower's tensors are left out.
+_DECODER_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
+
+
+class _RenamedWeights(Weights):
+    """A multimodal checkpoint's text decoder under the names the spec uses (``model.layers.0...``)."""
+
+    def __init__(self, tensors: Mapping[str, TensorInfo], stored: Mapping[str, str]) -> None:
+        super().__init__({name: tensors[name] for name in stored.values()})
+        #: Spec name -> stored name.
+        self._stored = dict(stored)
+
+    def __getitem__(self, name: str) -> npt.NDArray[np.floating[Any]]:
+        return super().__getitem__(self._stored.get(name, name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._stored
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def info(self, name: str) -> TensorInfo:
+        """Header facts of ``name`` (file, dtype, shape) without reading its data."""
+        return super().info(self._stored.get(name, name))
+
+    def file_of(self, name: str) -> Path:
+        """The safetensors file holding ``name``."""
+        return super().file_of(self._stored.get(name, name))
+
+
+def _decoder_weights(tensors: Mapping[str, TensorInfo]) -> Weights:
+    """The bundle's weights; for a multimodal checkpoint, its text decoder renamed as a text model's."""
+    if "model.embed_tokens.weight" in tensors:
+        return Weights(tensors)
+    for stored_prefix, prefix in _DECODER_PREFIXES:
+        if stored_prefix + "embed_tokens.weight" in tensors:
+            stored = {prefix + n.removeprefix(stored_prefix): n for n in tensors if n.startswith(stored_prefix)}
+            # The output head sits beside the decoder: language_model.lm_head or lm_head.
+            for head in ("language_model.lm_head.weight", "lm_head.weight"):
+                if head in tensors:
+                    stored["lm_head.weight"] = head
+                    break
+            return _RenamedWeights(tensors, stored)
+    return Weights(tensors)
+
+
 def is_bundle(path: Path) -> bool:
     """Whether ``path`` looks like a Hugging Face-layout model folder."""
     return path.is_dir() and (path / "config.json").is_file()
@@ -150,7 +198,7 @@ class Bundle:
 
             weights = GGUFWeights.open(root)
         else:
-            weights = Weights(_index_safetensors(root))
+            weights = _decoder_weights(_index_safetensors(root))
         bundle = cls(
             path=root,
             spec=spec,

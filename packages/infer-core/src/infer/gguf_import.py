@@ -2,8 +2,9 @@
 
 What the import does:
 
-* ``config.json`` from the GGUF metadata (``llama``, ``qwen2``, ``qwen3`` and ``gemma3``
-  architectures; the architecture is read from the file header before the rest is parsed);
+* ``config.json`` from the GGUF metadata (``llama``, ``qwen2``, ``qwen3``, ``gemma2``,
+  ``gemma3`` and ``phi3`` architectures; Llama 3.1+ ``rope_freqs`` become their llama3 scaling; the
+  architecture is read from the file header before the rest is parsed);
 * no weight file: the tensors stay in the GGUF (moved, hard-linked or referred to, see
   :func:`import_gguf`), and ``gguf_tensors.json`` records where each lives, its quant type and
   shape, whether the rotary permutation llama.cpp applies to the Q and K projections of
@@ -46,19 +47,31 @@ __all__ = ["import_gguf"]
 GGUF_NAME = "model.gguf"
 
 #: GGUF architectures the registry (:mod:`infer.arch`) runs, with their config ``model_type``.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+}
 
 #: Their ``architectures`` entry in config.json.
 _CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 #: llama.cpp's Gemma 3 constants that the GGUF does not store: one global layer in six, and the
 #: RoPE base of the sliding-window layers.
 _GEMMA3_PATTERN, _GEMMA3_LOCAL_BASE = 6, 10000.0
+#: Layers of the 27B models, which llama.cpp scales queries by 1/sqrt(hidden / heads) instead
+#: of 1/sqrt(head_dim) (their query_pre_attn_scalar).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 #: Per-layer GGUF tensor suffixes and their Hugging Face names.
 _LAYER_NAMES = {
@@ -123,6 +136,12 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+
+#: Phi-3's fused matrices: ``attn_qkv`` (q, k, v rows) and ``ffn_up`` holding gate and up rows.
+_PHI3_LAYER_NAMES = _LAYER_NAMES | {
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "ffn_up.weight": "mlp.gate_up_proj.weight",
 }
 
 #: Hugging Face special-token id keys and the GGUF metadata keys holding them.
@@ -306,7 +325,7 @@ def _locate_tensors(
             "nbytes": nbytes,
             "rope_heads": rope_heads,
         }
-        if meta.arch == "gemma3" and name.endswith("norm.weight"):
+        if meta.arch in _GEMMA_27B_LAYERS and name.endswith("norm.weight"):
             # Gemma norms compute x * (1 + w); llama.cpp's converter stores 1 + w.
             entries[name]["add"] = -1.0
     if "model.embed_tokens.weight" not in entries:
@@ -320,7 +339,11 @@ def _hf_name(name: str, meta: _Metadata) -> str | None:
         return _GLOBAL_NAMES[name]
     if name == "rope_freqs.weight":
         return None  # read by _config: it becomes the llama3 rope scaling it was computed from
-    names = _GEMMA_LAYER_NAMES if meta.arch == "gemma3" else _LAYER_NAMES
+    if name in _LONGROPE_TENSORS:
+        return None  # read by _config: the LongRoPE factors of the 128k-context Phi-3 models
+    names = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}.get(
+        meta.arch, _LAYER_NAMES
+    )
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}"
@@ -355,14 +378,22 @@ def _config(meta: _Metadata, *, tied: bool, biased: bool = False) -> dict[str, A
     }
     config["rope_scaling"] = _rope_scaling(meta, config["rope_theta"], head_dim)
     rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
+    if meta.arch == "phi3":
+        window = meta.arch_get("attention.sliding_window", None)
+        # Phi-3 derives head_dim from hidden_size and rotates a share of it.
+        config |= {
+            "partial_rotary_factor": rope_dims / head_dim,
+            "sliding_window": None if window is None else int(window),
+        }
+    elif rope_dims != head_dim:
         raise UnsupportedModelError(
-            f"{meta.source.name}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported",
+            f"{meta.source.name}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported "
+            f"for GGUF architecture {meta.arch!r}",
             path=meta.source,
         )
-    if meta.arch == "gemma3":
+    if meta.arch in _GEMMA_27B_LAYERS:
         # Gemma names its activation hidden_activation.
-        config = {k: v for k, v in config.items() if k != "hidden_act"} | _gemma3_config(meta, config)
+        config = {k: v for k, v in config.items() if k != "hidden_act"} | _gemma_config(meta, config)
     for key, gguf_key in _SPECIAL_IDS.items():
         value = meta.get(f"tokenizer.ggml.{gguf_key}", None)
         if value is not None and key != "unk_token_id":
@@ -370,22 +401,24 @@ def _config(meta: _Metadata, *, tied: bool, biased: bool = False) -> dict[str, A
     return config
 
 
-def _gemma3_config(meta: _Metadata, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Gemma 3 keys beyond the Llama ones, with llama.cpp's values where the GGUF is silent."""
+def _gemma_config(meta: _Metadata, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 2 / 3 keys beyond the Llama ones, with llama.cpp's values where the GGUF is silent."""
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
-    # llama.cpp scales queries by 1/sqrt(head_dim), except on the 27B model (62 layers), which
-    # uses hidden_size / heads (its query_pre_attn_scalar).
-    scalar = config["hidden_size"] // heads if layers == 62 else config["head_dim"]
+    scalar = config["hidden_size"] // heads if layers == _GEMMA_27B_LAYERS[meta.arch] else config["head_dim"]
     window = meta.arch_get("attention.sliding_window", None)
-    return {
+    gemma: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": scalar,
         "sliding_window": None if window is None else int(window),
-        "sliding_window_pattern": _GEMMA3_PATTERN,
-        "rope_local_base_freq": _GEMMA3_LOCAL_BASE,
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
+        "attn_logit_softcapping": meta.arch_get("attn_logit_softcapping", None),
+        "final_logit_softcapping": meta.arch_get("final_logit_softcapping", None),
     }
+    if meta.arch == "gemma3":
+        gemma |= {"sliding_window_pattern": _GEMMA3_PATTERN, "rope_local_base_freq": _GEMMA3_LOCAL_BASE}
+    else:
+        # Gemma 2 alternates local and global layers, starting local (the registry's default).
+        gemma["layer_types"] = [("sliding_attention" if n % 2 == 0 else "full_attention") for n in range(layers)]
+    return gemma
 
 
 def _float32(value: Any) -> float:
@@ -424,7 +457,33 @@ def _rope_freqs_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[st
     return scaling
 
 
+#: LongRoPE's per-frequency factors as llama.cpp stores them, by their config.json key.
+_LONGROPE_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
+
+
+def _longrope_scaling(meta: _Metadata) -> dict[str, Any] | None:
+    """LongRoPE from ``rope_factors_short/long.weight`` and the ``rope.scaling.*`` keys, if present."""
+    found = {t.name: t for t in meta.reader.tensors if t.name in _LONGROPE_TENSORS}
+    if not found:
+        return None
+    if len(found) != len(_LONGROPE_TENSORS):
+        raise ModelFormatError(
+            f"{meta.source.name}: LongRoPE needs both {' and '.join(_LONGROPE_TENSORS)}", path=meta.source
+        )
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for name, key in _LONGROPE_TENSORS.items():
+        scaling[key] = [_float32(f) for f in np.asarray(found[name].data, dtype=np.float32).reshape(-1)]
+    scaling["original_max_position_embeddings"] = int(meta.arch_get("rope.scaling.original_context_length"))
+    attention = meta.arch_get("rope.scaling.attn_factor", None)
+    if attention is not None:
+        scaling["attention_factor"] = _float32(attention)
+    return scaling
+
+
 def _rope_scaling(meta: _Metadata, theta: float, head_dim: int) -> dict[str, Any] | None:
+    longrope = _longrope_scaling(meta)
+    if longrope is not None:
+        return longrope
     from_freqs = _rope_freqs_scaling(meta, theta, head_dim)
     if from_freqs is not None:
         return from_freqs

@@ -1,58 +1,14 @@
 """The architecture registry: ``config.json`` -> :class:`ArchSpec`, one module per family.
 
 A family module in this package defines ``MODEL_TYPES`` (the ``model_type`` values it reads)
-and ``from_config(config, *, path=None) -> ArchSpec``; the registry finds every such module,
-so adding a family is adding a file. Backends and the reference forward build from the
-spec's fields, never from ``model_type``.
+and ``from_config(config, *, path=None) -> ArchSpec``; the registry (:mod:`infer.arch.registry`)
+finds every such module, so adding a family is adding a file. Backends and the reference
+forward build from the spec's fields, never from ``model_type``.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from collections.abc import Callable, Mapping
-from functools import cache
-from pathlib import Path
-from typing import Any
-
+from infer.arch.registry import registry, spec_from_config, supported_architectures
 from infer.arch.spec import ACTIVATIONS, FEATURES, ArchSpec
-from infer.errors import UnsupportedModelError
 
 __all__ = ["ACTIVATIONS", "FEATURES", "ArchSpec", "registry", "spec_from_config", "supported_architectures"]
-
-Reader = Callable[..., ArchSpec]
-
-
-@cache
-def registry() -> Mapping[str, Reader]:
-    """``model_type`` -> the family module's ``from_config``, for every family module here."""
-    found: dict[str, Reader] = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_") or info.name == "spec":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for model_type in getattr(module, "MODEL_TYPES", ()):
-            found[model_type] = module.from_config
-    return found
-
-
-def supported_architectures() -> frozenset[str]:
-    """Every ``model_type`` the registry reads."""
-    return frozenset(registry())
-
-
-def spec_from_config(config: Mapping[str, Any], *, path: Path | None = None) -> ArchSpec:
-    """Validate a parsed ``config.json`` into an :class:`ArchSpec` through its family module.
-
-    Raises :class:`~infer.errors.UnsupportedModelError` for a family (or a feature of one)
-    infer does not run and :class:`~infer.errors.ModelFormatError` for malformed values.
-    """
-    model_type = str(config.get("model_type", ""))
-    reader = registry().get(model_type)
-    if reader is None:
-        raise UnsupportedModelError(
-            f"config.json: model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(supported_architectures()))}",
-            path=path,
-        )
-    return reader(config, path=path)

@@ -11,8 +11,8 @@ from infer.errors import ModelFormatError, UnsupportedModelError
 
 __all__ = ["ROPE_KINDS", "ConfigReader"]
 
-#: RoPE scaling kinds the backends build; others (yarn, dynamic, longrope...) are refused by name.
-ROPE_KINDS: Final = ("default", "linear", "llama3")
+#: RoPE scaling kinds the backends build; others (yarn, dynamic...) are refused by name.
+ROPE_KINDS: Final = ("default", "linear", "llama3", "longrope")
 
 #: ``layer_types`` entries and whether the layer attends through a sliding window.
 _LAYER_TYPES: Final = {"full_attention": False, "sliding_attention": True}
@@ -117,8 +117,34 @@ class ConfigReader:
             raise self.refuse(f"rope scaling type {kind!r} is not supported ({', '.join(ROPE_KINDS)})")
         if kind == "default":
             return theta, None
+        if kind == "longrope":
+            return theta, self._longrope(scaling)
         self.pos_float("rope_scaling.factor", scaling.get("factor"))
         return theta, dict(scaling)
+
+    def _longrope(self, scaling: Mapping[str, Any]) -> dict[str, Any]:
+        """LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) with its attention factor worked out.
+
+        Only the short factors are used: transformers switches to the long ones for a whole
+        forward once the sequence passes ``original_max_position_embeddings``, re-rotating
+        nothing already cached, which no KV cache can follow. So the context is capped there
+        (the family module caps ``max_position_embeddings``) and every position infer runs is exact.
+        """
+        original = scaling.get("original_max_position_embeddings", self.config.get("original_max_position_embeddings"))
+        original = self.pos_float("original_max_position_embeddings", original)
+        for key in ("short_factor", "long_factor"):
+            factors = scaling.get(key)
+            if not isinstance(factors, list) or not all(isinstance(f, int | float) and f > 0 for f in factors):
+                raise self.fail(f"longrope {key} must be a list of positive numbers, got {factors!r}")
+        factor = scaling.get("factor") or self.pos_int("max_position_embeddings", 2048) / original
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return dict(scaling) | {
+            "rope_type": "longrope",
+            "original_max_position_embeddings": int(original),
+            "attention_factor": self.pos_float("attention_factor", attention),
+        }
 
     def sliding_layers(self, layers: int, default: Sequence[bool]) -> tuple[bool, ...]:
         """Which layers use the sliding window: ``layer_types`` when given, else ``default``."""

@@ -3,7 +3,9 @@
 ``self_attn.qkv_proj`` and ``mlp.gate_up_proj`` hold q/k/v and gate/up stacked by rows;
 ``partial_rotary_factor`` (top level, or in ``rope_parameters``) rotates only that share of
 each head (Phi-4-mini: 0.75); ``sliding_window`` applies to every layer (Phi-3-mini-4k: 2047).
-``longrope`` scaling (the 128k-context models) is refused by the shared RoPE reader, naming it.
+LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) runs with its short factors and attention factor,
+the context capped at ``original_max_position_embeddings`` (4096 on those models): past it,
+transformers switches to the long factors mid-sequence, which no KV cache can follow.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, Final, final
 import numpy as np
 import numpy.typing as npt
 
-from infer.errors import UnsupportedModelError
+from infer.errors import ModelFormatError, UnsupportedModelError
 
 __all__ = ["ACTIVATIONS", "FEATURES", "ArchSpec", "rope_inv_freq"]
 
@@ -39,6 +39,7 @@ FEATURES: Final[Mapping[str, str]] = {
     "final_softcap": "tanh soft-capping of the output logits",
     "partial_rotary": "RoPE on the first part of each head only",
     "fused_projections": "q/k/v and gate/up stored as fused matrices",
+    "nope_layers": "layers without rotary embedding (NoPE)",
 }
 
 
@@ -54,6 +55,9 @@ def rope_inv_freq(theta: float, head_dim: int, scaling: Mapping[str, Any] | None
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
         return inv / factor
+    if kind == "longrope":
+        # ArchSpec checks the factors' length against its rotated dims.
+        return inv / np.asarray(scaling["short_factor"], dtype=np.float64)
     if kind == "llama3":
         low = float(scaling.get("low_freq_factor", 1.0))
         high = float(scaling.get("high_freq_factor", 4.0))
@@ -120,12 +124,27 @@ class ArchSpec:
     #: Phi-3 layout: ``self_attn.qkv_proj`` (q, k, v rows stacked) and ``mlp.gate_up_proj``
     #: (gate rows, then up rows) instead of separate matrices.
     fused_projections: bool = False
+    #: Per layer: whether RoPE rotates its queries and keys (SmolLM3 leaves every fourth unrotated).
+    rope_layers: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_hidden_layers)
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
         if not self.rotary_dim:
             object.__setattr__(self, "rotary_dim", self.head_dim)
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(scaling[key]) != self.rotary_dim // 2:
+                    raise ModelFormatError(
+                        f"config.json: longrope {key} has {len(scaling[key])} entries; "
+                        f"{self.rotary_dim} rotated dims need {self.rotary_dim // 2}"
+                    )
+            # Only the short factors are exact (see ConfigReader._longrope): the context stops where they do.
+            limit = min(self.max_position_embeddings, int(scaling["original_max_position_embeddings"]))
+            object.__setattr__(self, "max_position_embeddings", limit)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, path: Path | None = None) -> ArchSpec:
@@ -159,6 +178,7 @@ class ArchSpec:
             "final_softcap": self.final_softcap is not None,
             "partial_rotary": self.rotary_dim != self.head_dim,
             "fused_projections": self.fused_projections,
+            "nope_layers": not all(self.rope_layers),
         }
         return frozenset(name for name, used in found.items() if used)
 
@@ -188,6 +208,19 @@ class ArchSpec:
         local = layer is not None and self.local_rope_theta is not None and self.window(layer) is not None
         theta = self.local_rope_theta if local and self.local_rope_theta is not None else self.rope_theta
         return rope_inv_freq(theta, self.rotary_dim, None if local else self.rope_scaling)
+
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by (LongRoPE's attention scaling; 1 otherwise)."""
+        return float((self.rope_scaling or {}).get("attention_factor", 1.0))
+
+    def rope_cos_sin(
+        self, positions: npt.NDArray[np.integer[Any]], layer: int | None = None
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """cos and sin tables ``[len(positions), rotary_dim // 2]`` of ``layer``, attention factor
+        included: the one definition the reference and every backend read their rotations from."""
+        angles = np.asarray(positions, dtype=np.float64)[:, None] * self.rope_inv_freq(layer)[None, :]
+        factor = self.rope_attention_factor()
+        return np.cos(angles) * factor, np.sin(angles) * factor
 
     def rope_groups(self) -> dict[tuple[float, ...], list[int]]:
         """Layers grouped by identical RoPE frequencies (one table per group in a graph)."""
@@ -238,6 +271,22 @@ class ArchSpec:
             if self.mlp_bias:
                 shapes |= {p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)}
         return shapes
+
+    def unfused(self, weights: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """The separate q/k/v and gate/up matrices of a spec with :attr:`fused_projections`, by their
+        Hugging Face names, sliced from the stacked ones in ``weights`` (empty when not fused)."""
+        if not self.fused_projections:
+            return {}
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        out: dict[str, npt.NDArray[Any]] = {}
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            qkv = weights[p + "self_attn.qkv_proj.weight"]
+            parts = np.split(qkv, [q, q + kv])
+            out |= {p + f"self_attn.{x}_proj.weight": part for x, part in zip("qkv", parts, strict=True)}
+            gate, up = np.split(weights[p + "mlp.gate_up_proj.weight"], 2)
+            out |= {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
+        return out
 
     def pre_mlp_norm(self, layer: int) -> str:
         """Name of the norm in front of ``layer``'s MLP (it differs between Llama and Gemma layouts)."""
