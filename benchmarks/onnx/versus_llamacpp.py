@@ -35,6 +35,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the medians here")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: process CPU time (with --threads 1 it counts only the work done, fair on a busy machine)",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     job = prepare(args.work, args.gguf, args.anchor_python, [], args.threads)  # no GenAI exports needed
@@ -46,11 +52,12 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
     for _ in range(args.rounds):
         for name, cmd in systems.items():
-            runs[name].append(child(cmd, "wall"))
+            runs[name].append(child(cmd, args.clock))
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in KEYS} for name, rs in runs.items()}
     anchor = medians["llama.cpp"]
     tokens = {name: rs[0]["tokens"] for name, rs in runs.items()}
-    print(f"{args.gguf.name}, {args.threads} threads, {args.rounds} rounds, medians (ratio to llama.cpp)")
+    setup = f"{args.threads} threads, {args.clock} clock, {args.rounds} rounds"
+    print(f"{args.gguf.name}, {setup}, medians (ratio to llama.cpp)")
     print(f"{'':16s}" + "".join(f"{k:>24s}" for k in KEYS) + f"{'same tokens':>14s}")
     for name, m in medians.items():
         same = next((i for i, (a, b) in enumerate(zip(tokens[name], tokens["llama.cpp"], strict=False)) if a != b),
