@@ -227,7 +227,7 @@ HOSTILE = [
     ("NaN", completion(b'"temperature": NaN'), 400),
     ("huge max_tokens", completion(b'"max_tokens": 1000000000000000000000'), 400),
     ("negative max_tokens", completion(b'"max_tokens": -3'), 400),
-    ("negative seed", completion(b'"seed": -1'), 400),
+    ("seed past int64", completion(b'"seed": 18446744073709551616'), 400),
     ("negative penalty", completion(b'"frequency_penalty": -7'), 400),
     (
         "unknown role",

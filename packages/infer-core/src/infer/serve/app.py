@@ -19,11 +19,12 @@ Only the core's public API is used; nothing here knows which backend runs the mo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, final
 
 import anyio
@@ -36,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from infer import __version__ as infer_version
 from infer.errors import DeadlineExceededError, InferError, InvalidParameterError
 from infer.log import get_logger
 from infer.model import AsyncTokenStream, Model
@@ -44,10 +46,11 @@ from infer.sampling import SamplingParams
 from infer.serve.admission import Admission, Ticket
 from infer.serve.defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 from infer.serve.errors import APIError, from_infer_error, shutdown_error
-from infer.serve.formats import Formatter, sse
+from infer.serve.formats import Formatter, ToolCallHolder, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
 from infer.serve.schemas import GenerationRequest, parse_chat, parse_completion, parse_json
+from infer.tools import ToolFormat, plan_tools, with_tool_calls
 
 __all__ = ["create_app"]
 
@@ -176,6 +179,8 @@ class _Job:
     request: GenerationRequest
     ids: list[int]
     params: SamplingParams
+    #: The tool-call format the output is parsed with (``None``: no tools in play).
+    tool_format: ToolFormat | None
     arrived: float
     ticket: Ticket
     label: str
@@ -220,6 +225,11 @@ class _Server:
         self.admission = Admission(max_concurrency, max_queue, self.metrics)
         self.created = int(time.time())
         self.log = get_logger()
+        #: OpenAI's system_fingerprint: changes when the software, backend or model served changes.
+        self.fingerprint = (
+            "fp_"
+            + hashlib.sha256(f"{infer_version}|{model.backend}|{model.dtype}|{model_name}".encode()).hexdigest()[:12]
+        )
 
     # -- plain routes -----------------------------------------------------------------------
 
@@ -301,14 +311,16 @@ class _Server:
             if parsed.model != self.model_name:
                 raise self._unknown_model(parsed.model)
             left = None if self.request_timeout is None else self.request_timeout - (time.perf_counter() - arrived)
-            ids, params = await anyio.to_thread.run_sync(
+            ids, params, tool_format = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
             )
             ticket = self.admission.admit()
         except APIError as err:
             self.metrics.count(label, err.status)
             return _error_response(err)
-        return _GenerationResponse(self, _Job(parsed, ids, params, arrived, ticket, label))
+        if parsed.user is not None:
+            self.log.info("serve.request", endpoint=label, user=parsed.user)
+        return _GenerationResponse(self, _Job(parsed, ids, params, tool_format, arrived, ticket, label))
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -358,10 +370,14 @@ class _Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _prepare(self, parsed: GenerationRequest, left: float | None) -> tuple[list[int], SamplingParams]:
-        """Sampling parameters and prompt ids, with every limit checked (runs in a worker thread).
+    def _prepare(
+        self, parsed: GenerationRequest, left: float | None
+    ) -> tuple[list[int], SamplingParams, ToolFormat | None]:
+        """Prompt ids, sampling parameters and tool-call format, with every limit checked (in a worker thread).
 
         ``left``: seconds before the request's deadline, which bounds the template's render.
+        Tools are planned and output constraints compiled by the core's own code
+        (:func:`infer.tools.plan_tools`, :meth:`infer.Model.compile_response_format`).
         """
         model = self.model
         field = parsed.prompt_field
@@ -370,9 +386,15 @@ class _Server:
         try:
             params = SamplingParams(**parsed.sampling)
             params.validate(model.vocab_size)
+            messages, tool_format, template_vars, response_format = plan_tools(
+                model.chat_template, parsed.messages, parsed.tools, parsed.tool_choice, parsed.response_format
+            )
+            if response_format is not None:
+                params = replace(params, constraint=model.compile_response_format(response_format))
             limit = self.max_prompt_bytes
-            if parsed.messages is not None:
-                ids = model.chat_ids(parsed.messages, timeout=left, max_bytes=limit, **parsed.template_kwargs)
+            if messages is not None:
+                kwargs = parsed.template_kwargs | template_vars
+                ids = model.chat_ids(messages, timeout=left, max_bytes=limit, **kwargs)
             elif isinstance(parsed.prompt, str):
                 model.check_prompt_bytes(parsed.prompt, max_bytes=limit)
                 ids = model.encode(parsed.prompt)
@@ -407,7 +429,7 @@ class _Server:
                 param=name,
                 code="context_length_exceeded",
             )
-        return ids, params
+        return ids, params, tool_format
 
     def remaining(self, job: _Job) -> float | None:
         """Seconds left before the job's deadline (``None``: no deadline)."""
@@ -453,7 +475,10 @@ class _GenerationResponse(Response):
             model=server.model_name,
             token_text=lambda token: server.model.decode([token]),
             token_bytes=server.model.tokenizer.token_bytes,
+            system_fingerprint=server.fingerprint,
         )
+        #: Holds back streamed text that may be a tool call (``None``: no tools in play).
+        self.holder = None if job.tool_format is None else ToolCallHolder(job.tool_format)
         self._last_token = 0.0
         #: The server cancelled this response (shutdown past its grace period).
         self.shutting_down = False
@@ -572,14 +597,29 @@ class _GenerationResponse(Response):
     async def _whole(self, stream: AsyncTokenStream, send: Send) -> None:
         async for event in stream:
             self._tick(event)
-        completion = _finished(stream)
+        completion = with_tool_calls(_finished(stream), self.job.tool_format)
         body = _json_bytes(self.formatter.completion(completion))
         await self._send_json(send, 200, body, {})
 
     async def _token(self, send: Send, event: TokenEvent, with_logprobs: bool) -> None:
         self._tick(event)
+        if self.holder is not None:
+            # Tools in play: text that may be a call waits for the end (see ToolCallHolder).
+            event = replace(event, text=self.holder.feed(event.text))
         if event.text or with_logprobs:  # "" = held back (a partial character, a possible stop string)
             await self._event(send, self.formatter.delta([event], with_logprobs=with_logprobs))
+
+    async def _held_calls(self, send: Send, completion: Completion) -> Completion:
+        """Send what the tool-call holder kept back; the completion with its calls split out."""
+        if self.holder is None:
+            return completion
+        content, calls = self.holder.finish()
+        if content:
+            await self._event(send, self.formatter.content_delta(content))
+        if not calls:
+            return completion
+        await self._event(send, self.formatter.tool_call_deltas(calls))
+        return replace(completion, tool_calls=tuple(calls), finish_reason="tool_calls")
 
     async def _stream(self, stream: AsyncTokenStream, send: Send) -> None:
         fmt = self.formatter
@@ -599,7 +639,7 @@ class _GenerationResponse(Response):
             await self._token(send, first, with_logprobs)
         async for event in stream:
             await self._token(send, event, with_logprobs)
-        completion = _finished(stream)
+        completion = await self._held_calls(send, _finished(stream))
         await self._event(send, fmt.closing(completion))
         if self.job.request.include_usage:
             await self._event(send, fmt.usage_chunk(completion.usage))

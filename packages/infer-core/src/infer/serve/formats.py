@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, final
+from typing import Any, Final, final
 
 from infer.results import Completion, TokenEvent, Usage
 from infer.serve.schemas import Endpoint
+from infer.tools import ToolCall, ToolFormat, parse_tool_calls
 
-__all__ = ["Formatter", "sse"]
+__all__ = ["Formatter", "ToolCallHolder", "sse"]
 
 #: Text of one token id (the model's decoder applied to that id alone).
 TokenText = Callable[[int], str]
@@ -47,6 +48,8 @@ class Formatter:
     token_text: TokenText
     #: Token id -> the bytes it stands for (a partial UTF-8 character included).
     token_bytes: Callable[[int], bytes]
+    #: OpenAI's ``system_fingerprint``: names the build and configuration that answered.
+    system_fingerprint: str = ""
     _offset: int = 0
 
     @property
@@ -54,7 +57,8 @@ class Formatter:
         return "chat.completion" if self.endpoint == "chat" else "text_completion"
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        head = {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return head | {"system_fingerprint": self.system_fingerprint}
 
     # -- whole responses --------------------------------------------------------------------
 
@@ -63,9 +67,17 @@ class Formatter:
         events = completion.logprobs
         logprobs = self.logprobs(events) if events is not None else None
         if self.endpoint == "chat":
+            message: dict[str, Any] = {
+                "role": "assistant",
+                # OpenAI's content is null for a turn that only calls tools; refusal is required (null).
+                "content": completion.text if completion.text or not completion.tool_calls else None,
+                "refusal": None,
+            }
+            if completion.tool_calls:
+                message["tool_calls"] = [call.as_openai() for call in completion.tool_calls]
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": completion.finish_reason,
             }
@@ -100,6 +112,15 @@ class Formatter:
             return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None})
         return self._chunk({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None})
 
+    def tool_call_deltas(self, calls: Sequence[ToolCall]) -> dict[str, Any]:
+        """A chat chunk carrying whole ``calls`` as OpenAI's streamed ``tool_calls`` deltas."""
+        deltas = [call.as_openai() | {"index": i} for i, call in enumerate(calls)]
+        return self._chunk({"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None})
+
+    def content_delta(self, text: str) -> dict[str, Any]:
+        """A chat chunk carrying ``text`` and no logprobs."""
+        return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+
     def closing(self, completion: Completion) -> dict[str, Any]:
         """The chunk that gives the finish reason."""
         reason = completion.finish_reason
@@ -117,7 +138,7 @@ class Formatter:
     def logprobs(self, events: Sequence[TokenEvent]) -> dict[str, Any]:
         """Log-probabilities of ``events`` in the endpoint's format."""
         if self.endpoint == "chat":
-            return {"content": [self._chat_entry(e) for e in events]}
+            return {"content": [self._chat_entry(e) for e in events], "refusal": None}
         tokens, offsets = [], []
         for e in events:
             tokens.append(self.token_text(e.token_id))
@@ -141,3 +162,54 @@ class Formatter:
                 for t, lp in event.top_logprobs
             ],
         }
+
+
+@final
+class ToolCallHolder:
+    """Streams a tool-using answer: text goes out as it comes until it may be a call, calls at the end.
+
+    A call is sent whole (name and arguments in one delta, as vLLM's and llama.cpp's servers
+    may): its arguments are not known to be a call until the block closes. In the ``hermes``
+    format the text before ``<tool_call>`` streams as content, held back only while its end
+    could be the start of that tag; in the ``llama3`` format the whole answer is one JSON call,
+    so an answer that opens like one is held until the end.
+    """
+
+    __slots__ = ("_format", "_sent", "_text")
+
+    _OPENERS: Final = {"hermes": ("<tool_call>",), "llama3": ("{", "<|python_tag|>")}
+
+    def __init__(self, fmt: ToolFormat) -> None:
+        self._format = fmt
+        self._text = ""
+        self._sent = 0
+
+    def feed(self, text: str) -> str:
+        """Take the next piece of output; return the content now safe to send (maybe "")."""
+        self._text += text
+        safe = self._safe_end()
+        out = self._text[self._sent : safe]
+        self._sent = max(self._sent, safe)
+        return out
+
+    def _safe_end(self) -> int:
+        text = self._text
+        if self._format == "llama3":
+            head = text.lstrip()
+            could_be_call = any(head.startswith(o) or o.startswith(head) for o in self._OPENERS["llama3"])
+            return self._sent if could_be_call else len(text)
+        opener = self._OPENERS["hermes"][0]
+        found = text.find(opener, self._sent)
+        if found >= 0:
+            return found
+        for keep in range(min(len(opener) - 1, len(text)), 0, -1):  # a tag may be arriving piece by piece
+            if opener.startswith(text[-keep:]):
+                return len(text) - keep
+        return len(text)
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The content still to send and the calls, once the output is complete."""
+        content, calls = parse_tool_calls(self._text[self._sent :], self._format)
+        if not calls:
+            return self._text[self._sent :], []
+        return content or "", calls

@@ -3,11 +3,24 @@
 The server checks the *shape* of a request here (JSON types, which fields exist, the features
 it does not offer); the *ranges* of sampling values are checked by
 :class:`infer.SamplingParams`, whose errors the app maps back onto the request's field names.
-Fields OpenAI's API accepts but this server cannot honour (``tools``, ``n`` > 1, ``echo``...)
-are refused by name rather than ignored. Fields no API here knows (extensions of other servers,
-such as ``reasoning_effort``) are ignored and listed in :attr:`GenerationRequest.ignored`, so
-the app can log them; with ``strict=True`` they are refused, as OpenAI does.
+Fields OpenAI's API accepts but this server cannot honour (``n`` > 1, ``audio``...) are refused
+by name rather than ignored; an explicit ``null`` means "not set" for every field. Fields no
+API here knows (extensions of other servers, such as ``reasoning_effort``) are ignored and
+listed in :attr:`GenerationRequest.ignored`, so the app can log them; with ``strict=True`` they
+are refused, as OpenAI does.
 ``chat_template_kwargs`` (vLLM's and llama.cpp's extension) reaches the chat template.
+
+Structured output: ``response_format`` takes OpenAI's ``text``, ``json_object`` and
+``json_schema`` (with ``strict``), plus two extension types, ``{"type": "regex", "pattern": ...}``
+and ``{"type": "grammar", "grammar": ...}`` (Lark or GBNF). The same constraints may come as the
+extension fields other servers use: ``regex`` and ``grammar`` (llama.cpp's name), ``guided_json``,
+``guided_regex`` and ``guided_grammar`` (vLLM's). One constraint per request.
+
+Lenient where OpenAI's API allows it and nothing is lost: integers written as ``5.0``, any
+int64 ``seed`` (a negative one is read modulo 2**64), ``top_p: 0`` as greedy decoding, empty stop
+strings dropped, and the documented fields that describe the caller or the account
+(``user``, ``safety_identifier``, ``store``, ``service_tier``, ``prompt_cache_key``...) accepted
+without effect.
 """
 
 from __future__ import annotations
@@ -28,18 +41,41 @@ MAX_STOP_STRINGS = 16
 #: Most ``logprobs`` alternatives of the completions API (OpenAI's limit).
 MAX_COMPLETION_LOGPROBS = 5
 #: Chat roles the server accepts; ``developer`` is OpenAI's newer name for ``system``.
-ROLES = frozenset({"system", "developer", "user", "assistant"})
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+#: ``response_format`` types: OpenAI's three, and the two extensions of :mod:`infer.structured`.
+RESPONSE_FORMAT_TYPES = frozenset({"text", "json_object", "json_schema", "regex", "grammar"})
+#: Extension fields naming a constraint -> the ``response_format`` each stands for.
+_CONSTRAINT_FIELDS = {
+    "regex": ("regex", "pattern"),
+    "grammar": ("grammar", "grammar"),
+    "guided_regex": ("regex", "pattern"),
+    "guided_grammar": ("grammar", "grammar"),
+    "guided_json": ("json_schema", "json_schema"),
+}
+#: The largest seed OpenAI's API admits (int64); negative ones are read modulo 2**64.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
 
-# Fields accepted and deliberately without effect: they describe the caller, not the generation.
-_IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
+# Fields accepted and deliberately without effect: they describe the caller, the account or
+# OpenAI's own storage and caching, not the generation. (``prompt_cache_key`` becomes a prefix
+# cache hint once the engine's prefix cache takes one.)
+_IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "verbosity",
+        "parallel_tool_calls",
+    }
+)
 # Fields of OpenAI's API this server does not implement; refused by name.
 _UNSUPPORTED = frozenset(
     {
-        "tools",
-        "tool_choice",
         "functions",
         "function_call",
-        "parallel_tool_calls",
         "modalities",
         "audio",
         "prediction",
@@ -64,12 +100,21 @@ _COMMON = frozenset(
         "top_k",
         "ignore_eos",
         "response_format",
+        *_CONSTRAINT_FIELDS,
         *_NUMBERS,
     }
 )
-_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template_kwargs"}
+_CHAT = _COMMON | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "chat_template_kwargs",
+    "tools",
+    "tool_choice",
+}
 # Variables the server itself gives a chat template; chat_template_kwargs may not replace them.
-_TEMPLATE_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+_TEMPLATE_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
 _COMPLETIONS = _COMMON | {"prompt", "logprobs"}
 
 
@@ -84,8 +129,9 @@ class GenerationRequest:
     model: str
     #: Completions: prompt text or token ids. ``None`` for chat.
     prompt: str | list[int] | None
-    #: Chat: messages with string ``role`` and ``content``. ``None`` for completions.
-    messages: list[dict[str, str]] | None
+    #: Chat: messages with string ``role`` and ``content`` (and ``tool_calls``, ``tool_call_id``).
+    #: ``None`` for completions.
+    messages: list[dict[str, Any]] | None
     #: Keyword arguments for :class:`infer.SamplingParams`.
     sampling: dict[str, Any]
     #: Answer as server-sent events.
@@ -100,6 +146,13 @@ class GenerationRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     #: Unknown top-level fields that were ignored (not strict), in request order.
     ignored: tuple[str, ...] = ()
+    #: The output constraint (a ``response_format`` value), compiled against the model by the app.
+    response_format: dict[str, Any] | None = None
+    #: Chat: the ``tools`` and ``tool_choice`` as sent (checked by :func:`infer.tools.plan_tools`).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    #: The ``user`` field, for the server's log.
+    user: str | None = None
 
     @property
     def prompt_field(self) -> str:
@@ -146,7 +199,16 @@ def parse_chat(data: Mapping[str, Any], *, strict: bool = False) -> GenerationRe
     request = _request(
         "chat", data, prompt=None, messages=messages, sampling=sampling, names=names, max_tokens=max_tokens
     )
-    return replace(request, template_kwargs=_template_kwargs(data.get("chat_template_kwargs")), ignored=ignored)
+    tools = data.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        _type_error("tools", "a list of tool objects", tools)
+    return replace(
+        request,
+        template_kwargs=_template_kwargs(data.get("chat_template_kwargs")),
+        ignored=ignored,
+        tools=tools or None,  # [] means no tools, as null does
+        tool_choice=data.get("tool_choice") if tools else None,
+    )
 
 
 def parse_completion(data: Mapping[str, Any], *, strict: bool = False) -> GenerationRequest:
@@ -184,7 +246,7 @@ def _request(
     data: Mapping[str, Any],
     *,
     prompt: str | list[int] | None,
-    messages: list[dict[str, str]] | None,
+    messages: list[dict[str, Any]] | None,
     sampling: dict[str, Any],
     names: dict[str, str],
     max_tokens: int | None,
@@ -201,10 +263,16 @@ def _request(
         if not isinstance(options, dict):
             _type_error("stream_options", "an object", options)
         for key in options:
-            if key != "include_usage":
+            if key not in ("include_usage", "include_obfuscation"):
                 _fail(f"stream_options.{key}", f"unrecognized stream option {key!r}")
         include_usage = _get(options, "include_usage", bool, False, prefix="stream_options.")
+    user = data.get("user")
+    constraint_field, response_format = _response_format(data)
+    if constraint_field is not None:
+        names["response_format"] = constraint_field
     return GenerationRequest(
+        user=user[:64] if isinstance(user, str) else None,
+        response_format=response_format,
         endpoint=endpoint,
         model=model,
         prompt=prompt,
@@ -223,12 +291,18 @@ def _check_fields(data: Mapping[str, Any], known: frozenset[str], *, strict: boo
         if key in known or key in _IGNORED:
             continue
         if key in _UNSUPPORTED:
-            if key == "best_of" and data[key] in (None, 1):
+            if data[key] is None:
+                continue  # null means unset
+            if key == "best_of" and data[key] == 1:
                 continue
-            if key in ("echo", "parallel_tool_calls") and data[key] in (None, False):
+            if key == "echo" and data[key] is False:
                 continue
-            if key == "suffix" and data[key] is None:
-                continue
+            if key in ("functions", "function_call"):
+                _fail(
+                    key,
+                    f"{key} is OpenAI's deprecated form of tools; send tools and tool_choice instead",
+                    code="unsupported_parameter",
+                )
             _fail(key, f"{key} is not supported by this server", code="unsupported_parameter")
         if strict:
             _fail(key, f"unrecognized request argument supplied: {key}", code="unknown_parameter")
@@ -256,10 +330,19 @@ def _sampling(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         value = _get(data, name, float, None)
         if value is not None:
             sampling[name] = value
+    if sampling.get("top_p") == 0:
+        # OpenAI reads top_p 0 as "only the most likely token": greedy decoding.
+        del sampling["top_p"]
+        sampling["temperature"] = 0.0
     for name, kind in (("seed", int), ("top_k", int), ("ignore_eos", bool)):
         value = _get(data, name, kind, None)
         if value is not None:
             sampling[name] = value
+    seed = sampling.get("seed")
+    if seed is not None:
+        if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+            _fail("seed", f"seed must be a 64-bit integer, got {seed}")
+        sampling["seed"] = seed % 2**64  # a seed still picks one stream; -1 is as good as any
     n = _get(data, "n", int, None)
     if n is not None and n != 1:
         _fail("n", f"n={n} is not supported: this server returns one choice per request (n=1)")
@@ -272,15 +355,45 @@ def _sampling(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
             _fail("stop", f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
         for s in stops:
             _utf8("stop", s)
+        stops = [s for s in stops if s]  # an empty stop string can never end anything
         if stops:
             sampling["stop"] = tuple(stops)
     bias = data.get("logit_bias")
     if bias is not None:
         sampling["logit_bias"] = _logit_bias(bias)
-    response_format = data.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        _fail("response_format", "only response_format {'type': 'text'} is supported", code="unsupported_parameter")
     return sampling, names
+
+
+def _response_format(data: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """The request's one output constraint and the field that gave it (``None``, ``None``: none)."""
+    given: list[tuple[str, dict[str, Any]]] = []
+    value = data.get("response_format")
+    if value is not None:
+        if not isinstance(value, dict):
+            _type_error("response_format", "an object such as {'type': 'json_object'}", value)
+        kind = value.get("type")
+        if kind not in RESPONSE_FORMAT_TYPES:
+            _fail(
+                "response_format.type",
+                f"response_format.type must be one of {sorted(RESPONSE_FORMAT_TYPES)}, not {kind!r}",
+            )
+        if kind != "text":
+            given.append(("response_format", value))
+    for name, (kind, key) in _CONSTRAINT_FIELDS.items():
+        text = data.get(name)
+        if text is None:
+            continue
+        if kind == "json_schema":
+            if not isinstance(text, dict):
+                _type_error(name, "a JSON schema object", text)
+            given.append((name, {"type": kind, key: {"name": "schema", "schema": text}}))
+        else:
+            if not isinstance(text, str) or not text:
+                _type_error(name, "a non-empty string", text)
+            given.append((name, {"type": kind, key: _utf8(name, text)}))
+    if len(given) > 1:
+        _fail(given[1][0], f"give one output constraint per request, not both {given[0][0]} and {given[1][0]}")
+    return given[0] if given else (None, None)
 
 
 def _logit_bias(value: object) -> dict[int, float]:
@@ -308,7 +421,7 @@ def _max_tokens(data: Mapping[str, Any], names: dict[str, str]) -> int | None:
     return current if current is not None else legacy
 
 
-def _messages(value: object) -> list[dict[str, str]]:
+def _messages(value: object) -> list[dict[str, Any]]:
     if value is _MISSING:
         _fail("messages", "messages is required", code="missing_required_parameter")
     if not isinstance(value, list):
@@ -325,17 +438,66 @@ def _messages(value: object) -> list[dict[str, str]]:
             _fail(f"{where}.role", "each message needs a role", code="missing_required_parameter")
         if not isinstance(role, str) or role not in ROLES:
             _fail(f"{where}.role", f"unsupported role {role!r}: expected one of {sorted(ROLES)}")
-        entry = {"role": "system" if role == "developer" else role, "content": _content(message.get("content"), where)}
+        calls = message.get("tool_calls") or None  # null and [] both mean no calls
+        content = message.get("content")
+        entry: dict[str, Any] = {
+            "role": "system" if role == "developer" else role,
+            # An assistant turn that only calls tools has no content (OpenAI sends null).
+            "content": "" if content is None and calls and role == "assistant" else _content(content, where),
+        }
         for key, extra in message.items():
             if key in ("role", "content") or extra is None:
                 continue
-            if key != "name":
+            if key in ("name", "tool_call_id"):
+                if not isinstance(extra, str):
+                    _type_error(f"{where}.{key}", "a string", extra)
+                entry[key] = _utf8(f"{where}.{key}", extra)
+            elif key == "tool_calls":
+                if role != "assistant":
+                    _fail(f"{where}.tool_calls", "only assistant messages carry tool_calls")
+                if calls:
+                    entry["tool_calls"] = _tool_calls(extra, f"{where}.tool_calls")
+            elif key == "refusal" and role == "assistant":
+                continue  # the model's own earlier refusal text: nothing to render
+            else:
                 _fail(f"{where}.{key}", f"message field {key!r} is not supported", code="unsupported_parameter")
-            if not isinstance(extra, str):
-                _type_error(f"{where}.name", "a string", extra)
-            entry["name"] = _utf8(f"{where}.name", extra)
+        if role == "tool" and "tool_call_id" not in entry:
+            _fail(
+                f"{where}.tool_call_id",
+                "a tool message needs the tool_call_id it answers",
+                code="missing_required_parameter",
+            )
         checked.append(entry)
     return checked
+
+
+def _tool_calls(value: object, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        _type_error(where, "a list of tool calls", value)
+    calls = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            _type_error(f"{at}.function", "an object with name and arguments", function)
+        name, arguments = function.get("name"), function.get("arguments", "{}")
+        if not isinstance(name, str):
+            _type_error(f"{at}.function.name", "a string", name)
+        if not isinstance(arguments, str):
+            _type_error(f"{at}.function.arguments", "a string of JSON", arguments)
+        try:
+            json.loads(arguments)
+        except ValueError:
+            _fail(f"{at}.function.arguments", "function.arguments must be a JSON text (the model's own output)")
+        call_id = call.get("id")
+        calls.append(
+            {
+                "id": call_id if isinstance(call_id, str) else f"call_{j}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return calls
 
 
 def _content(value: object, where: str) -> str:
@@ -381,6 +543,8 @@ def _get(data: Mapping[str, Any], name: str, kind: type, default: Any, *, prefix
     if kind is float:
         ok = _is_number(value)
     elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 5.0: JSON has one number type, and some clients write every number so
         ok = _is_int(value)
     else:
         ok = isinstance(value, kind)
