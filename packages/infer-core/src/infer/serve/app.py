@@ -49,6 +49,7 @@ from infer.serve.errors import APIError, from_infer_error, shutdown_error
 from infer.serve.formats import Formatter, ToolCallHolder, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
+from infer.serve.request_id import RequestId
 from infer.serve.schemas import GenerationRequest, parse_chat, parse_completion, parse_json
 from infer.tools import ToolFormat, plan_tools, with_tool_calls
 
@@ -142,7 +143,8 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(HostCheck, allowed=tuple(allowed_hosts))],
+        # RequestId outermost: the Host check's refusals carry the header too.
+        middleware=[Middleware(RequestId), Middleware(HostCheck, allowed=tuple(allowed_hosts))],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.server = server
@@ -162,7 +164,9 @@ def _error_response(err: APIError) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-    return _error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    # A 405 carries Starlette's Allow header (the methods the route takes), as HTTP requires.
+    return _error_response(APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
