@@ -124,10 +124,13 @@ def test_completions_logprobs_integer_becomes_top_logprobs():
         (CHAT | {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
         (TEXT | {"logprobs": 6}, "logprobs"),
         (TEXT | {"logprobs": True}, "logprobs"),
-        (TEXT | {"prompt": ["a", "b"]}, "prompt"),
+        (TEXT | {"prompt": ["a", 3]}, "prompt[1]"),
+        (TEXT | {"prompt": ["a"] * 65}, "prompt"),
+        (TEXT | {"prompt": []}, "prompt"),
         (TEXT | {"prompt": {"a": 1}}, "prompt"),
-        (TEXT | {"prompt": [1, "a"]}, "prompt"),
-        (TEXT | {"echo": True}, "echo"),
+        (TEXT | {"prompt": [1, "a"]}, "prompt[0]"),
+        (TEXT | {"echo": "yes"}, "echo"),
+        (TEXT | {"suffix": 3}, "suffix"),
         (TEXT | {"best_of": 3}, "best_of"),
         ({"model": "m"}, "prompt"),
     ],
@@ -230,6 +233,16 @@ def test_developer_role_is_a_system_message_and_null_extras_are_ignored():
         CHAT | {"messages": [{"role": "developer", "content": "be brief", "name": "ops", "refusal": None}]}
     )
     assert req.messages == [{"role": "system", "content": "be brief", "name": "ops"}]
+
+
+def test_a_prompt_array_is_a_batch_of_prompts_strings_or_token_ids():
+    req = parse_completion(TEXT | {"prompt": ["a", [1, 2], "b"]})
+    assert req.prompts == ("a", [1, 2], "b")
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_only_and_suffix_is_kept():
+    req = parse_completion(TEXT | {"echo": True, "max_tokens": 0, "logprobs": 1, "suffix": "end"})
+    assert req.echo and req.max_tokens == 0 and req.suffix == "end"
 
 
 def test_completion_prompt_forms_one_string_or_token_ids():

@@ -24,6 +24,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any, final
 
@@ -39,14 +40,15 @@ from starlette.types import Message, Receive, Scope, Send
 
 from infer import __version__ as infer_version
 from infer.errors import DeadlineExceededError, InferError, InvalidParameterError
+from infer.evaluate import prompt_logprobs
 from infer.log import get_logger
 from infer.model import AsyncTokenStream, Model
-from infer.results import Completion, TokenEvent
+from infer.results import Completion, Timings, TokenEvent, Usage
 from infer.sampling import SamplingParams
 from infer.serve.admission import Admission, Ticket
 from infer.serve.defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 from infer.serve.errors import APIError, from_infer_error, shutdown_error
-from infer.serve.formats import Formatter, ToolCallHolder, sse
+from infer.serve.formats import Echo, Formatter, ToolCallHolder, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
 from infer.serve.request_id import RequestId
@@ -64,6 +66,11 @@ DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 #: Worker threads rendering templates and tokenizing prompts at once. Few on purpose: the work
 #: holds the GIL in part, and the event loop must keep its share to answer /health meanwhile.
 PREPARE_THREADS = 4
+#: Fill-in-the-middle token names (prefix, suffix, middle) of the tokenizer families that have them.
+_FIM_TOKENS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SmolLM
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen 2.5 coder
+)
 # Unknown request fields named in warnings, at most, over the server's life (no log floods).
 _MAX_IGNORED_NAMES = 64
 
@@ -181,7 +188,8 @@ class _Job:
     """An admitted generation request, ready to run."""
 
     request: GenerationRequest
-    ids: list[int]
+    #: Prompt ids, one list per choice.
+    prompts: list[list[int]]
     params: SamplingParams
     #: The tool-call format the output is parsed with (``None``: no tools in play).
     tool_format: ToolFormat | None
@@ -315,7 +323,7 @@ class _Server:
             if parsed.model != self.model_name:
                 raise self._unknown_model(parsed.model)
             left = None if self.request_timeout is None else self.request_timeout - (time.perf_counter() - arrived)
-            ids, params, tool_format = await anyio.to_thread.run_sync(
+            prompts, params, tool_format = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
             )
             ticket = self.admission.admit()
@@ -324,7 +332,7 @@ class _Server:
             return _error_response(err)
         if parsed.user is not None:
             self.log.info("serve.request", endpoint=label, user=parsed.user)
-        return _GenerationResponse(self, _Job(parsed, ids, params, tool_format, arrived, ticket, label))
+        return _GenerationResponse(self, _Job(parsed, prompts, params, tool_format, arrived, ticket, label))
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -376,15 +384,14 @@ class _Server:
 
     def _prepare(
         self, parsed: GenerationRequest, left: float | None
-    ) -> tuple[list[int], SamplingParams, ToolFormat | None]:
-        """Prompt ids, sampling parameters and tool-call format, with every limit checked (in a worker thread).
+    ) -> tuple[list[list[int]], SamplingParams, ToolFormat | None]:
+        """Prompt ids (one list per choice), sampling parameters and tool-call format (in a worker thread).
 
-        ``left``: seconds before the request's deadline, which bounds the template's render.
-        Tools are planned and output constraints compiled by the core's own code
-        (:func:`infer.tools.plan_tools`, :meth:`infer.Model.compile_response_format`).
+        Every limit is checked here. ``left``: seconds before the request's deadline, which
+        bounds the template's render. Tools are planned and output constraints compiled by the
+        core's own code (:func:`infer.tools.plan_tools`, :meth:`infer.Model.compile_response_format`).
         """
         model = self.model
-        field = parsed.prompt_field
         if left is not None and left <= 0:
             raise self.deadline_error("before its prompt was read")
         try:
@@ -398,14 +405,44 @@ class _Server:
             limit = self.max_prompt_bytes
             if messages is not None:
                 kwargs = parsed.template_kwargs | template_vars
-                ids = model.chat_ids(messages, timeout=left, max_bytes=limit, **kwargs)
-            elif isinstance(parsed.prompt, str):
-                model.check_prompt_bytes(parsed.prompt, max_bytes=limit)
-                ids = model.encode(parsed.prompt)
+                prompts = [model.chat_ids(messages, timeout=left, max_bytes=limit, **kwargs)]
             else:
-                ids = list(parsed.prompt or ())
+                prompts = [self._prompt_ids(prompt, parsed.suffix) for prompt in parsed.prompts]
         except InferError as exc:
             raise from_infer_error(exc, params=parsed.error_names) from None
+        for ids in prompts:
+            self._check_length(parsed, ids)
+        return prompts, params, tool_format
+
+    def _prompt_ids(self, prompt: str | list[int], suffix: str | None) -> list[int]:
+        model = self.model
+        if isinstance(prompt, str):
+            model.check_prompt_bytes(prompt + (suffix or ""), max_bytes=self.max_prompt_bytes)
+        if suffix is None:
+            return model.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prefix_id, suffix_id, middle_id = self.fim_ids()
+        head = model.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        # Prefix-suffix-middle order, as StarCoder-style and Qwen coder models are trained.
+        return [prefix_id, *head, suffix_id, *model.encode(suffix, add_special_tokens=False), middle_id]
+
+    def fim_ids(self) -> tuple[int, int, int]:
+        """The tokenizer's fill-in-the-middle tokens (prefix, suffix, middle), or a 400 saying there are none."""
+        find = self.model.tokenizer.backend.token_to_id
+        for names in _FIM_TOKENS:
+            prefix, suffix, middle = (find(name) for name in names)
+            if prefix is not None and suffix is not None and middle is not None:
+                return prefix, suffix, middle
+        raise APIError(
+            400,
+            "suffix needs a model trained for fill-in-the-middle; this model's tokenizer has no FIM tokens "
+            f"(looked for {', '.join(n[0] for n in _FIM_TOKENS)})",
+            param="suffix",
+            code="unsupported_parameter",
+        )
+
+    def _check_length(self, parsed: GenerationRequest, ids: list[int]) -> None:
+        model = self.model
+        field = parsed.prompt_field
         if not ids:
             raise APIError(400, f"{field} has no tokens; give non-empty text", param=field, code="invalid_value")
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
@@ -433,7 +470,14 @@ class _Server:
                 param=name,
                 code="context_length_exceeded",
             )
-        return ids, params, tool_format
+        if any(not 0 <= t < model.vocab_size for t in ids):
+            bad = next(t for t in ids if not 0 <= t < model.vocab_size)
+            raise APIError(
+                400,
+                f"token id {bad} is outside the vocabulary [0, {model.vocab_size})",
+                param=field,
+                code="invalid_value",
+            )
 
     def remaining(self, job: _Job) -> float | None:
         """Seconds left before the job's deadline (``None``: no deadline)."""
@@ -516,7 +560,7 @@ class _GenerationResponse(Response):
 
     async def _run(self, send: Send) -> None:
         server, job = self.server, self.job
-        stream: AsyncTokenStream | None = None
+        streams: list[AsyncTokenStream] = []
         try:
             try:
                 await job.ticket.acquire(server.remaining(job))
@@ -525,12 +569,15 @@ class _GenerationResponse(Response):
             left = server.remaining(job)
             if left is not None and left <= 0:
                 raise server.deadline_error("while queued for a slot")
-            stream = server.model.astream(job.ids, params=job.params, timeout=left)
-            server.metrics.prompt_tokens.inc(len(job.ids))
+            if job.request.max_tokens != 0:  # 0: echo alone, nothing generated
+                # All prompts at once: the model's scheduler batches their steps.
+                streams = [server.model.astream(ids, params=job.params, timeout=left) for ids in job.prompts]
+            server.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompts))
+            echoes = await self._echoes(left)
             if job.request.stream:
-                await self._stream(stream, send)
+                await self._stream(streams, echoes, send)
             else:
-                await self._whole(stream, send)
+                await self._whole(streams, echoes, send)
         except _ClientGone:
             self.outcome = 499
         except asyncio.CancelledError:
@@ -548,9 +595,35 @@ class _GenerationResponse(Response):
             server.log.exception("serve.internal_error", path=job.label, error=f"{type(exc).__name__}: {exc}")
             await self._fail(send, APIError(500, "internal server error; the server's log has the details"))
         finally:
-            if stream is not None:
+            for stream in streams:
                 await stream.aclose()  # a no-op when it finished; otherwise the request leaves the batch
             job.ticket.release()
+
+    async def _echoes(self, left: float | None) -> list[Echo | None]:
+        """Each prompt to echo (``None`` each without ``echo``), scored when logprobs are asked for.
+
+        Scoring feeds the prompt through the model one token per step
+        (:func:`infer.evaluate.prompt_logprobs`), in a worker thread, within the deadline.
+        """
+        job, model = self.job, self.server.model
+        if not job.request.echo:
+            return [None] * len(job.prompts)
+        echoes: list[Echo | None] = []
+        for given, ids in zip(job.request.prompts, job.prompts, strict=True):
+            text = given if isinstance(given, str) else model.decode(ids)
+            events: tuple[TokenEvent, ...] = ()
+            if job.params.logprobs:
+                try:
+                    with anyio.fail_after(left):
+                        events = tuple(
+                            await anyio.to_thread.run_sync(
+                                prompt_logprobs, model, ids, job.params.top_logprobs, abandon_on_cancel=True
+                            )
+                        )
+                except TimeoutError:
+                    raise self.server.deadline_error("while scoring the prompt") from None
+            echoes.append(Echo(text, events))
+        return echoes
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -598,20 +671,34 @@ class _GenerationResponse(Response):
         self._last_token = now
         metrics.completion_tokens.inc()
 
-    async def _whole(self, stream: AsyncTokenStream, send: Send) -> None:
-        async for event in stream:
-            self._tick(event)
-        completion = with_tool_calls(_finished(stream), self.job.tool_format)
-        body = _json_bytes(self.formatter.completion(completion))
-        await self._send_json(send, 200, body, {})
+    async def _whole(self, streams: list[AsyncTokenStream], echoes: list[Echo | None], send: Send) -> None:
+        async def run(stream: AsyncTokenStream) -> Completion:
+            async for event in stream:
+                self._tick(event)
+            return _finished(stream)
 
-    async def _token(self, send: Send, event: TokenEvent, with_logprobs: bool) -> None:
+        job = self.job
+        completions = list(await asyncio.gather(*map(run, streams))) if streams else self._nothing_generated()
+        if job.request.endpoint == "chat":
+            body = self.formatter.completion(with_tool_calls(completions[0], job.tool_format))
+        else:
+            body = self.formatter.completions(completions, echoes, with_logprobs=job.params.logprobs)
+        await self._send_json(send, 200, _json_bytes(body), {})
+
+    def _nothing_generated(self) -> list[Completion]:
+        """The completions of ``max_tokens: 0`` (echo only): no tokens, finish reason ``length``."""
+        return [
+            Completion(f"echo-{i}", "", (), "length", Usage(len(ids), 0), Timings(0.0, 0.0, 0.0, 0.0))
+            for i, ids in enumerate(self.job.prompts)
+        ]
+
+    async def _token(self, send: Send, index: int, event: TokenEvent, with_logprobs: bool) -> None:
         self._tick(event)
         if self.holder is not None:
             # Tools in play: text that may be a call waits for the end (see ToolCallHolder).
             event = replace(event, text=self.holder.feed(event.text))
         if event.text or with_logprobs:  # "" = held back (a partial character, a possible stop string)
-            await self._event(send, self.formatter.delta([event], with_logprobs=with_logprobs))
+            await self._event(send, self.formatter.delta([event], with_logprobs=with_logprobs, index=index))
 
     async def _held_calls(self, send: Send, completion: Completion) -> Completion:
         """Send what the tool-call holder kept back; the completion with its calls split out."""
@@ -625,29 +712,72 @@ class _GenerationResponse(Response):
         await self._event(send, self.formatter.tool_call_deltas(calls))
         return replace(completion, tool_calls=tuple(calls), finish_reason="tool_calls")
 
-    async def _stream(self, stream: AsyncTokenStream, send: Send) -> None:
+    async def _stream(self, streams: list[AsyncTokenStream], echoes: list[Echo | None], send: Send) -> None:
         fmt = self.formatter
         with_logprobs = self.job.params.logprobs
-        # Wait for the first token before answering 200: an error until then gets its real status.
-        first: TokenEvent | None
+        merged = _merge(streams)
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = None
-        await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        self.started = True
-        opening = fmt.opening()
-        if opening is not None:
-            await self._event(send, opening)
-        if first is not None:
-            await self._token(send, first, with_logprobs)
-        async for event in stream:
-            await self._token(send, event, with_logprobs)
-        completion = await self._held_calls(send, _finished(stream))
-        await self._event(send, fmt.closing(completion))
+            # Wait for the first token before answering 200: an error until then gets its real status.
+            first = await anext(merged, None)
+            await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            self.started = True
+            opening = fmt.opening()
+            if opening is not None:
+                await self._event(send, opening)
+            for index, echo in enumerate(echoes):
+                if echo is not None:
+                    await self._event(send, fmt.echo_delta(echo, with_logprobs=with_logprobs, index=index))
+            if first is not None:
+                await self._token(send, *first, with_logprobs)
+            async for index, event in merged:
+                await self._token(send, index, event, with_logprobs)
+        finally:
+            await merged.aclose()
+        completions = [_finished(s) for s in streams] if streams else self._nothing_generated()
+        if self.job.request.endpoint == "chat":
+            completions = [await self._held_calls(send, completions[0])]
+        for index, completion in enumerate(completions):
+            await self._event(send, fmt.closing(completion, index))
         if self.job.request.include_usage:
-            await self._event(send, fmt.usage_chunk(completion.usage))
+            usage = Usage(
+                sum(c.usage.prompt_tokens for c in completions), sum(c.usage.completion_tokens for c in completions)
+            )
+            await self._event(send, fmt.usage_chunk(usage))
         await self._event(send, "[DONE]", last=True)
+
+
+async def _merge(streams: list[AsyncTokenStream]) -> AsyncGenerator[tuple[int, TokenEvent]]:
+    """Events of all ``streams`` as they come, tagged with their stream's index; errors pass through."""
+    if len(streams) == 1:  # the usual case: no tasks, no queue
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncTokenStream) -> None:
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it as it is
+            await queue.put((index, exc))
+            return
+        await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _require_json(request: Request) -> None:

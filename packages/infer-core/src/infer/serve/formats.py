@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, final
 
 from infer.results import Completion, TokenEvent, Usage
 from infer.serve.schemas import Endpoint
 from infer.tools import ToolCall, ToolFormat, parse_tool_calls
 
-__all__ = ["Formatter", "ToolCallHolder", "sse"]
+__all__ = ["Echo", "Formatter", "ToolCallHolder", "sse"]
 
 #: Text of one token id (the model's decoder applied to that id alone).
 TokenText = Callable[[int], str]
@@ -50,7 +50,8 @@ class Formatter:
     token_bytes: Callable[[int], bytes]
     #: OpenAI's ``system_fingerprint``: names the build and configuration that answered.
     system_fingerprint: str = ""
-    _offset: int = 0
+    #: Completions: each choice's running text offset (its logprobs' ``text_offset``).
+    _offsets: dict[int, int] = field(default_factory=dict)
 
     @property
     def _object(self) -> str:
@@ -63,7 +64,9 @@ class Formatter:
     # -- whole responses --------------------------------------------------------------------
 
     def completion(self, completion: Completion) -> dict[str, Any]:
-        """The body of a non-streaming response."""
+        """The body of a non-streaming chat response, or of a one-prompt completion."""
+        if self.endpoint != "chat":
+            return self.completions([completion], [None], with_logprobs=completion.logprobs is not None)
         events = completion.logprobs
         logprobs = self.logprobs(events) if events is not None else None
         if self.endpoint == "chat":
@@ -81,14 +84,32 @@ class Formatter:
                 "logprobs": logprobs,
                 "finish_reason": completion.finish_reason,
             }
-        else:
-            choice = {
-                "index": 0,
-                "text": completion.text,
-                "logprobs": logprobs,
-                "finish_reason": completion.finish_reason,
-            }
         return self._head(self._object) | {"choices": [choice], "usage": usage_body(completion.usage)}
+
+    def completions(
+        self, completions: Sequence[Completion], echoes: Sequence[Echo | None], *, with_logprobs: bool
+    ) -> dict[str, Any]:
+        """The body of a ``/v1/completions`` response: one choice per prompt, usage summed.
+
+        ``echoes[i]``: the prompt of choice ``i`` when the request asked for ``echo`` (its text
+        comes before the generated text, its tokens' logprobs before theirs).
+        """
+        choices = []
+        for index, (completion, echo) in enumerate(zip(completions, echoes, strict=True)):
+            head = echo.text if echo is not None else ""
+            events = [*(echo.events if echo is not None else ()), *(completion.logprobs or ())]
+            choices.append(
+                {
+                    "index": index,
+                    "text": head + completion.text,
+                    "logprobs": self.logprobs(events, index) if with_logprobs else None,
+                    "finish_reason": completion.finish_reason,
+                }
+            )
+        usage = Usage(
+            sum(c.usage.prompt_tokens for c in completions), sum(c.usage.completion_tokens for c in completions)
+        )
+        return self._head(self._object) | {"choices": choices, "usage": usage_body(usage)}
 
     # -- stream chunks ----------------------------------------------------------------------
 
@@ -104,13 +125,18 @@ class Formatter:
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         )
 
-    def delta(self, events: Sequence[TokenEvent], *, with_logprobs: bool) -> dict[str, Any]:
-        """A chunk carrying the text of ``events``."""
+    def delta(self, events: Sequence[TokenEvent], *, with_logprobs: bool, index: int = 0) -> dict[str, Any]:
+        """A chunk carrying the text of ``events`` (of choice ``index``)."""
         text = "".join(e.text for e in events)
-        logprobs = self.logprobs(events) if with_logprobs else None
+        logprobs = self.logprobs(events, index) if with_logprobs else None
         if self.endpoint == "chat":
             return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None})
-        return self._chunk({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None})
+        return self._chunk({"index": index, "text": text, "logprobs": logprobs, "finish_reason": None})
+
+    def echo_delta(self, echo: Echo, *, with_logprobs: bool, index: int) -> dict[str, Any]:
+        """A completions chunk carrying the echoed prompt of choice ``index``."""
+        logprobs = self.logprobs(echo.events, index) if with_logprobs else None
+        return self._chunk({"index": index, "text": echo.text, "logprobs": logprobs, "finish_reason": None})
 
     def tool_call_deltas(self, calls: Sequence[ToolCall]) -> dict[str, Any]:
         """A chat chunk carrying whole ``calls`` as OpenAI's streamed ``tool_calls`` deltas."""
@@ -121,12 +147,12 @@ class Formatter:
         """A chat chunk carrying ``text`` and no logprobs."""
         return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
 
-    def closing(self, completion: Completion) -> dict[str, Any]:
-        """The chunk that gives the finish reason."""
+    def closing(self, completion: Completion, index: int = 0) -> dict[str, Any]:
+        """The chunk that gives the finish reason (of choice ``index``)."""
         reason = completion.finish_reason
         if self.endpoint == "chat":
             return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
-        return self._chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
+        return self._chunk({"index": index, "text": "", "logprobs": None, "finish_reason": reason})
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The final chunk of a stream asked to include usage: no choices, the counts."""
@@ -135,19 +161,27 @@ class Formatter:
 
     # -- logprobs ---------------------------------------------------------------------------
 
-    def logprobs(self, events: Sequence[TokenEvent]) -> dict[str, Any]:
-        """Log-probabilities of ``events`` in the endpoint's format."""
+    def logprobs(self, events: Sequence[TokenEvent], index: int = 0) -> dict[str, Any]:
+        """Log-probabilities of ``events`` (of choice ``index``) in the endpoint's format.
+
+        Completions: a token nothing predicts (an echoed prompt's first) has ``null`` logprob
+        and ``null`` alternatives, as OpenAI's echo gives them.
+        """
         if self.endpoint == "chat":
             return {"content": [self._chat_entry(e) for e in events], "refusal": None}
         tokens, offsets = [], []
+        offset = self._offsets.get(index, 0)
         for e in events:
             tokens.append(self.token_text(e.token_id))
-            offsets.append(self._offset)
-            self._offset += len(e.text)
+            offsets.append(offset)
+            offset += len(e.text)
+        self._offsets[index] = offset
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in e.top_logprobs} for e in events],
+            "top_logprobs": [
+                None if e.logprob is None else {self.token_text(t): lp for t, lp in e.top_logprobs} for e in events
+            ],
             "text_offset": offsets,
         }
 
@@ -162,6 +196,15 @@ class Formatter:
                 for t, lp in event.top_logprobs
             ],
         }
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """A completions prompt echoed back: its text and its tokens (with logprobs when asked)."""
+
+    text: str
+    events: tuple[TokenEvent, ...]
 
 
 @final

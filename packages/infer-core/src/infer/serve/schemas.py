@@ -81,8 +81,6 @@ _UNSUPPORTED = frozenset(
         "prediction",
         "web_search_options",
         "best_of",
-        "echo",
-        "suffix",
     }
 )
 # SamplingParams fields reachable as request fields of the same name, and their JSON types.
@@ -115,7 +113,9 @@ _CHAT = _COMMON | {
 }
 # Variables the server itself gives a chat template; chat_template_kwargs may not replace them.
 _TEMPLATE_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
-_COMPLETIONS = _COMMON | {"prompt", "logprobs"}
+_COMPLETIONS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
+#: Most prompts one ``/v1/completions`` request may batch (each is a choice).
+MAX_PROMPTS = 64
 
 
 @final
@@ -127,8 +127,8 @@ class GenerationRequest:
     endpoint: Endpoint
     #: The model the client asked for.
     model: str
-    #: Completions: prompt text or token ids. ``None`` for chat.
-    prompt: str | list[int] | None
+    #: Completions: the prompts (text or token ids), one choice each. Empty for chat.
+    prompts: tuple[str | list[int], ...]
     #: Chat: messages with string ``role`` and ``content`` (and ``tool_calls``, ``tool_call_id``).
     #: ``None`` for completions.
     messages: list[dict[str, Any]] | None
@@ -153,6 +153,15 @@ class GenerationRequest:
     tool_choice: Any = None
     #: The ``user`` field, for the server's log.
     user: str | None = None
+    #: Completions: answer with the prompt before the generated text (and its logprobs).
+    echo: bool = False
+    #: Completions: text after the insertion point (fill-in-the-middle).
+    suffix: str | None = None
+
+    @property
+    def prompt(self) -> str | list[int] | None:
+        """Completions: the first prompt. ``None`` for chat."""
+        return self.prompts[0] if self.prompts else None
 
     @property
     def prompt_field(self) -> str:
@@ -197,7 +206,7 @@ def parse_chat(data: Mapping[str, Any], *, strict: bool = False) -> GenerationRe
     elif data.get("top_logprobs") is not None:
         _fail("top_logprobs", "top_logprobs needs logprobs: true")
     request = _request(
-        "chat", data, prompt=None, messages=messages, sampling=sampling, names=names, max_tokens=max_tokens
+        "chat", data, prompts=(), messages=messages, sampling=sampling, names=names, max_tokens=max_tokens
     )
     tools = data.get("tools")
     if tools is not None and not isinstance(tools, list):
@@ -215,9 +224,22 @@ def parse_completion(data: Mapping[str, Any], *, strict: bool = False) -> Genera
     """Check a ``/v1/completions`` body; ``strict`` refuses unknown fields instead of ignoring them."""
     ignored = _check_fields(data, _COMPLETIONS, strict=strict)
     sampling, names = _sampling(data)
-    prompt = _prompt(data.get("prompt", _MISSING))
+    prompts = _prompts(data.get("prompt", _MISSING))
     max_tokens = _max_tokens(data, names)
+    echo = _get(data, "echo", bool, False)
     sampling["max_tokens"] = 16 if max_tokens is None else max_tokens  # 16: the completions API's default
+    if max_tokens == 0 and echo:
+        # Scoring the prompt alone (evaluation harnesses): nothing is generated, so no value
+        # reaches the sampler; SamplingParams still needs a valid one.
+        sampling["max_tokens"] = 1
+    suffix = _get(data, "suffix", str, None) or None
+    best_of = _get(data, "best_of", int, None)
+    if best_of not in (None, 1):
+        _fail(
+            "best_of",
+            "best_of > 1 is not supported: ask for the choices you want with n, and rank them yourself",
+            code="unsupported_parameter",
+        )
     logprobs = _get(data, "logprobs", int, None)
     if logprobs is not None:
         if not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
@@ -226,9 +248,9 @@ def parse_completion(data: Mapping[str, Any], *, strict: bool = False) -> Genera
         sampling["top_logprobs"] = logprobs
         names["top_logprobs"] = "logprobs"
     request = _request(
-        "completions", data, prompt=prompt, messages=None, sampling=sampling, names=names, max_tokens=max_tokens
+        "completions", data, prompts=prompts, messages=None, sampling=sampling, names=names, max_tokens=max_tokens
     )
-    return replace(request, ignored=ignored)
+    return replace(request, ignored=ignored, echo=echo, suffix=suffix)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -245,7 +267,7 @@ def _request(
     endpoint: Endpoint,
     data: Mapping[str, Any],
     *,
-    prompt: str | list[int] | None,
+    prompts: tuple[str | list[int], ...],
     messages: list[dict[str, Any]] | None,
     sampling: dict[str, Any],
     names: dict[str, str],
@@ -275,7 +297,7 @@ def _request(
         response_format=response_format,
         endpoint=endpoint,
         model=model,
-        prompt=prompt,
+        prompts=prompts,
         messages=messages,
         sampling=sampling,
         stream=stream,
@@ -294,8 +316,6 @@ def _check_fields(data: Mapping[str, Any], known: frozenset[str], *, strict: boo
             if data[key] is None:
                 continue  # null means unset
             if key == "best_of" and data[key] == 1:
-                continue
-            if key == "echo" and data[key] is False:
                 continue
             if key in ("functions", "function_call"):
                 _fail(
@@ -519,21 +539,27 @@ def _content(value: object, where: str) -> str:
     return "\n".join(texts)
 
 
-def _prompt(value: object) -> str | list[int]:
+def _prompts(value: object) -> tuple[str | list[int], ...]:
+    """A prompt, or a batch of them: a string, token ids, or a list of either."""
     if value is _MISSING:
         _fail("prompt", "prompt is required", code="missing_required_parameter")
     if isinstance(value, str):
-        return _utf8("prompt", value)
-    if isinstance(value, list):
-        if value and all(_is_int(t) for t in value):
-            return list(value)
-        if len(value) == 1 and isinstance(value[0], str):
-            return _utf8("prompt", value[0])
-        if len(value) == 1 and isinstance(value[0], list) and all(_is_int(t) for t in value[0]):
-            return list(value[0])
-        if len(value) > 1 and all(isinstance(v, (str, list)) for v in value):
-            _fail("prompt", "only one prompt per request is supported (a batch of prompts needs n choices)")
-    _type_error("prompt", "a string, a list of token ids, or a list holding one of those", value)
+        return (_utf8("prompt", value),)
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        return (list(value),)
+    if isinstance(value, list) and value:
+        if len(value) > MAX_PROMPTS:
+            _fail("prompt", f"a request may batch at most {MAX_PROMPTS} prompts, got {len(value)}")
+        prompts: list[str | list[int]] = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                prompts.append(_utf8(f"prompt[{i}]", item))
+            elif isinstance(item, list) and all(_is_int(t) for t in item):
+                prompts.append(list(item))
+            else:
+                _type_error(f"prompt[{i}]", "a string or a list of token ids", item)
+        return tuple(prompts)
+    _type_error("prompt", "a string, a list of token ids, or a list of those", value)
 
 
 def _get(data: Mapping[str, Any], name: str, kind: type, default: Any, *, prefix: str = "") -> Any:
