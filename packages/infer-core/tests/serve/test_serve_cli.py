@@ -172,3 +172,23 @@ def _host_check(app):
     from infer.serve.guards import HostCheck
 
     return next(m for m in app.user_middleware if m.cls is HostCheck)
+
+
+def test_alias_any_model_name_and_cors_flags_reach_the_app(captured):
+    args = ["--name", "main", "--alias", "gpt-4o", "--alias", "local", "--any-model-name"]
+    args += ["--cors-origins", "http://localhost:3000, https://ui.example"]
+    assert main(["serve", "fake", "--backend", "fake", *args]) == 0
+    app = captured["config"].app
+    server = app.state.server
+    assert server.names == ("main", "gpt-4o", "local") and server.any_model_name
+    from starlette.middleware.cors import CORSMiddleware
+
+    cors = next(m for m in app.user_middleware if m.cls is CORSMiddleware)
+    assert cors.kwargs["allow_origins"] == ["http://localhost:3000", "https://ui.example"]
+
+
+def test_no_cors_unless_asked(captured):
+    assert main(["serve", "fake", "--backend", "fake"]) == 0
+    from starlette.middleware.cors import CORSMiddleware
+
+    assert all(m.cls is not CORSMiddleware for m in captured["config"].app.user_middleware)

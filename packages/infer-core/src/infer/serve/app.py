@@ -24,7 +24,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, final
 
@@ -52,7 +52,14 @@ from infer.serve.formats import Echo, Formatter, ToolCallHolder, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
 from infer.serve.request_id import RequestId
-from infer.serve.schemas import GenerationRequest, parse_chat, parse_completion, parse_json
+from infer.serve.schemas import (
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_json,
+    parse_tokenize,
+)
 from infer.tools import ToolFormat, plan_tools, with_tool_calls
 
 __all__ = ["create_app"]
@@ -95,6 +102,9 @@ def create_app(
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     allowed_hosts: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_HOSTS,
     strict_requests: bool = False,
+    aliases: Sequence[str] = (),
+    any_model_name: bool = False,
+    cors_origins: Sequence[str] = (),
 ) -> Starlette:
     """Build the ASGI app serving ``model`` under the name ``model_name``.
 
@@ -107,7 +117,10 @@ def create_app(
     ``body_timeout`` seconds gets 408, and a client that leaves a write blocked for
     ``write_timeout`` seconds is dropped. Requests must name one of ``allowed_hosts`` in their
     ``Host`` header (``"*"``: any). Unknown request fields are ignored with a logged warning,
-    or refused with 400 when ``strict_requests``. The caller keeps ownership of ``model``.
+    or refused with 400 when ``strict_requests``. Requests may also name the model by one of
+    ``aliases``, or by any name at all with ``any_model_name`` (for clients that insist on their
+    own default). ``cors_origins`` lets browser pages from those origins (``"*"``: any) call the
+    API; none by default. The caller keeps ownership of ``model``.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise InvalidParameterError("api_key", api_key, "a non-empty string, or None for no key")
@@ -127,6 +140,9 @@ def create_app(
         raise InvalidParameterError("allowed_hosts", allowed_hosts, "a non-empty list of host names (or '*')")
     if not isinstance(model_name, str) or not model_name:
         raise InvalidParameterError("model_name", model_name, "a non-empty string")
+    for name, values in (("aliases", aliases), ("cors_origins", cors_origins)):
+        if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+            raise InvalidParameterError(name, values, "a list of non-empty strings")
     server = _Server(
         model,
         model_name=model_name,
@@ -139,23 +155,49 @@ def create_app(
         body_timeout=float(body_timeout),
         write_timeout=float(write_timeout),
         strict_requests=bool(strict_requests),
+        names=(model_name, *(a for a in dict.fromkeys(aliases) if a != model_name)),
+        any_model_name=bool(any_model_name),
     )
     routes = [
         Route("/v1/models", server.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", server.get_model, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/tokenize", server.tokenize, methods=["POST"]),
+        Route("/detokenize", server.detokenize, methods=["POST"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_page, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
         # RequestId outermost: the Host check's refusals carry the header too.
-        middleware=[Middleware(RequestId), Middleware(HostCheck, allowed=tuple(allowed_hosts))],
+        middleware=[
+            Middleware(RequestId),
+            Middleware(HostCheck, allowed=tuple(allowed_hosts)),
+            *_cors(cors_origins),
+        ],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.server = server
     return app
+
+
+def _cors(origins: Sequence[str]) -> list[Middleware]:
+    """CORS for the given origins, after the Host check (a rebound DNS name is refused first)."""
+    if not origins:
+        return []
+    from starlette.middleware.cors import CORSMiddleware
+
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id"],
+            max_age=600,
+        )
+    ]
 
 
 def _check_positive(name: str, value: object, *, zero: bool = False) -> None:
@@ -196,6 +238,8 @@ class _Job:
     arrived: float
     ticket: Ticket
     label: str
+    #: The model name the answer carries.
+    served: str
 
 
 @final
@@ -216,9 +260,14 @@ class _Server:
         body_timeout: float,
         write_timeout: float,
         strict_requests: bool,
+        names: tuple[str, ...],
+        any_model_name: bool,
     ) -> None:
         self.model = model
         self.model_name = model_name
+        #: Names requests may give the model: the name first, then the aliases.
+        self.names = names
+        self.any_model_name = any_model_name
         self._key = None if api_key is None else api_key.encode()
         self.max_body_bytes = max_body_bytes
         self.max_prompt_tokens = max_prompt_tokens
@@ -247,16 +296,16 @@ class _Server:
 
     async def list_models(self, request: Request) -> Response:
         """``GET /v1/models``: the one model served."""
-        return self._guarded(request, "/v1/models", lambda: {"object": "list", "data": [self._model_card()]})
+        return self._guarded(
+            request, "/v1/models", lambda: {"object": "list", "data": [self._model_card(n) for n in self.names]}
+        )
 
     async def get_model(self, request: Request) -> Response:
         """``GET /v1/models/{id}``: the model, or 404."""
 
         def card() -> dict[str, Any]:
             wanted = request.path_params["model_id"]
-            if wanted != self.model_name:
-                raise self._unknown_model(wanted)
-            return self._model_card()
+            return self._model_card(self.served_name(wanted))
 
         return self._guarded(request, "/v1/models/{model_id}", card)
 
@@ -271,16 +320,92 @@ class _Server:
         self.metrics.count(label, 200)
         return JSONResponse(content)
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "infer"}
+    def _model_card(self, name: str) -> dict[str, Any]:
+        # OpenAI's four fields, then what local clients read: vLLM's max_model_len, and ours.
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "infer",
+            "root": self.model_name,
+            "context_length": self.model.context_length,
+            "max_model_len": self.model.context_length,
+            "backend": self.model.backend,
+            "dtype": self.model.dtype,
+        }
 
-    def _unknown_model(self, name: str) -> APIError:
-        return APIError(
+    def served_name(self, name: str) -> str:
+        """The name answers carry for a request naming ``name``; 404 for a name not served."""
+        if name in self.names:
+            return name
+        if self.any_model_name:
+            return self.model_name
+        served = ", ".join(repr(n) for n in self.names)
+        raise APIError(
             404,
-            f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
+            f"the model {name!r} does not exist here; this server serves {served}",
             param="model",
             code="model_not_found",
         )
+
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize`` (vLLM's): the token ids of a text or of chat messages, and their count."""
+
+        def run(data: dict[str, Any]) -> dict[str, Any]:
+            parsed = parse_tokenize(data)
+            if parsed.model is not None:
+                self.served_name(parsed.model)
+            model = self.model
+            try:
+                if parsed.messages is not None:
+                    ids = model.chat_ids(
+                        parsed.messages,
+                        timeout=self.request_timeout,
+                        max_bytes=self.max_prompt_bytes,
+                        add_generation_prompt=parsed.add_generation_prompt,
+                        **parsed.template_kwargs,
+                    )
+                else:
+                    assert parsed.prompt is not None
+                    model.check_prompt_bytes(parsed.prompt, max_bytes=self.max_prompt_bytes)
+                    ids = model.encode(parsed.prompt, add_special_tokens=parsed.add_special_tokens)
+            except InferError as exc:
+                raise from_infer_error(exc) from None
+            return {"count": len(ids), "max_model_len": model.context_length, "tokens": ids}
+
+        return await self._json_route(request, "/tokenize", run)
+
+    async def detokenize(self, request: Request) -> Response:
+        """``POST /detokenize`` (vLLM's): the text of token ids."""
+
+        def run(data: dict[str, Any]) -> dict[str, Any]:
+            name, tokens = parse_detokenize(data)
+            if name is not None:
+                self.served_name(name)
+            bad = [t for t in tokens if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise APIError(
+                    400,
+                    f"token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})",
+                    param="tokens",
+                    code="invalid_value",
+                )
+            return {"prompt": self.model.decode(tokens)}
+
+        return await self._json_route(request, "/detokenize", run)
+
+    async def _json_route(self, request: Request, label: str, run: Any) -> Response:
+        """A JSON-in, JSON-out route: key, content type and body checked; ``run(data)`` in a worker thread."""
+        try:
+            self._authorize(request)
+            _require_json(request)
+            data = parse_json(await self._read_body(request))
+            content = await anyio.to_thread.run_sync(run, data, limiter=self._prepare_limiter, abandon_on_cancel=True)
+        except APIError as err:
+            self.metrics.count(label, err.status)
+            return _error_response(err)
+        self.metrics.count(label, 200)
+        return JSONResponse(content)
 
     async def health(self, request: Request) -> Response:
         """``GET /health``: liveness plus the load figures (no key needed; no paths, no secrets)."""
@@ -320,8 +445,7 @@ class _Server:
             parsed = parse_chat(data, strict=strict) if endpoint == "chat" else parse_completion(data, strict=strict)
             if parsed.ignored:
                 self._warn_ignored(label, parsed.ignored)
-            if parsed.model != self.model_name:
-                raise self._unknown_model(parsed.model)
+            served = self.served_name(parsed.model)
             left = None if self.request_timeout is None else self.request_timeout - (time.perf_counter() - arrived)
             prompts, params, tool_format = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
@@ -332,7 +456,7 @@ class _Server:
             return _error_response(err)
         if parsed.user is not None:
             self.log.info("serve.request", endpoint=label, user=parsed.user)
-        return _GenerationResponse(self, _Job(parsed, prompts, params, tool_format, arrived, ticket, label))
+        return _GenerationResponse(self, _Job(parsed, prompts, params, tool_format, arrived, ticket, label, served))
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -520,7 +644,7 @@ class _GenerationResponse(Response):
             job.request.endpoint,
             id=("chatcmpl-" if job.request.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex,
             created=int(time.time()),
-            model=server.model_name,
+            model=job.served,
             token_text=lambda token: server.model.decode([token]),
             token_bytes=server.model.tokenizer.token_bytes,
             system_fingerprint=server.fingerprint,

@@ -32,7 +32,15 @@ from typing import Any, Literal, NoReturn, final
 
 from infer.serve.errors import APIError
 
-__all__ = ["GenerationRequest", "parse_chat", "parse_completion", "parse_json"]
+__all__ = [
+    "GenerationRequest",
+    "TokenizeRequest",
+    "parse_chat",
+    "parse_completion",
+    "parse_detokenize",
+    "parse_json",
+    "parse_tokenize",
+]
 
 Endpoint = Literal["chat", "completions"]
 
@@ -251,6 +259,49 @@ def parse_completion(data: Mapping[str, Any], *, strict: bool = False) -> Genera
         "completions", data, prompts=prompts, messages=None, sampling=sampling, names=names, max_tokens=max_tokens
     )
     return replace(request, ignored=ignored, echo=echo, suffix=suffix)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    """A checked ``/tokenize`` body (vLLM's shape): text, or chat messages rendered by the template."""
+
+    #: The model named, if any.
+    model: str | None
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    #: Text: add the tokenizer's special tokens (BOS...). Chat: end with the assistant's opening.
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    template_kwargs: dict[str, Any]
+
+
+def parse_tokenize(data: Mapping[str, Any]) -> TokenizeRequest:
+    """Check a ``/tokenize`` body: ``prompt`` or ``messages``, and the options vLLM takes."""
+    known = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "chat_template_kwargs"}
+    _check_fields(data, frozenset(known), strict=False)
+    has_prompt, has_messages = data.get("prompt") is not None, data.get("messages") is not None
+    if has_prompt == has_messages:
+        _fail("prompt", "give exactly one of prompt (text) and messages (chat)", code="missing_required_parameter")
+    return TokenizeRequest(
+        model=_get(data, "model", str, None),
+        prompt=_get(data, "prompt", str, None),
+        messages=_messages(data["messages"]) if has_messages else None,
+        add_special_tokens=_get(data, "add_special_tokens", bool, True),
+        add_generation_prompt=_get(data, "add_generation_prompt", bool, True),
+        template_kwargs=_template_kwargs(data.get("chat_template_kwargs")),
+    )
+
+
+def parse_detokenize(data: Mapping[str, Any]) -> tuple[str | None, list[int]]:
+    """Check a ``/detokenize`` body: the model named (if any) and the token ids."""
+    _check_fields(data, frozenset({"model", "tokens"}), strict=False)
+    tokens = data.get("tokens", _MISSING)
+    if tokens is _MISSING:
+        _fail("tokens", "tokens is required: a list of token ids", code="missing_required_parameter")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        _type_error("tokens", "a list of token ids", tokens)
+    return _get(data, "model", str, None), list(tokens)
 
 
 # --------------------------------------------------------------------------- pieces
