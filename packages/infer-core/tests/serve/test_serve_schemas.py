@@ -113,11 +113,23 @@ def test_completions_logprobs_integer_becomes_top_logprobs():
         (CHAT | {"messages": [{"content": "x"}]}, "messages[0].role"),
         (CHAT | {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         (CHAT | {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
-        (CHAT | {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}]},
-         "messages[0].tool_calls[0].function.name"),
-        (CHAT | {"messages": [{"role": "assistant", "content": None,
-                               "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
-         "messages[0].tool_calls[0].function.arguments"),
+        (
+            CHAT | {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}]},
+            "messages[0].tool_calls[0].function.name",
+        ),
+        (
+            CHAT
+            | {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{"}}],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
         (CHAT | {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
         (CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
         (CHAT | {"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}, "messages[0].tool_calls"),
@@ -156,8 +168,22 @@ def test_unsupported_openai_fields_are_refused_even_when_not_strict():
 
 
 def test_null_means_unset_for_every_field_and_an_empty_tool_list_is_no_tools():
-    nulls = dict.fromkeys(("tools", "tool_choice", "functions", "function_call", "audio", "response_format",
-                           "seed", "stop", "logit_bias", "n", "parallel_tool_calls", "stream_options"))
+    nulls = dict.fromkeys(
+        (
+            "tools",
+            "tool_choice",
+            "functions",
+            "function_call",
+            "audio",
+            "response_format",
+            "seed",
+            "stop",
+            "logit_bias",
+            "n",
+            "parallel_tool_calls",
+            "stream_options",
+        )
+    )
     req = parse_chat(CHAT | nulls)
     assert (req.tools, req.tool_choice, req.response_format) == (None, None, None)
     assert req.sampling == {"max_tokens": None}
@@ -176,10 +202,19 @@ def test_lenient_values_integral_floats_int64_seeds_top_p_zero_and_empty_stops()
 
 
 def test_documented_openai_fields_are_accepted_without_a_warning_even_when_strict():
-    documented = {"safety_identifier": "s", "prompt_cache_key": "k", "prompt_cache_retention": "24h",
-                  "verbosity": "low", "store": False, "service_tier": "auto", "user": "u", "parallel_tool_calls": True}
-    req = parse_chat(CHAT | documented | {"stream": True, "stream_options": {"include_obfuscation": False}},
-                     strict=True)
+    documented = {
+        "safety_identifier": "s",
+        "prompt_cache_key": "k",
+        "prompt_cache_retention": "24h",
+        "verbosity": "low",
+        "store": False,
+        "service_tier": "auto",
+        "user": "u",
+        "parallel_tool_calls": True,
+    }
+    req = parse_chat(
+        CHAT | documented | {"stream": True, "stream_options": {"include_obfuscation": False}}, strict=True
+    )
     assert req.ignored == () and req.user == "u"
 
 
@@ -191,8 +226,11 @@ def test_documented_openai_fields_are_accepted_without_a_warning_even_when_stric
         ({"regex": "[ab]+"}, {"type": "regex", "pattern": "[ab]+"}, "regex"),
         ({"guided_regex": "a"}, {"type": "regex", "pattern": "a"}, "guided_regex"),
         ({"grammar": "start: 'a'"}, {"type": "grammar", "grammar": "start: 'a'"}, "grammar"),
-        ({"guided_json": {"type": "integer"}},
-         {"type": "json_schema", "json_schema": {"name": "schema", "schema": {"type": "integer"}}}, "guided_json"),
+        (
+            {"guided_json": {"type": "integer"}},
+            {"type": "json_schema", "json_schema": {"name": "schema", "schema": {"type": "integer"}}},
+            "guided_json",
+        ),
     ],
 )
 def test_an_output_constraint_comes_from_response_format_or_one_extension_field(extra, expected, field):
@@ -203,11 +241,18 @@ def test_an_output_constraint_comes_from_response_format_or_one_extension_field(
 
 def test_tool_messages_and_assistant_tool_calls_are_kept_for_the_template():
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
-    req = parse_chat(CHAT | {"messages": [
-        {"role": "user", "content": "go"},
-        {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None},
-        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "42"}]},
-    ], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"})
+    req = parse_chat(
+        CHAT
+        | {
+            "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None},
+                {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "42"}]},
+            ],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "auto",
+        }
+    )
     assert req.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
     assert req.messages[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
     assert req.tool_choice == "auto" and req.tools is not None

@@ -52,12 +52,15 @@ from infer.serve.formats import Echo, Formatter, ToolCallHolder, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
 from infer.serve.request_id import RequestId
+from infer.serve.responses import ConversationStore, ResponsesFormatter
+from infer.serve.responses import event as responses_event
 from infer.serve.schemas import (
     GenerationRequest,
     parse_chat,
     parse_completion,
     parse_detokenize,
     parse_json,
+    parse_responses,
     parse_tokenize,
 )
 from infer.tools import ToolFormat, plan_tools, with_tool_calls
@@ -163,6 +166,7 @@ def create_app(
         Route("/v1/models/{model_id:path}", server.get_model, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/v1/responses", server.responses, methods=["POST"]),
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
         Route("/health", server.health, methods=["GET"]),
@@ -240,6 +244,8 @@ class _Job:
     label: str
     #: The model name the answer carries.
     served: str
+    #: Responses: the conversation so far (earlier turns and this input), kept with the answer when stored.
+    conversation: list[dict[str, Any]] | None = None
 
 
 @final
@@ -286,6 +292,8 @@ class _Server:
         self.admission = Admission(max_concurrency, max_queue, self.metrics)
         self.created = int(time.time())
         self.log = get_logger()
+        #: Conversations of stored Responses, for previous_response_id.
+        self.conversations = ConversationStore()
         #: OpenAI's system_fingerprint: changes when the software, backend or model served changes.
         self.fingerprint = (
             "fp_"
@@ -430,22 +438,32 @@ class _Server:
         """``POST /v1/completions``."""
         return await self._generation(request, "completions")
 
+    async def responses(self, request: Request) -> Response:
+        """``POST /v1/responses`` (the text subset of OpenAI's Responses API)."""
+        return await self._generation(request, "responses")
+
     async def chat_completions(self, request: Request) -> Response:
         """``POST /v1/chat/completions``."""
         return await self._generation(request, "chat")
 
     async def _generation(self, request: Request, endpoint: str) -> Response:
         arrived = time.perf_counter()
-        label = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+        label = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}[
+            endpoint
+        ]
+        parse = {"chat": parse_chat, "completions": parse_completion, "responses": parse_responses}[endpoint]
         try:
             self._authorize(request)
             _require_json(request)
             data = parse_json(await self._read_body(request))
             strict = self.strict_requests
-            parsed = parse_chat(data, strict=strict) if endpoint == "chat" else parse_completion(data, strict=strict)
+            parsed = parse(data, strict=strict)
             if parsed.ignored:
                 self._warn_ignored(label, parsed.ignored)
             served = self.served_name(parsed.model)
+            conversation = None
+            if parsed.endpoint == "responses":
+                parsed, conversation = self._conversation(parsed)
             left = None if self.request_timeout is None else self.request_timeout - (time.perf_counter() - arrived)
             prompts, params, tool_format = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
@@ -456,7 +474,27 @@ class _Server:
             return _error_response(err)
         if parsed.user is not None:
             self.log.info("serve.request", endpoint=label, user=parsed.user)
-        return _GenerationResponse(self, _Job(parsed, prompts, params, tool_format, arrived, ticket, label, served))
+        return _GenerationResponse(
+            self, _Job(parsed, prompts, params, tool_format, arrived, ticket, label, served, conversation)
+        )
+
+    def _conversation(self, parsed: GenerationRequest) -> tuple[GenerationRequest, list[dict[str, Any]]]:
+        """A Responses request's messages: instructions, the stored turns it continues, its input."""
+        history: list[dict[str, Any]] = []
+        if parsed.previous_response_id is not None:
+            found = self.conversations.get(parsed.previous_response_id)
+            if found is None:
+                raise APIError(
+                    404,
+                    f"previous response {parsed.previous_response_id[:80]!r} is not kept here: it was not stored, "
+                    f"or was forgotten (this server keeps the last {self.conversations.capacity} in memory)",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            history = found
+        conversation = [*history, *(parsed.messages or ())]
+        system = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
+        return replace(parsed, messages=[*system, *conversation]), conversation
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -642,7 +680,8 @@ class _GenerationResponse(Response):
         self.started = False
         self.formatter = Formatter(
             job.request.endpoint,
-            id=("chatcmpl-" if job.request.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex,
+            id={"chat": "chatcmpl-", "completions": "cmpl-", "responses": "resp_"}[job.request.endpoint]
+            + uuid.uuid4().hex,
             created=int(time.time()),
             model=job.served,
             token_text=lambda token: server.model.decode([token]),
@@ -651,6 +690,7 @@ class _GenerationResponse(Response):
         )
         #: Holds back streamed text that may be a tool call (``None``: no tools in play).
         self.holder = None if job.tool_format is None else ToolCallHolder(job.tool_format)
+        self.responses = ResponsesFormatter(job.request, self.formatter.id, self.formatter.created, job.served)
         self._last_token = 0.0
         #: The server cancelled this response (shutdown past its grace period).
         self.shutting_down = False
@@ -805,6 +845,9 @@ class _GenerationResponse(Response):
         completions = list(await asyncio.gather(*map(run, streams))) if streams else self._nothing_generated()
         if job.request.endpoint == "chat":
             body = self.formatter.completion(with_tool_calls(completions[0], job.tool_format))
+        elif job.request.endpoint == "responses":
+            body = self.responses.response(completions[0])
+            self._keep(completions[0])
         else:
             body = self.formatter.completions(completions, echoes, with_logprobs=job.params.logprobs)
         await self._send_json(send, 200, _json_bytes(body), {})
@@ -836,7 +879,40 @@ class _GenerationResponse(Response):
         await self._event(send, self.formatter.tool_call_deltas(calls))
         return replace(completion, tool_calls=tuple(calls), finish_reason="tool_calls")
 
+    def _keep(self, completion: Completion) -> None:
+        """Store a Responses conversation with its answer, unless the request said ``store: false``."""
+        job = self.job
+        if job.conversation is not None and job.request.store:
+            answer = {"role": "assistant", "content": completion.text}
+            self.server.conversations.put(self.formatter.id, [*job.conversation, answer])
+
+    async def _stream_response(self, stream: AsyncTokenStream, send: Send) -> None:
+        """A Responses stream: its typed events (no ``[DONE]``: the completed event ends it)."""
+        fmt = self.responses
+        first = await anext(aiter(stream), None)  # errors before the first token get their status
+        await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        self.started = True
+        for payload in fmt.opening():
+            await self._send_event(send, payload)
+        events = [] if first is None else [first]
+        async for item in _chain(events, stream):
+            self._tick(item)
+            if item.text:
+                await self._send_event(send, fmt.delta(item.text))
+        completion = _finished(stream)
+        self._keep(completion)
+        closing = list(fmt.closing(completion))
+        for payload in closing[:-1]:
+            await self._send_event(send, payload)
+        await self._send_event(send, closing[-1], last=True)
+
+    async def _send_event(self, send: Send, payload: dict[str, Any], *, last: bool = False) -> None:
+        await self._send(send, {"type": "http.response.body", "body": responses_event(payload), "more_body": not last})
+
     async def _stream(self, streams: list[AsyncTokenStream], echoes: list[Echo | None], send: Send) -> None:
+        if self.job.request.endpoint == "responses":
+            await self._stream_response(streams[0], send)
+            return
         fmt = self.formatter
         with_logprobs = self.job.params.logprobs
         merged = _merge(streams)
@@ -868,6 +944,13 @@ class _GenerationResponse(Response):
             )
             await self._event(send, fmt.usage_chunk(usage))
         await self._event(send, "[DONE]", last=True)
+
+
+async def _chain(first: list[TokenEvent], rest: AsyncTokenStream) -> AsyncGenerator[TokenEvent]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 async def _merge(streams: list[AsyncTokenStream]) -> AsyncGenerator[tuple[int, TokenEvent]]:

@@ -39,10 +39,11 @@ __all__ = [
     "parse_completion",
     "parse_detokenize",
     "parse_json",
+    "parse_responses",
     "parse_tokenize",
 ]
 
-Endpoint = Literal["chat", "completions"]
+Endpoint = Literal["chat", "completions", "responses"]
 
 #: Most stop strings one request may give (OpenAI allows 4; more only costs the matcher).
 MAX_STOP_STRINGS = 16
@@ -165,6 +166,14 @@ class GenerationRequest:
     echo: bool = False
     #: Completions: text after the insertion point (fill-in-the-middle).
     suffix: str | None = None
+    #: Responses: the system text put before the conversation (``instructions``).
+    instructions: str | None = None
+    #: Responses: the stored response whose conversation this request continues.
+    previous_response_id: str | None = None
+    #: Responses: keep this response's conversation for later ``previous_response_id``.
+    store: bool = True
+    #: Responses: the caller's ``metadata``, returned in the response object.
+    metadata: dict[str, str] | None = None
 
     @property
     def prompt(self) -> str | list[int] | None:
@@ -174,7 +183,7 @@ class GenerationRequest:
     @property
     def prompt_field(self) -> str:
         """The request field holding the prompt."""
-        return "messages" if self.endpoint == "chat" else "prompt"
+        return {"chat": "messages", "completions": "prompt", "responses": "input"}[self.endpoint]
 
     @property
     def error_names(self) -> dict[str, str]:
@@ -259,6 +268,129 @@ def parse_completion(data: Mapping[str, Any], *, strict: bool = False) -> Genera
         "completions", data, prompts=prompts, messages=None, sampling=sampling, names=names, max_tokens=max_tokens
     )
     return replace(request, ignored=ignored, echo=echo, suffix=suffix)
+
+
+_RESPONSES = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "stream",
+        "previous_response_id",
+        "store",
+        "metadata",
+        "text",
+        "tools",
+        "tool_choice",
+        "truncation",
+        "include",
+        "seed",
+        "top_k",
+        *_NUMBERS,
+    }
+)
+#: Responses input content part types that carry text.
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+def parse_responses(data: Mapping[str, Any], *, strict: bool = False) -> GenerationRequest:
+    """Check a ``/v1/responses`` body (the text subset); ``strict`` refuses unknown fields."""
+    ignored = _check_fields(data, _RESPONSES, strict=strict)
+    sampling, names = _sampling(data)
+    max_tokens = _get(data, "max_output_tokens", int, None)
+    sampling["max_tokens"] = max_tokens
+    names["max_tokens"] = "max_output_tokens"
+    messages = _response_input(data.get("input", _MISSING))
+    if data.get("tools"):
+        _fail(
+            "tools",
+            "tools are not supported on /v1/responses yet; use /v1/chat/completions for tool calls",
+            code="unsupported_parameter",
+        )
+    truncation = data.get("truncation")
+    if truncation not in (None, "disabled"):
+        _fail("truncation", "only truncation 'disabled' is supported: a prompt too long for the context is a 400")
+    metadata = data.get("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()) or len(metadata) > 16
+    ):
+        _type_error("metadata", "an object of at most 16 string values", metadata)
+    names["response_format"] = "text.format"  # where a schema that does not compile came from
+    request = _request(
+        "responses",
+        {"model": data.get("model", _MISSING), "stream": data.get("stream")},
+        prompts=(),
+        messages=messages,
+        sampling=sampling,
+        names=names,
+        max_tokens=max_tokens,
+    )
+    return replace(
+        request,
+        ignored=ignored,
+        response_format=_text_format(data.get("text")),
+        instructions=_get(data, "instructions", str, None),
+        previous_response_id=_get(data, "previous_response_id", str, None),
+        store=_get(data, "store", bool, True),
+        metadata=metadata,
+        user=data["user"][:64] if isinstance(data.get("user"), str) else None,
+    )
+
+
+def _response_input(value: object) -> list[dict[str, Any]]:
+    """Responses ``input`` (a string, or message items) as chat messages."""
+    if value is _MISSING:
+        _fail("input", "input is required: a string or a list of messages", code="missing_required_parameter")
+    if isinstance(value, str):
+        return [{"role": "user", "content": _utf8("input", value)}]
+    if not isinstance(value, list) or not value:
+        _type_error("input", "a string or a non-empty list of messages", value)
+    messages = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            _type_error(where, "a message object with role and content", item)
+        kind = item.get("type", "message")
+        if kind != "message":
+            _fail(
+                f"{where}.type",
+                f"input items of type {kind!r} are not supported: only messages",
+                code="unsupported_parameter",
+            )
+        content = item.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+                    _fail(
+                        f"{where}.content[{j}]",
+                        "only text content parts (input_text, output_text) are supported",
+                        code="unsupported_parameter",
+                    )
+                texts.append(part.get("text"))
+            content = "\n".join(t if isinstance(t, str) else "" for t in texts)
+        messages.append({"role": item.get("role"), "content": content})
+    return _messages(messages)
+
+
+def _text_format(value: object) -> dict[str, Any] | None:
+    """Responses ``text.format`` as a chat ``response_format``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        _type_error("text", "an object such as {'format': {'type': 'text'}}", value)
+    fmt = value.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        _fail("text.format", "text.format.type must be 'text', 'json_object' or 'json_schema'")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    spec = {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}
+    return {"type": "json_schema", "json_schema": spec}
 
 
 @final
