@@ -69,21 +69,20 @@ class Formatter:
             return self.completions([completion], [None], with_logprobs=completion.logprobs is not None)
         events = completion.logprobs
         logprobs = self.logprobs(events) if events is not None else None
-        if self.endpoint == "chat":
-            message: dict[str, Any] = {
-                "role": "assistant",
-                # OpenAI's content is null for a turn that only calls tools; refusal is required (null).
-                "content": completion.text if completion.text or not completion.tool_calls else None,
-                "refusal": None,
-            }
-            if completion.tool_calls:
-                message["tool_calls"] = [call.as_openai() for call in completion.tool_calls]
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": completion.finish_reason,
-            }
+        message: dict[str, Any] = {
+            "role": "assistant",
+            # OpenAI's content is null for a turn that only calls tools; refusal is required (null).
+            "content": completion.text if completion.text or not completion.tool_calls else None,
+            "refusal": None,
+        }
+        if completion.tool_calls:
+            message["tool_calls"] = [call.as_openai() for call in completion.tool_calls]
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": completion.finish_reason,
+        }
         return self._head(self._object) | {"choices": [choice], "usage": usage_body(completion.usage)}
 
     def completions(
