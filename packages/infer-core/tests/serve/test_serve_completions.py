@@ -101,3 +101,30 @@ async def test_one_bad_prompt_in_an_array_refuses_the_request_naming_it(client):
     r = await client.post("/v1/completions", json=TEXT | {"prompt": ["fine", [1, 10**9]]})
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "prompt"
+
+
+async def test_n_choices_per_prompt_take_consecutive_seeds_and_count_the_prompt_once(client, fake_model):
+    body = ok(await client.post("/v1/completions", json=TEXT | {"prompt": ["Once", "The end"], "n": 2}))
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    expected = [
+        fake_model.generate(p, max_tokens=8, seed=4 + j, temperature=0.8) for p in ("Once", "The end") for j in range(2)
+    ]
+    assert [c["text"] for c in body["choices"]] == [e.text for e in expected]
+    assert body["usage"]["prompt_tokens"] == expected[0].usage.prompt_tokens + expected[2].usage.prompt_tokens
+    assert body["usage"]["completion_tokens"] == sum(e.usage.completion_tokens for e in expected)
+
+
+async def test_chat_n_choices_whole_and_streamed_agree(client, fake_model):
+    request = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 9, "n": 3}
+    whole = ok(await client.post("/v1/chat/completions", json=request))
+    texts = [c["message"]["content"] for c in whole["choices"]]
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    expected = fake_model.generate(messages=request["messages"], max_tokens=6, seed=10)
+    assert texts[1] == expected.text and whole["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
+    r = await client.post("/v1/chat/completions", json=request | {"stream": True})
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in sse_data(r.text):
+        if chunk != "[DONE]":
+            for choice in chunk["choices"]:
+                streamed[choice["index"]] += choice["delta"].get("content") or ""
+    assert list(streamed.values()) == texts

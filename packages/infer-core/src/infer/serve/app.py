@@ -468,6 +468,7 @@ class _Server:
             prompts, params, tool_format = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
             )
+            prompts = [ids for ids in prompts for _ in range(parsed.n)]  # choice i*n + j: prompt i's j-th
             ticket = self.admission.admit()
         except APIError as err:
             self.metrics.count(label, err.status)
@@ -687,9 +688,12 @@ class _GenerationResponse(Response):
             token_text=lambda token: server.model.decode([token]),
             token_bytes=server.model.tokenizer.token_bytes,
             system_fingerprint=server.fingerprint,
+            n=job.request.n,
         )
         #: Holds back streamed text that may be a tool call (``None``: no tools in play).
-        self.holder = None if job.tool_format is None else ToolCallHolder(job.tool_format)
+        fmt = job.tool_format
+        #: Per choice: holds back streamed text that may be a tool call (``None``: no tools in play).
+        self.holders = [None if fmt is None else ToolCallHolder(fmt) for _ in job.prompts]
         self.responses = ResponsesFormatter(job.request, self.formatter.id, self.formatter.created, job.served)
         self._last_token = 0.0
         #: The server cancelled this response (shutdown past its grace period).
@@ -735,8 +739,11 @@ class _GenerationResponse(Response):
                 raise server.deadline_error("while queued for a slot")
             if job.request.max_tokens != 0:  # 0: echo alone, nothing generated
                 # All prompts at once: the model's scheduler batches their steps.
-                streams = [server.model.astream(ids, params=job.params, timeout=left) for ids in job.prompts]
-            server.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompts))
+                streams = [
+                    server.model.astream(ids, params=self._choice_params(k), timeout=left)
+                    for k, ids in enumerate(job.prompts)
+                ]
+            server.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompts[:: job.request.n]))
             echoes = await self._echoes(left)
             if job.request.stream:
                 await self._stream(streams, echoes, send)
@@ -763,6 +770,13 @@ class _GenerationResponse(Response):
                 await stream.aclose()  # a no-op when it finished; otherwise the request leaves the batch
             job.ticket.release()
 
+    def _choice_params(self, k: int) -> SamplingParams:
+        """Sampling of choice ``k``: a seeded prompt's n choices take seeds seed, seed+1... (distinct, reproducible)."""
+        params, j = self.job.params, k % self.job.request.n
+        if j == 0 or params.seed is None:
+            return params
+        return replace(params, seed=(params.seed + j) % 2**64)
+
     async def _echoes(self, left: float | None) -> list[Echo | None]:
         """Each prompt to echo (``None`` each without ``echo``), scored when logprobs are asked for.
 
@@ -773,7 +787,8 @@ class _GenerationResponse(Response):
         if not job.request.echo:
             return [None] * len(job.prompts)
         echoes: list[Echo | None] = []
-        for given, ids in zip(job.request.prompts, job.prompts, strict=True):
+        for k, ids in enumerate(job.prompts):
+            given = job.request.prompts[k // job.request.n]
             text = given if isinstance(given, str) else model.decode(ids)
             events: tuple[TokenEvent, ...] = ()
             if job.params.logprobs:
@@ -844,7 +859,7 @@ class _GenerationResponse(Response):
         job = self.job
         completions = list(await asyncio.gather(*map(run, streams))) if streams else self._nothing_generated()
         if job.request.endpoint == "chat":
-            body = self.formatter.completion(with_tool_calls(completions[0], job.tool_format))
+            body = self.formatter.chat([with_tool_calls(c, job.tool_format) for c in completions])
         elif job.request.endpoint == "responses":
             body = self.responses.response(completions[0])
             self._keep(completions[0])
@@ -861,22 +876,24 @@ class _GenerationResponse(Response):
 
     async def _token(self, send: Send, index: int, event: TokenEvent, with_logprobs: bool) -> None:
         self._tick(event)
-        if self.holder is not None:
+        holder = self.holders[index]
+        if holder is not None:
             # Tools in play: text that may be a call waits for the end (see ToolCallHolder).
-            event = replace(event, text=self.holder.feed(event.text))
+            event = replace(event, text=holder.feed(event.text))
         if event.text or with_logprobs:  # "" = held back (a partial character, a possible stop string)
             await self._event(send, self.formatter.delta([event], with_logprobs=with_logprobs, index=index))
 
-    async def _held_calls(self, send: Send, completion: Completion) -> Completion:
-        """Send what the tool-call holder kept back; the completion with its calls split out."""
-        if self.holder is None:
+    async def _held_calls(self, send: Send, index: int, completion: Completion) -> Completion:
+        """Send what choice ``index``'s tool-call holder kept back; the completion with its calls split out."""
+        holder = self.holders[index]
+        if holder is None:
             return completion
-        content, calls = self.holder.finish()
+        content, calls = holder.finish()
         if content:
-            await self._event(send, self.formatter.content_delta(content))
+            await self._event(send, self.formatter.content_delta(content, index))
         if not calls:
             return completion
-        await self._event(send, self.formatter.tool_call_deltas(calls))
+        await self._event(send, self.formatter.tool_call_deltas(calls, index))
         return replace(completion, tool_calls=tuple(calls), finish_reason="tool_calls")
 
     def _keep(self, completion: Completion) -> None:
@@ -921,9 +938,10 @@ class _GenerationResponse(Response):
             first = await anext(merged, None)
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             self.started = True
-            opening = fmt.opening()
-            if opening is not None:
-                await self._event(send, opening)
+            for index in range(len(self.job.prompts)):
+                opening = fmt.opening(index)
+                if opening is not None:
+                    await self._event(send, opening)
             for index, echo in enumerate(echoes):
                 if echo is not None:
                     await self._event(send, fmt.echo_delta(echo, with_logprobs=with_logprobs, index=index))
@@ -935,14 +953,11 @@ class _GenerationResponse(Response):
             await merged.aclose()
         completions = [_finished(s) for s in streams] if streams else self._nothing_generated()
         if self.job.request.endpoint == "chat":
-            completions = [await self._held_calls(send, completions[0])]
+            completions = [await self._held_calls(send, i, c) for i, c in enumerate(completions)]
         for index, completion in enumerate(completions):
             await self._event(send, fmt.closing(completion, index))
         if self.job.request.include_usage:
-            usage = Usage(
-                sum(c.usage.prompt_tokens for c in completions), sum(c.usage.completion_tokens for c in completions)
-            )
-            await self._event(send, fmt.usage_chunk(usage))
+            await self._event(send, fmt.usage_chunk(fmt.total(completions)))
         await self._event(send, "[DONE]", last=True)
 
 

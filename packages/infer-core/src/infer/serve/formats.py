@@ -50,6 +50,8 @@ class Formatter:
     token_bytes: Callable[[int], bytes]
     #: OpenAI's ``system_fingerprint``: names the build and configuration that answered.
     system_fingerprint: str = ""
+    #: Choices per prompt: usage counts each prompt once, however many choices it has.
+    n: int = 1
     #: Completions: each choice's running text offset (its logprobs' ``text_offset``).
     _offsets: dict[int, int] = field(default_factory=dict)
 
@@ -64,9 +66,17 @@ class Formatter:
     # -- whole responses --------------------------------------------------------------------
 
     def completion(self, completion: Completion) -> dict[str, Any]:
-        """The body of a non-streaming chat response, or of a one-prompt completion."""
+        """The body of a non-streaming response with one choice."""
         if self.endpoint != "chat":
             return self.completions([completion], [None], with_logprobs=completion.logprobs is not None)
+        return self.chat([completion])
+
+    def chat(self, completions: Sequence[Completion]) -> dict[str, Any]:
+        """The body of a non-streaming chat response: one choice per completion, usage summed."""
+        choices = [self._chat_choice(i, c) for i, c in enumerate(completions)]
+        return self._head(self._object) | {"choices": choices, "usage": usage_body(self.total(completions))}
+
+    def _chat_choice(self, index: int, completion: Completion) -> dict[str, Any]:
         events = completion.logprobs
         logprobs = self.logprobs(events) if events is not None else None
         message: dict[str, Any] = {
@@ -77,13 +87,7 @@ class Formatter:
         }
         if completion.tool_calls:
             message["tool_calls"] = [call.as_openai() for call in completion.tool_calls]
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": message,
-            "logprobs": logprobs,
-            "finish_reason": completion.finish_reason,
-        }
-        return self._head(self._object) | {"choices": [choice], "usage": usage_body(completion.usage)}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": completion.finish_reason}
 
     def completions(
         self, completions: Sequence[Completion], echoes: Sequence[Echo | None], *, with_logprobs: bool
@@ -105,10 +109,7 @@ class Formatter:
                     "finish_reason": completion.finish_reason,
                 }
             )
-        usage = Usage(
-            sum(c.usage.prompt_tokens for c in completions), sum(c.usage.completion_tokens for c in completions)
-        )
-        return self._head(self._object) | {"choices": choices, "usage": usage_body(usage)}
+        return self._head(self._object) | {"choices": choices, "usage": usage_body(self.total(completions))}
 
     # -- stream chunks ----------------------------------------------------------------------
 
@@ -116,12 +117,12 @@ class Formatter:
         obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
         return self._head(obj) | {"choices": [choice]}
 
-    def opening(self) -> dict[str, Any] | None:
-        """The chat stream's first chunk (the assistant role); ``None`` for completions."""
+    def opening(self, index: int = 0) -> dict[str, Any] | None:
+        """A chat stream's first chunk of choice ``index`` (the assistant role); ``None`` for completions."""
         if self.endpoint != "chat":
             return None
         return self._chunk(
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         )
 
     def delta(self, events: Sequence[TokenEvent], *, with_logprobs: bool, index: int = 0) -> dict[str, Any]:
@@ -129,7 +130,9 @@ class Formatter:
         text = "".join(e.text for e in events)
         logprobs = self.logprobs(events, index) if with_logprobs else None
         if self.endpoint == "chat":
-            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None})
+            return self._chunk(
+                {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+            )
         return self._chunk({"index": index, "text": text, "logprobs": logprobs, "finish_reason": None})
 
     def echo_delta(self, echo: Echo, *, with_logprobs: bool, index: int) -> dict[str, Any]:
@@ -137,21 +140,26 @@ class Formatter:
         logprobs = self.logprobs(echo.events, index) if with_logprobs else None
         return self._chunk({"index": index, "text": echo.text, "logprobs": logprobs, "finish_reason": None})
 
-    def tool_call_deltas(self, calls: Sequence[ToolCall]) -> dict[str, Any]:
+    def tool_call_deltas(self, calls: Sequence[ToolCall], index: int = 0) -> dict[str, Any]:
         """A chat chunk carrying whole ``calls`` as OpenAI's streamed ``tool_calls`` deltas."""
         deltas = [call.as_openai() | {"index": i} for i, call in enumerate(calls)]
-        return self._chunk({"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None})
+        return self._chunk({"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None})
 
-    def content_delta(self, text: str) -> dict[str, Any]:
+    def content_delta(self, text: str, index: int = 0) -> dict[str, Any]:
         """A chat chunk carrying ``text`` and no logprobs."""
-        return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+        return self._chunk({"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
 
     def closing(self, completion: Completion, index: int = 0) -> dict[str, Any]:
         """The chunk that gives the finish reason (of choice ``index``)."""
         reason = completion.finish_reason
         if self.endpoint == "chat":
-            return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
+            return self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
         return self._chunk({"index": index, "text": "", "logprobs": None, "finish_reason": reason})
+
+    def total(self, completions: Sequence[Completion]) -> Usage:
+        """The usage of a response: each prompt's tokens once (choices come ``n`` per prompt), all completions'."""
+        prompt = sum(c.usage.prompt_tokens for c in completions[:: self.n])
+        return Usage(prompt, sum(c.usage.completion_tokens for c in completions))
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The final chunk of a stream asked to include usage: no choices, the counts."""

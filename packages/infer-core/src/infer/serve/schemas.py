@@ -125,6 +125,8 @@ _TEMPLATE_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token"
 _COMPLETIONS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 #: Most prompts one ``/v1/completions`` request may batch (each is a choice).
 MAX_PROMPTS = 64
+#: Most choices per prompt (``n``).
+MAX_N = 16
 
 
 @final
@@ -172,6 +174,8 @@ class GenerationRequest:
     previous_response_id: str | None = None
     #: Responses: keep this response's conversation for later ``previous_response_id``.
     store: bool = True
+    #: Choices per prompt (``n``).
+    n: int = 1
     #: Responses: the caller's ``metadata``, returned in the response object.
     metadata: dict[str, str] | None = None
 
@@ -472,11 +476,17 @@ def _request(
                 _fail(f"stream_options.{key}", f"unrecognized stream option {key!r}")
         include_usage = _get(options, "include_usage", bool, False, prefix="stream_options.")
     user = data.get("user")
+    n = _get(data, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        _fail("n", f"n must be an integer in [1, {MAX_N}], got {n}")
+    if endpoint == "completions" and n * len(prompts) > MAX_PROMPTS:
+        _fail("n", f"n={n} choices for each of {len(prompts)} prompts is more than {MAX_PROMPTS} in one request")
     constraint_field, response_format = _response_format(data)
     if constraint_field is not None:
         names["response_format"] = constraint_field
     return GenerationRequest(
         user=user[:64] if isinstance(user, str) else None,
+        n=n,
         response_format=response_format,
         endpoint=endpoint,
         model=model,
@@ -546,9 +556,6 @@ def _sampling(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
             _fail("seed", f"seed must be a 64-bit integer, got {seed}")
         sampling["seed"] = seed % 2**64  # a seed still picks one stream; -1 is as good as any
-    n = _get(data, "n", int, None)
-    if n is not None and n != 1:
-        _fail("n", f"n={n} is not supported: this server returns one choice per request (n=1)")
     stop = data.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
