@@ -3,7 +3,7 @@
 The server checks the *shape* of a request here (JSON types, which fields exist, the features
 it does not offer); the *ranges* of sampling values are checked by
 :class:`infer.SamplingParams`, whose errors the app maps back onto the request's field names.
-Fields OpenAI's API accepts but this server cannot honour (``n`` > 1, ``audio``...) are refused
+Fields OpenAI's API accepts but this server cannot honour (``audio``, ``best_of`` > 1...) are refused
 by name rather than ignored; an explicit ``null`` means "not set" for every field. Fields no
 API here knows (extensions of other servers, such as ``reasoning_effort``) are ignored and
 listed in :attr:`GenerationRequest.ignored`, so the app can log them; with ``strict=True`` they
