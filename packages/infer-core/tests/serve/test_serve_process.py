@@ -95,7 +95,7 @@ def test_openai_client_sees_typed_errors_naming_the_field(server):
             client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         assert missing.value.code == "model_not_found"
         with pytest.raises(openai.BadRequestError) as many:
-            client.chat.completions.create(model="fake", messages=MESSAGES, n=2)
+            client.chat.completions.create(model="fake", messages=MESSAGES, n=99)
         assert many.value.param == "n"
         with pytest.raises(openai.BadRequestError) as hot:
             client.completions.create(model="fake", prompt="x", temperature=-1)
