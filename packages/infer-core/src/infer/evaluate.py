@@ -31,8 +31,18 @@ from infer.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     from infer.model import Model
+    from infer.results import TokenEvent
 
-__all__ = ["CHUNK_TOKENS", "PROMPTS", "EvalReport", "eval_chunks", "evaluate", "greedy_agreement", "perplexity"]
+__all__ = [
+    "CHUNK_TOKENS",
+    "PROMPTS",
+    "EvalReport",
+    "eval_chunks",
+    "evaluate",
+    "greedy_agreement",
+    "perplexity",
+    "prompt_logprobs",
+]
 
 #: Tokens per scored chunk.
 CHUNK_TOKENS: Final = 512
@@ -142,6 +152,36 @@ def perplexity(model: Model, chunks: Sequence[Sequence[int]]) -> tuple[float, in
             cache.release()
     scored = len(chunks) * (width - 1)
     return math.exp(nll / scored), scored, best
+
+
+def prompt_logprobs(model: Model, ids: Sequence[int], top_logprobs: int = 0) -> list[TokenEvent]:
+    """The log-probability of each token of ``ids`` given the ones before it (evaluation harnesses' echo).
+
+    One event per token, in order: the first has ``logprob`` None (nothing predicts it), the
+    others the log-probability under the model's raw distribution and the ``top_logprobs`` most
+    likely alternatives, computed as generated tokens' are (:func:`infer.sampling.logprobs`).
+    The contract returns the last position's logits only, so the prompt is fed one token per
+    step: a prefill of its first token, then a decode step per token, each step's logits scoring
+    the next token. ``text`` is each token's own text.
+    """
+    from infer.results import TokenEvent
+    from infer.sampling import logprobs
+
+    if not ids:
+        raise InvalidParameterError("ids", ids, "at least one token")
+    events = [TokenEvent(0, int(ids[0]), model.decode([ids[0]]))]
+    cache = model.new_sequence(len(ids))
+    try:
+        row = model.run_prefill([cache], [[ids[0]]])[0]
+        for position in range(1, len(ids)):
+            token = int(ids[position])
+            logprob, top = logprobs(row, token, top_logprobs)
+            events.append(TokenEvent(position, token, model.decode([token]), logprob, top))
+            if position + 1 < len(ids):
+                row = model.run_decode([cache], [token])[0]
+    finally:
+        cache.release()
+    return events
 
 
 def greedy_agreement(model: Model, reference: Model, tokens: int = GREEDY_TOKENS) -> float:

@@ -485,29 +485,18 @@ class Model:
         self, messages: Sequence[Mapping[str, Any]] | None, sampling: dict[str, Any]
     ) -> tuple[Sequence[Mapping[str, Any]] | None, str | None, dict[str, Any]]:
         """Take ``tools``/``tool_choice`` out of ``sampling``: the messages, call format and template variables."""
-        from infer.tools import call_grammar, check_tool_choice, check_tools, prepare_messages
+        from infer.tools import plan_tools
 
-        tools = check_tools(sampling.pop("tools", None))
-        choice = check_tool_choice(sampling.pop("tool_choice", None), tools)
-        if choice == "none":
-            return messages, None, {}
-        if messages is None:
-            names = [t.name for t in tools]
-            raise InvalidParameterError("tools", names, "chat messages= (tools go through the chat template)")
-        from infer.chat import validate_messages
-
-        # Checked as the caller wrote them, so errors name the caller's indices, not the rewrite's.
-        plan = prepare_messages(self.chat_template, validate_messages(messages), tools)
-        if not plan.native:
-            get_logger().info("tools.described_in_system_message", reason="the chat template does not render tools")
-        grammar = call_grammar(tools, choice, plan.format)
-        if grammar is not None:
-            if sampling.get("response_format") is not None:
-                raise InvalidParameterError(
-                    "response_format", sampling["response_format"], "unset when tool_choice forces a tool call"
-                )
-            sampling["response_format"] = grammar
-        return plan.messages, plan.format, plan.template_vars
+        messages, tool_format, template_vars, response_format = plan_tools(
+            self.chat_template,
+            messages,
+            sampling.pop("tools", None),
+            sampling.pop("tool_choice", None),
+            sampling.get("response_format"),
+        )
+        if response_format is not None:
+            sampling["response_format"] = response_format
+        return messages, tool_format, template_vars
 
     def compile_response_format(self, response_format: object) -> Constraint | None:
         """Compile a ``response_format`` (JSON schema, Pydantic model, regex, grammar) for this model.
@@ -643,18 +632,6 @@ def _check_ids(ids: object, vocab_size: int) -> list[int]:
     return [int(t) for t in values]
 
 
-def _with_tool_calls(completion: Completion, tool_format: str | None) -> Completion:
-    """``completion`` with the tool calls its text makes split out (finish reason ``tool_calls``)."""
-    if tool_format is None:
-        return completion
-    from infer.tools import parse_tool_calls
-
-    content, calls = parse_tool_calls(completion.text, tool_format)  # type: ignore[arg-type]
-    if not calls:
-        return completion
-    return replace(completion, text=content or "", tool_calls=tuple(calls), finish_reason="tool_calls")
-
-
 class _StreamBase:
     """What the sync and async streams share: the request, cancellation on drop, the result."""
 
@@ -683,7 +660,9 @@ class _StreamBase:
         self._finished = True
         self._finalizer.detach()
         if isinstance(item, Done):
-            self.completion = _with_tool_calls(item.completion, self._request.tool_format)
+            from infer.tools import with_tool_calls
+
+            self.completion = with_tool_calls(item.completion, self._request.tool_format)  # type: ignore[arg-type]
             raise StopIteration
         assert isinstance(item, Failed)
         raise item.error

@@ -26,10 +26,11 @@ import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, final
 
 from infer.errors import InvalidParameterError
+from infer.results import Completion
 from infer.structured import strict_schema
 
 __all__ = [
@@ -41,7 +42,9 @@ __all__ = [
     "check_tools",
     "detect_format",
     "parse_tool_calls",
+    "plan_tools",
     "prepare_messages",
+    "with_tool_calls",
 ]
 
 ToolFormat = Literal["hermes", "llama3"]
@@ -145,8 +148,10 @@ def check_tool_choice(choice: object, tools: Sequence[Tool]) -> ToolChoice | Too
         if tool.name == name:
             return tool
     raise InvalidParameterError(
-        "tool_choice", choice, f"'none', 'auto', 'required' or {{'type': 'function', 'function': {{'name': N}}}} "
-        f"with N one of {[t.name for t in tools]}"
+        "tool_choice",
+        choice,
+        f"'none', 'auto', 'required' or {{'type': 'function', 'function': {{'name': N}}}} "
+        f"with N one of {[t.name for t in tools]}",
     )
 
 
@@ -159,9 +164,7 @@ def detect_format(template: str | None) -> tuple[ToolFormat, bool]:
     return "hermes", True
 
 
-def prepare_messages(
-    template: str | None, messages: Sequence[Mapping[str, Any]], tools: Sequence[Tool]
-) -> ToolPlan:
+def prepare_messages(template: str | None, messages: Sequence[Mapping[str, Any]], tools: Sequence[Tool]) -> ToolPlan:
     """Messages and template variables that put ``tools`` (and earlier calls and results) in the prompt."""
     fmt, native = detect_format(template)
     if native:
@@ -184,6 +187,55 @@ def prepare_messages(
     if system:
         rewritten.insert(0, {"role": "system", "content": system})
     return ToolPlan("hermes", False, rewritten, {})
+
+
+def plan_tools(
+    template: str | None,
+    messages: Sequence[Mapping[str, Any]] | None,
+    tools: object,
+    tool_choice: object,
+    response_format: object,
+) -> tuple[Sequence[Mapping[str, Any]] | None, ToolFormat | None, dict[str, Any], object]:
+    """Check a request's ``tools`` and ``tool_choice`` and plan its prompt and output.
+
+    Returns the messages to render, the call format to parse the output with (``None``: no
+    tools in play), the template variables to add, and the ``response_format`` to compile (the
+    call grammar when ``tool_choice`` forces a call). Raises
+    :class:`~infer.errors.InvalidParameterError` naming the field at fault. Both
+    :meth:`infer.Model.generate` and ``infer serve`` plan their requests here.
+    """
+    checked = check_tools(tools)
+    choice = check_tool_choice(tool_choice, checked)
+    if choice == "none":
+        return messages, None, {}, response_format
+    if messages is None:
+        raise InvalidParameterError(
+            "tools", [t.name for t in checked], "chat messages (tools go through the chat template)"
+        )
+    from infer.chat import validate_messages
+
+    # Checked as the caller wrote them, so errors name the caller's indices, not the rewrite's.
+    plan = prepare_messages(template, validate_messages(messages), checked)
+    if not plan.native:
+        from infer.log import get_logger
+
+        get_logger().info("tools.described_in_system_message", reason="the chat template does not render tools")
+    grammar = call_grammar(checked, choice, plan.format)
+    if grammar is not None:
+        if response_format is not None:
+            raise InvalidParameterError("response_format", response_format, "unset when tool_choice forces a tool call")
+        response_format = grammar
+    return plan.messages, plan.format, plan.template_vars, response_format
+
+
+def with_tool_calls(completion: Completion, fmt: ToolFormat | None) -> Completion:
+    """``completion`` with the tool calls its text makes split out (finish reason ``tool_calls``)."""
+    if fmt is None:
+        return completion
+    content, calls = parse_tool_calls(completion.text, fmt)
+    if not calls:
+        return completion
+    return replace(completion, text=content or "", tool_calls=tuple(calls), finish_reason="tool_calls")
 
 
 def _describe(tools: Sequence[Tool]) -> str:

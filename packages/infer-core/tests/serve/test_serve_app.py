@@ -86,7 +86,7 @@ async def test_chat_completion_renders_the_chat_template(client, fake_model):
     body = r.json()
     expected = fake_model.generate(messages=CHAT["messages"], max_tokens=9, seed=1)
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text, "refusal": None}
     assert body["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
 
 
@@ -220,9 +220,9 @@ async def test_prompt_over_the_context_and_max_tokens_past_it_are_400s(client_fo
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
         ({"temperature": -0.5}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": -5}, "max_tokens"),
         ({"presence_penalty": 9}, "presence_penalty"),

@@ -120,7 +120,7 @@ def test_hardening_flags_reach_the_app_and_the_protocol(captured):
     server = config.app.state.server
     assert config.http.header_timeout == 3.0
     assert (server.body_timeout, server.write_timeout, server.strict_requests) == (4.0, 5.0, True)
-    host_check = config.app.user_middleware[0]
+    host_check = _host_check(config.app)
     assert host_check.kwargs["allowed"] == ("a.example", "b.example")
 
 
@@ -152,7 +152,7 @@ def test_the_served_name_of_a_model_path_is_its_last_part_not_the_path(tmp_path)
 )
 def test_allowed_hosts_default_to_loopback_and_a_specific_listen_address(captured, args, allowed):
     assert main(["serve", "fake", "--backend", "fake", *args]) == 0
-    assert captured["config"].app.user_middleware[0].kwargs["allowed"] == allowed
+    assert _host_check(captured["config"].app).kwargs["allowed"] == allowed
 
 
 def test_help_with_the_serve_command_registered_imports_no_server_or_numeric_module():
@@ -166,3 +166,29 @@ def test_help_with_the_serve_command_registered_imports_no_server_or_numeric_mod
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--allowed-hosts" in result.stdout and "--header-timeout" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _host_check(app):
+    from infer.serve.guards import HostCheck
+
+    return next(m for m in app.user_middleware if m.cls is HostCheck)
+
+
+def test_alias_any_model_name_and_cors_flags_reach_the_app(captured):
+    args = ["--name", "main", "--alias", "gpt-4o", "--alias", "local", "--any-model-name"]
+    args += ["--cors-origins", "http://localhost:3000, https://ui.example"]
+    assert main(["serve", "fake", "--backend", "fake", *args]) == 0
+    app = captured["config"].app
+    server = app.state.server
+    assert server.names == ("main", "gpt-4o", "local") and server.any_model_name
+    from starlette.middleware.cors import CORSMiddleware
+
+    cors = next(m for m in app.user_middleware if m.cls is CORSMiddleware)
+    assert cors.kwargs["allow_origins"] == ["http://localhost:3000", "https://ui.example"]
+
+
+def test_no_cors_unless_asked(captured):
+    assert main(["serve", "fake", "--backend", "fake"]) == 0
+    from starlette.middleware.cors import CORSMiddleware
+
+    assert all(m.cls is not CORSMiddleware for m in captured["config"].app.user_middleware)

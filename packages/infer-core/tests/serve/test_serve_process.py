@@ -7,6 +7,7 @@ SIGTERM's graceful drain.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import threading
@@ -94,7 +95,7 @@ def test_openai_client_sees_typed_errors_naming_the_field(server):
             client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         assert missing.value.code == "model_not_found"
         with pytest.raises(openai.BadRequestError) as many:
-            client.chat.completions.create(model="fake", messages=MESSAGES, n=2)
+            client.chat.completions.create(model="fake", messages=MESSAGES, n=99)
         assert many.value.param == "n"
         with pytest.raises(openai.BadRequestError) as hot:
             client.completions.create(model="fake", prompt="x", temperature=-1)
@@ -227,7 +228,7 @@ HOSTILE = [
     ("NaN", completion(b'"temperature": NaN'), 400),
     ("huge max_tokens", completion(b'"max_tokens": 1000000000000000000000'), 400),
     ("negative max_tokens", completion(b'"max_tokens": -3'), 400),
-    ("negative seed", completion(b'"seed": -1'), 400),
+    ("seed past int64", completion(b'"seed": 18446744073709551616'), 400),
     ("negative penalty", completion(b'"frequency_penalty": -7'), 400),
     (
         "unknown role",
@@ -355,3 +356,51 @@ def test_slow_headers_are_cut_off_after_the_header_timeout_and_others_are_served
             s.close()
         assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
         assert "Traceback" not in srv.log()
+
+
+# -- structured output and tools through the openai client ---------------------------------------
+
+
+def test_openai_parse_with_a_pydantic_model_returns_the_parsed_object(server):
+    pydantic = pytest.importorskip("pydantic")
+    pytest.importorskip("llguidance", reason="structured output needs llguidance")
+
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=12)
+        people: int = pydantic.Field(ge=0)
+        capital: bool
+
+    with client_of(server) as client:
+        reply = client.chat.completions.parse(
+            model="fake", messages=MESSAGES, response_format=City, seed=5, temperature=1.0, max_tokens=200
+        )
+    message = reply.choices[0].message
+    assert isinstance(message.parsed, City) and message.refusal is None
+    assert message.parsed == City.model_validate_json(message.content)
+
+
+def test_openai_client_reads_tool_calls_and_sends_tool_results_back(server):
+    pytest.importorskip("llguidance", reason="structured output needs llguidance")
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]},
+        },
+    }
+    with client_of(server) as client:
+        first = client.chat.completions.create(
+            model="fake", messages=MESSAGES, tools=[tool], tool_choice="required", seed=1, max_tokens=200
+        )
+        (call,) = first.choices[0].message.tool_calls
+        assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "get_time"
+        assert json.loads(call.function.arguments)["zone"] in ("utc", "cet")
+        streamed = client.chat.completions.create(
+            model="fake", messages=MESSAGES, tools=[tool], tool_choice="required", seed=1, max_tokens=200, stream=True
+        )
+        deltas = [d for c in streamed if c.choices for d in c.choices[0].delta.tool_calls or []]
+        assert [(d.function.name, d.function.arguments) for d in deltas] == [("get_time", call.function.arguments)]
+        history = [*MESSAGES, first.choices[0].message.model_dump(exclude_none=True)]
+        history.append({"role": "tool", "tool_call_id": call.id, "content": "12:00"})
+        second = client.chat.completions.create(model="fake", messages=history, tools=[tool], max_tokens=5)
+    assert second.choices[0].message.role == "assistant"

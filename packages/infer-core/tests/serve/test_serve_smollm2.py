@@ -116,3 +116,40 @@ def settled_rss(server: ServerProcess) -> int:
     gc.collect()
     time.sleep(0.5)
     return server.rss()
+
+
+def test_smollm2_parse_with_a_pydantic_model_returns_a_valid_object(server):
+    pydantic = pytest.importorskip("pydantic")
+    pytest.importorskip("llguidance", reason="structured output needs llguidance")
+
+    class Answer(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=30)
+        country: str = pydantic.Field(max_length=30)
+
+    messages = [{"role": "user", "content": "Name the capital of France and its country, as JSON."}]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        for temperature in (0.0, 0.8):
+            reply = client.chat.completions.parse(
+                model=NAME, messages=messages, response_format=Answer, temperature=temperature, seed=1, max_tokens=60
+            )
+            assert isinstance(reply.choices[0].message.parsed, Answer)
+
+
+def test_smollm2_echo_scores_a_continuation_as_generation_reports_it(server):
+    """lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs, max_tokens 0."""
+    context = "The capital of France is"
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        ids = httpx.post(server.url + "/tokenize", json={"prompt": context}).json()["tokens"]
+        step = client.completions.create(model=NAME, prompt=ids, temperature=0, max_tokens=1, logprobs=1)
+        ((best_text, best_logprob),) = step.choices[0].logprobs.top_logprobs[0].items()
+        best_id = httpx.post(server.url + "/tokenize", json={"prompt": best_text, "add_special_tokens": False})
+        scored = client.completions.create(
+            model=NAME, prompt=[ids + best_id.json()["tokens"][:1], ids], echo=True, logprobs=1, max_tokens=0
+        )
+    first, second = scored.choices
+    assert first.logprobs.token_logprobs[0] is None and len(first.logprobs.tokens) == len(ids) + 1
+    # The echo's alternatives after the context are what generating from the context reported.
+    ((echo_text, echo_logprob),) = first.logprobs.top_logprobs[len(ids)].items()
+    assert echo_text == best_text and echo_logprob == pytest.approx(best_logprob, abs=1e-4)
+    assert first.logprobs.token_logprobs[:-1] == pytest.approx(second.logprobs.token_logprobs[: len(ids)], abs=1e-4)
+    assert scored.usage.completion_tokens == 0

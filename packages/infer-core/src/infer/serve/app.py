@@ -19,11 +19,13 @@ Only the core's public API is used; nothing here knows which backend runs the mo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, final
 
 import anyio
@@ -36,18 +38,32 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from infer import __version__ as infer_version
 from infer.errors import DeadlineExceededError, InferError, InvalidParameterError
+from infer.evaluate import prompt_logprobs
 from infer.log import get_logger
 from infer.model import AsyncTokenStream, Model
-from infer.results import Completion, TokenEvent
+from infer.results import Completion, Timings, TokenEvent, Usage
 from infer.sampling import SamplingParams
 from infer.serve.admission import Admission, Ticket
 from infer.serve.defaults import DEFAULT_BODY_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 from infer.serve.errors import APIError, from_infer_error, shutdown_error
-from infer.serve.formats import Formatter, sse
+from infer.serve.formats import Echo, Formatter, ToolCallHolder, sse
 from infer.serve.guards import DEFAULT_ALLOWED_HOSTS, HostCheck
 from infer.serve.metrics import CONTENT_TYPE, ServerMetrics
-from infer.serve.schemas import GenerationRequest, parse_chat, parse_completion, parse_json
+from infer.serve.request_id import RequestId
+from infer.serve.responses import ConversationStore, ResponsesFormatter
+from infer.serve.responses import event as responses_event
+from infer.serve.schemas import (
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_json,
+    parse_responses,
+    parse_tokenize,
+)
+from infer.tools import ToolFormat, plan_tools, with_tool_calls
 
 __all__ = ["create_app"]
 
@@ -60,6 +76,11 @@ DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 #: Worker threads rendering templates and tokenizing prompts at once. Few on purpose: the work
 #: holds the GIL in part, and the event loop must keep its share to answer /health meanwhile.
 PREPARE_THREADS = 4
+#: Fill-in-the-middle token names (prefix, suffix, middle) of the tokenizer families that have them.
+_FIM_TOKENS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SmolLM
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen 2.5 coder
+)
 # Unknown request fields named in warnings, at most, over the server's life (no log floods).
 _MAX_IGNORED_NAMES = 64
 
@@ -84,6 +105,9 @@ def create_app(
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     allowed_hosts: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_HOSTS,
     strict_requests: bool = False,
+    aliases: Sequence[str] = (),
+    any_model_name: bool = False,
+    cors_origins: Sequence[str] = (),
 ) -> Starlette:
     """Build the ASGI app serving ``model`` under the name ``model_name``.
 
@@ -96,7 +120,10 @@ def create_app(
     ``body_timeout`` seconds gets 408, and a client that leaves a write blocked for
     ``write_timeout`` seconds is dropped. Requests must name one of ``allowed_hosts`` in their
     ``Host`` header (``"*"``: any). Unknown request fields are ignored with a logged warning,
-    or refused with 400 when ``strict_requests``. The caller keeps ownership of ``model``.
+    or refused with 400 when ``strict_requests``. Requests may also name the model by one of
+    ``aliases``, or by any name at all with ``any_model_name`` (for clients that insist on their
+    own default). ``cors_origins`` lets browser pages from those origins (``"*"``: any) call the
+    API; none by default. The caller keeps ownership of ``model``.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise InvalidParameterError("api_key", api_key, "a non-empty string, or None for no key")
@@ -116,6 +143,9 @@ def create_app(
         raise InvalidParameterError("allowed_hosts", allowed_hosts, "a non-empty list of host names (or '*')")
     if not isinstance(model_name, str) or not model_name:
         raise InvalidParameterError("model_name", model_name, "a non-empty string")
+    for name, values in (("aliases", aliases), ("cors_origins", cors_origins)):
+        if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+            raise InvalidParameterError(name, values, "a list of non-empty strings")
     server = _Server(
         model,
         model_name=model_name,
@@ -128,22 +158,50 @@ def create_app(
         body_timeout=float(body_timeout),
         write_timeout=float(write_timeout),
         strict_requests=bool(strict_requests),
+        names=(model_name, *(a for a in dict.fromkeys(aliases) if a != model_name)),
+        any_model_name=bool(any_model_name),
     )
     routes = [
         Route("/v1/models", server.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", server.get_model, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/v1/responses", server.responses, methods=["POST"]),
+        Route("/tokenize", server.tokenize, methods=["POST"]),
+        Route("/detokenize", server.detokenize, methods=["POST"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_page, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(HostCheck, allowed=tuple(allowed_hosts))],
+        # RequestId outermost: the Host check's refusals carry the header too.
+        middleware=[
+            Middleware(RequestId),
+            Middleware(HostCheck, allowed=tuple(allowed_hosts)),
+            *_cors(cors_origins),
+        ],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.server = server
     return app
+
+
+def _cors(origins: Sequence[str]) -> list[Middleware]:
+    """CORS for the given origins, after the Host check (a rebound DNS name is refused first)."""
+    if not origins:
+        return []
+    from starlette.middleware.cors import CORSMiddleware
+
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id"],
+            max_age=600,
+        )
+    ]
 
 
 def _check_positive(name: str, value: object, *, zero: bool = False) -> None:
@@ -159,7 +217,9 @@ def _error_response(err: APIError) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-    return _error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    # A 405 carries Starlette's Allow header (the methods the route takes), as HTTP requires.
+    return _error_response(APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -174,11 +234,18 @@ class _Job:
     """An admitted generation request, ready to run."""
 
     request: GenerationRequest
-    ids: list[int]
+    #: Prompt ids, one list per choice.
+    prompts: list[list[int]]
     params: SamplingParams
+    #: The tool-call format the output is parsed with (``None``: no tools in play).
+    tool_format: ToolFormat | None
     arrived: float
     ticket: Ticket
     label: str
+    #: The model name the answer carries.
+    served: str
+    #: Responses: the conversation so far (earlier turns and this input), kept with the answer when stored.
+    conversation: list[dict[str, Any]] | None = None
 
 
 @final
@@ -199,9 +266,14 @@ class _Server:
         body_timeout: float,
         write_timeout: float,
         strict_requests: bool,
+        names: tuple[str, ...],
+        any_model_name: bool,
     ) -> None:
         self.model = model
         self.model_name = model_name
+        #: Names requests may give the model: the name first, then the aliases.
+        self.names = names
+        self.any_model_name = any_model_name
         self._key = None if api_key is None else api_key.encode()
         self.max_body_bytes = max_body_bytes
         self.max_prompt_tokens = max_prompt_tokens
@@ -220,21 +292,28 @@ class _Server:
         self.admission = Admission(max_concurrency, max_queue, self.metrics)
         self.created = int(time.time())
         self.log = get_logger()
+        #: Conversations of stored Responses, for previous_response_id.
+        self.conversations = ConversationStore()
+        #: OpenAI's system_fingerprint: changes when the software, backend or model served changes.
+        self.fingerprint = (
+            "fp_"
+            + hashlib.sha256(f"{infer_version}|{model.backend}|{model.dtype}|{model_name}".encode()).hexdigest()[:12]
+        )
 
     # -- plain routes -----------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
         """``GET /v1/models``: the one model served."""
-        return self._guarded(request, "/v1/models", lambda: {"object": "list", "data": [self._model_card()]})
+        return self._guarded(
+            request, "/v1/models", lambda: {"object": "list", "data": [self._model_card(n) for n in self.names]}
+        )
 
     async def get_model(self, request: Request) -> Response:
         """``GET /v1/models/{id}``: the model, or 404."""
 
         def card() -> dict[str, Any]:
             wanted = request.path_params["model_id"]
-            if wanted != self.model_name:
-                raise self._unknown_model(wanted)
-            return self._model_card()
+            return self._model_card(self.served_name(wanted))
 
         return self._guarded(request, "/v1/models/{model_id}", card)
 
@@ -249,16 +328,92 @@ class _Server:
         self.metrics.count(label, 200)
         return JSONResponse(content)
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "infer"}
+    def _model_card(self, name: str) -> dict[str, Any]:
+        # OpenAI's four fields, then what local clients read: vLLM's max_model_len, and ours.
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "infer",
+            "root": self.model_name,
+            "context_length": self.model.context_length,
+            "max_model_len": self.model.context_length,
+            "backend": self.model.backend,
+            "dtype": self.model.dtype,
+        }
 
-    def _unknown_model(self, name: str) -> APIError:
-        return APIError(
+    def served_name(self, name: str) -> str:
+        """The name answers carry for a request naming ``name``; 404 for a name not served."""
+        if name in self.names:
+            return name
+        if self.any_model_name:
+            return self.model_name
+        served = ", ".join(repr(n) for n in self.names)
+        raise APIError(
             404,
-            f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
+            f"the model {name!r} does not exist here; this server serves {served}",
             param="model",
             code="model_not_found",
         )
+
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize`` (vLLM's): the token ids of a text or of chat messages, and their count."""
+
+        def run(data: dict[str, Any]) -> dict[str, Any]:
+            parsed = parse_tokenize(data)
+            if parsed.model is not None:
+                self.served_name(parsed.model)
+            model = self.model
+            try:
+                if parsed.messages is not None:
+                    ids = model.chat_ids(
+                        parsed.messages,
+                        timeout=self.request_timeout,
+                        max_bytes=self.max_prompt_bytes,
+                        add_generation_prompt=parsed.add_generation_prompt,
+                        **parsed.template_kwargs,
+                    )
+                else:
+                    assert parsed.prompt is not None
+                    model.check_prompt_bytes(parsed.prompt, max_bytes=self.max_prompt_bytes)
+                    ids = model.encode(parsed.prompt, add_special_tokens=parsed.add_special_tokens)
+            except InferError as exc:
+                raise from_infer_error(exc) from None
+            return {"count": len(ids), "max_model_len": model.context_length, "tokens": ids}
+
+        return await self._json_route(request, "/tokenize", run)
+
+    async def detokenize(self, request: Request) -> Response:
+        """``POST /detokenize`` (vLLM's): the text of token ids."""
+
+        def run(data: dict[str, Any]) -> dict[str, Any]:
+            name, tokens = parse_detokenize(data)
+            if name is not None:
+                self.served_name(name)
+            bad = [t for t in tokens if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise APIError(
+                    400,
+                    f"token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})",
+                    param="tokens",
+                    code="invalid_value",
+                )
+            return {"prompt": self.model.decode(tokens)}
+
+        return await self._json_route(request, "/detokenize", run)
+
+    async def _json_route(self, request: Request, label: str, run: Any) -> Response:
+        """A JSON-in, JSON-out route: key, content type and body checked; ``run(data)`` in a worker thread."""
+        try:
+            self._authorize(request)
+            _require_json(request)
+            data = parse_json(await self._read_body(request))
+            content = await anyio.to_thread.run_sync(run, data, limiter=self._prepare_limiter, abandon_on_cancel=True)
+        except APIError as err:
+            self.metrics.count(label, err.status)
+            return _error_response(err)
+        self.metrics.count(label, 200)
+        return JSONResponse(content)
 
     async def health(self, request: Request) -> Response:
         """``GET /health``: liveness plus the load figures (no key needed; no paths, no secrets)."""
@@ -283,32 +438,64 @@ class _Server:
         """``POST /v1/completions``."""
         return await self._generation(request, "completions")
 
+    async def responses(self, request: Request) -> Response:
+        """``POST /v1/responses`` (the text subset of OpenAI's Responses API)."""
+        return await self._generation(request, "responses")
+
     async def chat_completions(self, request: Request) -> Response:
         """``POST /v1/chat/completions``."""
         return await self._generation(request, "chat")
 
     async def _generation(self, request: Request, endpoint: str) -> Response:
         arrived = time.perf_counter()
-        label = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+        label = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}[
+            endpoint
+        ]
+        parse = {"chat": parse_chat, "completions": parse_completion, "responses": parse_responses}[endpoint]
         try:
             self._authorize(request)
             _require_json(request)
             data = parse_json(await self._read_body(request))
             strict = self.strict_requests
-            parsed = parse_chat(data, strict=strict) if endpoint == "chat" else parse_completion(data, strict=strict)
+            parsed = parse(data, strict=strict)
             if parsed.ignored:
                 self._warn_ignored(label, parsed.ignored)
-            if parsed.model != self.model_name:
-                raise self._unknown_model(parsed.model)
+            served = self.served_name(parsed.model)
+            conversation = None
+            if parsed.endpoint == "responses":
+                parsed, conversation = self._conversation(parsed)
             left = None if self.request_timeout is None else self.request_timeout - (time.perf_counter() - arrived)
-            ids, params = await anyio.to_thread.run_sync(
+            prompts, params, tool_format = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
             )
+            prompts = [ids for ids in prompts for _ in range(parsed.n)]  # choice i*n + j: prompt i's j-th
             ticket = self.admission.admit()
         except APIError as err:
             self.metrics.count(label, err.status)
             return _error_response(err)
-        return _GenerationResponse(self, _Job(parsed, ids, params, arrived, ticket, label))
+        if parsed.user is not None:
+            self.log.info("serve.request", endpoint=label, user=parsed.user)
+        return _GenerationResponse(
+            self, _Job(parsed, prompts, params, tool_format, arrived, ticket, label, served, conversation)
+        )
+
+    def _conversation(self, parsed: GenerationRequest) -> tuple[GenerationRequest, list[dict[str, Any]]]:
+        """A Responses request's messages: instructions, the stored turns it continues, its input."""
+        history: list[dict[str, Any]] = []
+        if parsed.previous_response_id is not None:
+            found = self.conversations.get(parsed.previous_response_id)
+            if found is None:
+                raise APIError(
+                    404,
+                    f"previous response {parsed.previous_response_id[:80]!r} is not kept here: it was not stored, "
+                    f"or was forgotten (this server keeps the last {self.conversations.capacity} in memory)",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            history = found
+        conversation = [*history, *(parsed.messages or ())]
+        system = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
+        return replace(parsed, messages=[*system, *conversation]), conversation
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -358,28 +545,67 @@ class _Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _prepare(self, parsed: GenerationRequest, left: float | None) -> tuple[list[int], SamplingParams]:
-        """Sampling parameters and prompt ids, with every limit checked (runs in a worker thread).
+    def _prepare(
+        self, parsed: GenerationRequest, left: float | None
+    ) -> tuple[list[list[int]], SamplingParams, ToolFormat | None]:
+        """Prompt ids (one list per choice), sampling parameters and tool-call format (in a worker thread).
 
-        ``left``: seconds before the request's deadline, which bounds the template's render.
+        Every limit is checked here. ``left``: seconds before the request's deadline, which
+        bounds the template's render. Tools are planned and output constraints compiled by the
+        core's own code (:func:`infer.tools.plan_tools`, :meth:`infer.Model.compile_response_format`).
         """
         model = self.model
-        field = parsed.prompt_field
         if left is not None and left <= 0:
             raise self.deadline_error("before its prompt was read")
         try:
             params = SamplingParams(**parsed.sampling)
             params.validate(model.vocab_size)
+            messages, tool_format, template_vars, response_format = plan_tools(
+                model.chat_template, parsed.messages, parsed.tools, parsed.tool_choice, parsed.response_format
+            )
+            if response_format is not None:
+                params = replace(params, constraint=model.compile_response_format(response_format))
             limit = self.max_prompt_bytes
-            if parsed.messages is not None:
-                ids = model.chat_ids(parsed.messages, timeout=left, max_bytes=limit, **parsed.template_kwargs)
-            elif isinstance(parsed.prompt, str):
-                model.check_prompt_bytes(parsed.prompt, max_bytes=limit)
-                ids = model.encode(parsed.prompt)
+            if messages is not None:
+                kwargs = parsed.template_kwargs | template_vars
+                prompts = [model.chat_ids(messages, timeout=left, max_bytes=limit, **kwargs)]
             else:
-                ids = list(parsed.prompt or ())
+                prompts = [self._prompt_ids(prompt, parsed.suffix) for prompt in parsed.prompts]
         except InferError as exc:
             raise from_infer_error(exc, params=parsed.error_names) from None
+        for ids in prompts:
+            self._check_length(parsed, ids)
+        return prompts, params, tool_format
+
+    def _prompt_ids(self, prompt: str | list[int], suffix: str | None) -> list[int]:
+        model = self.model
+        if isinstance(prompt, str):
+            model.check_prompt_bytes(prompt + (suffix or ""), max_bytes=self.max_prompt_bytes)
+        if suffix is None:
+            return model.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prefix_id, suffix_id, middle_id = self.fim_ids()
+        head = model.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        # Prefix-suffix-middle order, as StarCoder-style and Qwen coder models are trained.
+        return [prefix_id, *head, suffix_id, *model.encode(suffix, add_special_tokens=False), middle_id]
+
+    def fim_ids(self) -> tuple[int, int, int]:
+        """The tokenizer's fill-in-the-middle tokens (prefix, suffix, middle), or a 400 saying there are none."""
+        find = self.model.tokenizer.backend.token_to_id
+        for names in _FIM_TOKENS:
+            prefix, suffix, middle = (find(name) for name in names)
+            if prefix is not None and suffix is not None and middle is not None:
+                return prefix, suffix, middle
+        raise APIError(
+            400,
+            "suffix needs a model trained for fill-in-the-middle; this model's tokenizer has no FIM tokens "
+            f"(looked for {', '.join(n[0] for n in _FIM_TOKENS)})",
+            param="suffix",
+            code="unsupported_parameter",
+        )
+
+    def _check_length(self, parsed: GenerationRequest, ids: list[int]) -> None:
+        model = self.model
+        field = parsed.prompt_field
         if not ids:
             raise APIError(400, f"{field} has no tokens; give non-empty text", param=field, code="invalid_value")
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
@@ -407,7 +633,14 @@ class _Server:
                 param=name,
                 code="context_length_exceeded",
             )
-        return ids, params
+        if any(not 0 <= t < model.vocab_size for t in ids):
+            bad = next(t for t in ids if not 0 <= t < model.vocab_size)
+            raise APIError(
+                400,
+                f"token id {bad} is outside the vocabulary [0, {model.vocab_size})",
+                param=field,
+                code="invalid_value",
+            )
 
     def remaining(self, job: _Job) -> float | None:
         """Seconds left before the job's deadline (``None``: no deadline)."""
@@ -448,12 +681,20 @@ class _GenerationResponse(Response):
         self.started = False
         self.formatter = Formatter(
             job.request.endpoint,
-            id=("chatcmpl-" if job.request.endpoint == "chat" else "cmpl-") + uuid.uuid4().hex,
+            id={"chat": "chatcmpl-", "completions": "cmpl-", "responses": "resp_"}[job.request.endpoint]
+            + uuid.uuid4().hex,
             created=int(time.time()),
-            model=server.model_name,
+            model=job.served,
             token_text=lambda token: server.model.decode([token]),
             token_bytes=server.model.tokenizer.token_bytes,
+            system_fingerprint=server.fingerprint,
+            n=job.request.n,
         )
+        #: Holds back streamed text that may be a tool call (``None``: no tools in play).
+        fmt = job.tool_format
+        #: Per choice: holds back streamed text that may be a tool call (``None``: no tools in play).
+        self.holders = [None if fmt is None else ToolCallHolder(fmt) for _ in job.prompts]
+        self.responses = ResponsesFormatter(job.request, self.formatter.id, self.formatter.created, job.served)
         self._last_token = 0.0
         #: The server cancelled this response (shutdown past its grace period).
         self.shutting_down = False
@@ -487,7 +728,7 @@ class _GenerationResponse(Response):
 
     async def _run(self, send: Send) -> None:
         server, job = self.server, self.job
-        stream: AsyncTokenStream | None = None
+        streams: list[AsyncTokenStream] = []
         try:
             try:
                 await job.ticket.acquire(server.remaining(job))
@@ -496,12 +737,18 @@ class _GenerationResponse(Response):
             left = server.remaining(job)
             if left is not None and left <= 0:
                 raise server.deadline_error("while queued for a slot")
-            stream = server.model.astream(job.ids, params=job.params, timeout=left)
-            server.metrics.prompt_tokens.inc(len(job.ids))
+            if job.request.max_tokens != 0:  # 0: echo alone, nothing generated
+                # All prompts at once: the model's scheduler batches their steps.
+                streams = [
+                    server.model.astream(ids, params=self._choice_params(k), timeout=left)
+                    for k, ids in enumerate(job.prompts)
+                ]
+            server.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompts[:: job.request.n]))
+            echoes = await self._echoes(left)
             if job.request.stream:
-                await self._stream(stream, send)
+                await self._stream(streams, echoes, send)
             else:
-                await self._whole(stream, send)
+                await self._whole(streams, echoes, send)
         except _ClientGone:
             self.outcome = 499
         except asyncio.CancelledError:
@@ -519,9 +766,43 @@ class _GenerationResponse(Response):
             server.log.exception("serve.internal_error", path=job.label, error=f"{type(exc).__name__}: {exc}")
             await self._fail(send, APIError(500, "internal server error; the server's log has the details"))
         finally:
-            if stream is not None:
+            for stream in streams:
                 await stream.aclose()  # a no-op when it finished; otherwise the request leaves the batch
             job.ticket.release()
+
+    def _choice_params(self, k: int) -> SamplingParams:
+        """Sampling of choice ``k``: a seeded prompt's n choices take seeds seed, seed+1... (distinct, reproducible)."""
+        params, j = self.job.params, k % self.job.request.n
+        if j == 0 or params.seed is None:
+            return params
+        return replace(params, seed=(params.seed + j) % 2**64)
+
+    async def _echoes(self, left: float | None) -> list[Echo | None]:
+        """Each prompt to echo (``None`` each without ``echo``), scored when logprobs are asked for.
+
+        Scoring feeds the prompt through the model one token per step
+        (:func:`infer.evaluate.prompt_logprobs`), in a worker thread, within the deadline.
+        """
+        job, model = self.job, self.server.model
+        if not job.request.echo:
+            return [None] * len(job.prompts)
+        echoes: list[Echo | None] = []
+        for k, ids in enumerate(job.prompts):
+            given = job.request.prompts[k // job.request.n]
+            text = given if isinstance(given, str) else model.decode(ids)
+            events: tuple[TokenEvent, ...] = ()
+            if job.params.logprobs:
+                try:
+                    with anyio.fail_after(left):
+                        events = tuple(
+                            await anyio.to_thread.run_sync(
+                                prompt_logprobs, model, ids, job.params.top_logprobs, abandon_on_cancel=True
+                            )
+                        )
+                except TimeoutError:
+                    raise self.server.deadline_error("while scoring the prompt") from None
+            echoes.append(Echo(text, events))
+        return echoes
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -569,41 +850,156 @@ class _GenerationResponse(Response):
         self._last_token = now
         metrics.completion_tokens.inc()
 
-    async def _whole(self, stream: AsyncTokenStream, send: Send) -> None:
-        async for event in stream:
-            self._tick(event)
-        completion = _finished(stream)
-        body = _json_bytes(self.formatter.completion(completion))
-        await self._send_json(send, 200, body, {})
+    async def _whole(self, streams: list[AsyncTokenStream], echoes: list[Echo | None], send: Send) -> None:
+        async def run(stream: AsyncTokenStream) -> Completion:
+            async for event in stream:
+                self._tick(event)
+            return _finished(stream)
 
-    async def _token(self, send: Send, event: TokenEvent, with_logprobs: bool) -> None:
+        job = self.job
+        completions = list(await asyncio.gather(*map(run, streams))) if streams else self._nothing_generated()
+        if job.request.endpoint == "chat":
+            body = self.formatter.chat([with_tool_calls(c, job.tool_format) for c in completions])
+        elif job.request.endpoint == "responses":
+            body = self.responses.response(completions[0])
+            self._keep(completions[0])
+        else:
+            body = self.formatter.completions(completions, echoes, with_logprobs=job.params.logprobs)
+        await self._send_json(send, 200, _json_bytes(body), {})
+
+    def _nothing_generated(self) -> list[Completion]:
+        """The completions of ``max_tokens: 0`` (echo only): no tokens, finish reason ``length``."""
+        return [
+            Completion(f"echo-{i}", "", (), "length", Usage(len(ids), 0), Timings(0.0, 0.0, 0.0, 0.0))
+            for i, ids in enumerate(self.job.prompts)
+        ]
+
+    async def _token(self, send: Send, index: int, event: TokenEvent, with_logprobs: bool) -> None:
         self._tick(event)
+        holder = self.holders[index]
+        if holder is not None:
+            # Tools in play: text that may be a call waits for the end (see ToolCallHolder).
+            event = replace(event, text=holder.feed(event.text))
         if event.text or with_logprobs:  # "" = held back (a partial character, a possible stop string)
-            await self._event(send, self.formatter.delta([event], with_logprobs=with_logprobs))
+            await self._event(send, self.formatter.delta([event], with_logprobs=with_logprobs, index=index))
 
-    async def _stream(self, stream: AsyncTokenStream, send: Send) -> None:
-        fmt = self.formatter
-        with_logprobs = self.job.params.logprobs
-        # Wait for the first token before answering 200: an error until then gets its real status.
-        first: TokenEvent | None
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = None
+    async def _held_calls(self, send: Send, index: int, completion: Completion) -> Completion:
+        """Send what choice ``index``'s tool-call holder kept back; the completion with its calls split out."""
+        holder = self.holders[index]
+        if holder is None:
+            return completion
+        content, calls = holder.finish()
+        if content:
+            await self._event(send, self.formatter.content_delta(content, index))
+        if not calls:
+            return completion
+        await self._event(send, self.formatter.tool_call_deltas(calls, index))
+        return replace(completion, tool_calls=tuple(calls), finish_reason="tool_calls")
+
+    def _keep(self, completion: Completion) -> None:
+        """Store a Responses conversation with its answer, unless the request said ``store: false``."""
+        job = self.job
+        if job.conversation is not None and job.request.store:
+            answer = {"role": "assistant", "content": completion.text}
+            self.server.conversations.put(self.formatter.id, [*job.conversation, answer])
+
+    async def _stream_response(self, stream: AsyncTokenStream, send: Send) -> None:
+        """A Responses stream: its typed events (no ``[DONE]``: the completed event ends it)."""
+        fmt = self.responses
+        first = await anext(aiter(stream), None)  # errors before the first token get their status
         await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         self.started = True
-        opening = fmt.opening()
-        if opening is not None:
-            await self._event(send, opening)
-        if first is not None:
-            await self._token(send, first, with_logprobs)
-        async for event in stream:
-            await self._token(send, event, with_logprobs)
+        for payload in fmt.opening():
+            await self._send_event(send, payload)
+        events = [] if first is None else [first]
+        async for item in _chain(events, stream):
+            self._tick(item)
+            if item.text:
+                await self._send_event(send, fmt.delta(item.text))
         completion = _finished(stream)
-        await self._event(send, fmt.closing(completion))
+        self._keep(completion)
+        closing = list(fmt.closing(completion))
+        for payload in closing[:-1]:
+            await self._send_event(send, payload)
+        await self._send_event(send, closing[-1], last=True)
+
+    async def _send_event(self, send: Send, payload: dict[str, Any], *, last: bool = False) -> None:
+        await self._send(send, {"type": "http.response.body", "body": responses_event(payload), "more_body": not last})
+
+    async def _stream(self, streams: list[AsyncTokenStream], echoes: list[Echo | None], send: Send) -> None:
+        if self.job.request.endpoint == "responses":
+            await self._stream_response(streams[0], send)
+            return
+        fmt = self.formatter
+        with_logprobs = self.job.params.logprobs
+        merged = _merge(streams)
+        try:
+            # Wait for the first token before answering 200: an error until then gets its real status.
+            first = await anext(merged, None)
+            await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            self.started = True
+            for index in range(len(self.job.prompts)):
+                opening = fmt.opening(index)
+                if opening is not None:
+                    await self._event(send, opening)
+            for index, echo in enumerate(echoes):
+                if echo is not None:
+                    await self._event(send, fmt.echo_delta(echo, with_logprobs=with_logprobs, index=index))
+            if first is not None:
+                await self._token(send, *first, with_logprobs)
+            async for index, event in merged:
+                await self._token(send, index, event, with_logprobs)
+        finally:
+            await merged.aclose()
+        completions = [_finished(s) for s in streams] if streams else self._nothing_generated()
+        if self.job.request.endpoint == "chat":
+            completions = [await self._held_calls(send, i, c) for i, c in enumerate(completions)]
+        for index, completion in enumerate(completions):
+            await self._event(send, fmt.closing(completion, index))
         if self.job.request.include_usage:
-            await self._event(send, fmt.usage_chunk(completion.usage))
+            await self._event(send, fmt.usage_chunk(fmt.total(completions)))
         await self._event(send, "[DONE]", last=True)
+
+
+async def _chain(first: list[TokenEvent], rest: AsyncTokenStream) -> AsyncGenerator[TokenEvent]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+async def _merge(streams: list[AsyncTokenStream]) -> AsyncGenerator[tuple[int, TokenEvent]]:
+    """Events of all ``streams`` as they come, tagged with their stream's index; errors pass through."""
+    if len(streams) == 1:  # the usual case: no tasks, no queue
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncTokenStream) -> None:
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it as it is
+            await queue.put((index, exc))
+            return
+        await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _require_json(request: Request) -> None:

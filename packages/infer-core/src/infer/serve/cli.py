@@ -52,6 +52,16 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--name", help="model name clients send (default: MODEL as given)")
+    p.add_argument(
+        "--alias", action="append", default=[], metavar="NAME", help="another name clients may send (repeatable)"
+    )
+    p.add_argument(
+        "--any-model-name", action="store_true", help="accept any model name in requests (answers carry --name)"
+    )
+    p.add_argument(
+        "--cors-origins",
+        help="comma-separated origins whose browser pages may call the API ('*': any; default: none)",
+    )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (must not be empty)")
     p.add_argument("--max-concurrency", type=_positive_int, default=32, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=256, help="requests waiting before 429")
@@ -121,6 +131,9 @@ def _app_options(args: argparse.Namespace, hosts: list[str]) -> dict[str, Any]:
         "write_timeout": args.write_timeout,
         "allowed_hosts": hosts,
         "strict_requests": args.strict_requests,
+        "aliases": args.alias,
+        "any_model_name": args.any_model_name,
+        "cors_origins": [o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],
     }
 
 

@@ -17,6 +17,7 @@ from infer.errors import (
     ContextLengthError,
     DeadlineExceededError,
     EmptyPromptError,
+    GrammarError,
     InferError,
     InvalidParameterError,
     InvalidTokenError,
@@ -95,6 +96,9 @@ def from_infer_error(exc: InferError, *, params: dict[str, str] | None = None) -
     ``top_logprobs`` is the completions API's ``logprobs``, for instance).
     """
     rename = params or {}
+    if isinstance(exc, GrammarError):
+        param = rename.get("response_format", "response_format")
+        return APIError(400, str(exc).replace("response_format", param, 1), param=param, code="invalid_value")
     if isinstance(exc, InvalidParameterError):
         param = rename.get(exc.parameter, exc.parameter)
         message = f"invalid {param}={exc.value!r}: expected {exc.expected}"

@@ -1,0 +1,159 @@
+"""``/v1/responses``, the text subset: bodies and events in the openai package's types, conversations kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+pytest.importorskip("openai", reason="the shapes are the openai package's types")
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+from serve_support import httpx
+
+pytestmark = [pytest.mark.unit, pytest.mark.anyio]
+
+BASE = {"model": "fake", "max_output_tokens": 12, "temperature": 0.7, "seed": 3}
+
+
+def events_of(text: str) -> list[dict]:
+    """The (event name, data) pairs of a Responses stream, checked to agree."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        name, data = block.split("\n")
+        payload = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {payload['type']}"
+        out.append(payload)
+    return out
+
+
+async def test_a_string_input_answers_a_response_object_as_chat_would(client, fake_model):
+    r = await client.post("/v1/responses", json=BASE | {"input": "Say hi", "instructions": "Be brief."})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    Response.model_validate(body)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    expected = fake_model.generate(messages=messages, max_tokens=12, temperature=0.7, seed=3)
+    assert body["output"][0]["content"][0]["text"] == expected.text
+    assert body["usage"]["input_tokens"] == expected.usage.prompt_tokens
+    assert body["usage"]["output_tokens"] == expected.usage.completion_tokens
+    assert body["status"] == ("incomplete" if expected.finish_reason == "length" else "completed")
+    assert body["id"].startswith("resp_") and body["instructions"] == "Be brief."
+
+
+async def test_message_items_with_text_parts_are_the_conversation(client, fake_model):
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "hello"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]},
+        {"role": "user", "content": "again"},
+    ]
+    body = (await client.post("/v1/responses", json=BASE | {"input": items})).json()
+    messages = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "again"},
+    ]
+    expected = fake_model.generate(messages=messages, max_tokens=12, temperature=0.7, seed=3)
+    assert body["output"][0]["content"][0]["text"] == expected.text
+
+
+async def test_previous_response_id_continues_the_stored_conversation(client, fake_model):
+    first = (await client.post("/v1/responses", json=BASE | {"input": "one"})).json()
+    answer = first["output"][0]["content"][0]["text"]
+    second = await client.post("/v1/responses", json=BASE | {"input": "two", "previous_response_id": first["id"]})
+    assert second.status_code == 200, second.text
+    messages = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "two"},
+    ]
+    expected = fake_model.generate(messages=messages, max_tokens=12, temperature=0.7, seed=3)
+    assert second.json()["usage"]["input_tokens"] == expected.usage.prompt_tokens
+    assert second.json()["previous_response_id"] == first["id"]
+
+
+async def test_an_unstored_or_unknown_previous_response_is_a_404_naming_the_field(client):
+    unstored = (await client.post("/v1/responses", json=BASE | {"input": "x", "store": False})).json()
+    for missing in (unstored["id"], "resp_nope"):
+        r = await client.post("/v1/responses", json=BASE | {"input": "y", "previous_response_id": missing})
+        assert r.status_code == 404
+        assert r.json()["error"]["param"] == "previous_response_id"
+
+
+async def test_the_store_forgets_the_least_recently_used_past_its_bound():
+    from infer.serve.responses import ConversationStore
+
+    store = ConversationStore(capacity=2)
+    store.put("a", [{"role": "user", "content": "1"}])
+    store.put("b", [])
+    assert store.get("a") is not None  # a is now the most recent
+    store.put("c", [])
+    assert (store.get("a") is not None, store.get("b"), len(store)) == (True, None, 2)
+
+
+async def test_a_stream_sends_the_responses_event_sequence_with_the_same_text(client):
+    whole = (await client.post("/v1/responses", json=BASE | {"input": "Say hi"})).json()
+    r = await client.post("/v1/responses", json=BASE | {"input": "Say hi", "stream": True})
+    assert r.status_code == 200
+    events = events_of(r.text)
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for payload in events:
+        adapter.validate_python(payload)
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == whole["output"][0]["content"][0]["text"] == events[-1]["response"]["output"][0]["content"][0]["text"]
+
+
+async def test_a_json_schema_text_format_constrains_the_output(client):
+    pytest.importorskip("llguidance", reason="structured output needs llguidance")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    text = {"format": {"type": "json_schema", "name": "flag", "schema": schema, "strict": True}}
+    body = (
+        await client.post("/v1/responses", json=BASE | {"input": "ok?", "text": text, "max_output_tokens": 40})
+    ).json()
+    assert json.loads(body["output"][0]["content"][0]["text"]) in ({"ok": True}, {"ok": False})
+    assert body["text"]["format"]["type"] == "json_schema"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({}, "input"),
+        ({"input": []}, "input"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].type"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": "x", "max_output_tokens": "many"}, "max_output_tokens"),
+        ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
+    ],
+)
+async def test_bad_responses_requests_are_400s_naming_the_field(client, extra, param):
+    r = await client.post("/v1/responses", json={"model": "fake"} | extra)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+async def test_the_openai_client_creates_and_streams_responses(client_for, fake_model):
+    import openai
+
+    app = client_for(fake_model).app
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
+    async with openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="x", http_client=http) as oa:
+        reply = await oa.responses.create(model="fake", input="hi", max_output_tokens=8, temperature=0)
+        assert reply.output_text and reply.usage.output_tokens >= 1
+        follow = await oa.responses.create(
+            model="fake", input="more", previous_response_id=reply.id, max_output_tokens=4
+        )
+        assert follow.previous_response_id == reply.id
+        stream = await oa.responses.create(model="fake", input="hi", max_output_tokens=8, temperature=0, stream=True)
+        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == reply.output_text
