@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any, final
 import numpy as np
 import numpy.typing as npt
 
-from infer.contract import Batch, KVCache, ModelHandle, check_logits
+from infer.contract import Batch, Capability, KVCache, ModelHandle, check_all_logits, check_logits
 from infer.errors import BackendError, DeadlineExceededError, InferError, ModelClosedError
 from infer.log import get_logger
+from infer.prefix_cache import PrefixCache
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
 from infer.sampling import SamplerState, SamplingParams, logprobs
 from infer.stops import StopMatcher
@@ -138,6 +139,7 @@ class Request:
     """One generation request as the scheduler sees it."""
 
     __slots__ = (
+        "cached",
         "cancelled",
         "channel",
         "deadline",
@@ -193,6 +195,8 @@ class Request:
         self.cancelled = False
         self.kv: KVCache | None = None
         self.pos = 0
+        #: Prompt tokens served from the prefix cache instead of prefilled.
+        self.cached = 0
         self.next_token: int | None = None
         self.generated: list[int] = []
         self.text: list[str] = []
@@ -213,8 +217,14 @@ class Engine:
         *,
         max_batch_size: int,
         prefill_chunk_size: int,
+        capabilities: frozenset[Capability] = frozenset(),
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.handle = handle
+        #: What the backend declared; the engine uses a contract 1.1 hook only when declared here.
+        self.capabilities = capabilities
+        #: The prefix index a new request starts from, or ``None`` when prefix caching is off.
+        self.prefix_cache = prefix_cache
         self.hooks = hooks
         self.max_batch_size = max(1, max_batch_size)
         self.prefill_chunk_size = prefill_chunk_size
@@ -279,6 +289,8 @@ class Engine:
             self._active.clear()
         for request in leftovers:
             self._end(request, Failed(ModelClosedError("the model was closed while the request ran")))
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def active_requests(self) -> int:
@@ -313,6 +325,56 @@ class Engine:
         if out is None:
             raise BackendError(f"backend {backend!r} did not implement infer_{kind}", backend=backend)
         return check_logits(out, rows, self.handle.vocab_size, backend)
+
+    # -- contract 1.1 capabilities ----------------------------------------------------------
+
+    def step_all(self, batch: Batch) -> tuple[npt.NDArray[np.float32], ...]:
+        """Run ``infer_prefill_all`` on ``batch``: every position's logits, one array per row."""
+        lengths = [len(t) for t in batch.tokens]
+        out = self._capability_call(Capability.ALL_LOGITS, self.hooks.prefill_all, batch)
+        return check_all_logits(out, lengths, self.handle.vocab_size, self.handle.backend)
+
+    def truncate(self, sequence: KVCache, length: int) -> None:
+        """Roll ``sequence`` back to its first ``length`` tokens (``infer_truncate``)."""
+        self._capability_call(Capability.TRUNCATE, self.hooks.truncate, sequence, length)
+        if sequence.length != length:
+            backend = self.handle.backend
+            raise BackendError(
+                f"backend {backend!r} truncated a cache to {sequence.length} tokens, not {length}", backend=backend
+            )
+
+    def fork(self, sequence: KVCache, length: int, capacity: int) -> KVCache:
+        """A new cache holding ``sequence``'s first ``length`` tokens (``infer_fork``)."""
+        out = self._capability_call(Capability.FORK, self.hooks.fork, sequence, length, capacity)
+        if not isinstance(out, KVCache) or out.length != length:
+            backend = self.handle.backend
+            raise BackendError(
+                f"backend {backend!r} forked a cache that does not hold {length} tokens", backend=backend
+            )
+        return out
+
+    def _capability_call(self, capability: Capability, caller: Any, *args: Any) -> Any:
+        backend = self.handle.backend
+        if capability not in self.capabilities:
+            raise BackendError(
+                f"backend {backend!r} does not declare the {capability.value!r} capability (contract 1.1)",
+                backend=backend,
+            )
+        names = caller.spec.argnames
+        try:
+            with self.step_lock:
+                out = caller(**dict(zip(names, (self.handle, *args), strict=True)))
+        except InferError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"backend {backend!r} failed in {caller.name}: {type(exc).__name__}: {exc}", backend=backend
+            ) from exc
+        if out is None:
+            raise BackendError(
+                f"backend {backend!r} declares {capability.value!r} but did not answer {caller.name}", backend=backend
+            )
+        return out
 
     # -- the scheduler thread ---------------------------------------------------------------
 
@@ -400,7 +462,7 @@ class Engine:
         for request in requests:
             if request.kv is None:
                 try:
-                    request.kv = self.handle.new_sequence(len(request.prompt) + request.max_new)
+                    self._start(request)
                 except Exception as exc:  # noqa: BLE001
                     self._retire(request, Failed(_as_typed(exc, self.handle.backend, "new_sequence")))
         requests = [r for r in requests if r.kv is not None]
@@ -415,10 +477,23 @@ class Engine:
             request.pos += len(chunk)
             if request.pos == len(request.prompt):
                 request.t_prefilled = time.perf_counter()
+                if self.prefix_cache is not None and request.kv is not None:
+                    self.prefix_cache.add_live(request.kv, request.prompt)
                 done.append(request)
                 rows.append(i)
         if done:
             self._sample(done, logits[rows] if len(rows) != len(requests) else logits)
+
+    def _start(self, request: Request) -> None:
+        """Give ``request`` its cache: a fork of the longest cached prefix of its prompt, or a new one."""
+        capacity = len(request.prompt) + request.max_new
+        hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else None
+        if hit is None:
+            request.kv = self.handle.new_sequence(capacity)
+            return
+        request.kv = self.fork(hit.kv, hit.length, capacity)
+        request.pos = request.cached = hit.length
+        self._log.info("request.prefix_hit", request_id=request.id, cached_tokens=hit.length)
 
     def _run_step(
         self, kind: str, requests: list[Request], tokens: Sequence[npt.NDArray[np.int32]]
@@ -510,7 +585,7 @@ class Engine:
             text="".join(request.text),
             token_ids=tuple(request.generated),
             finish_reason=finish,
-            usage=Usage(len(request.prompt), n),
+            usage=Usage(len(request.prompt), n, cached_tokens=request.cached),
             timings=Timings(
                 time_to_first_token=request.t_first - request.t_submit,
                 prefill_tokens_per_s=len(request.prompt) / prefill_s,
@@ -529,7 +604,8 @@ class Engine:
     def _end(self, request: Request, outcome: Done | Failed | None) -> None:
         if request.kv is not None:
             try:
-                request.kv.release()
+                if not self._keep(request, outcome):
+                    request.kv.release()
             except Exception as exc:  # noqa: BLE001 - the scheduler outlives a backend's failed release
                 self._log.error("engine.release_failed", request_id=request.id, error=f"{type(exc).__name__}: {exc}")
         request.next_token = None
@@ -548,6 +624,23 @@ class Engine:
         else:
             fields["finish_reason"] = "cancelled"
         self._log.info("request.finished", **fields)
+
+    def _keep(self, request: Request, outcome: Done | Failed | None) -> bool:
+        """Hand a finished request's cache to the prefix index; return whether it took it.
+
+        A failed request's cache is never kept: the failure may have left it half-written.
+        """
+        kv, cache = request.kv, self.prefix_cache
+        if cache is None or kv is None or kv.released:
+            return False
+        if isinstance(outcome, Failed):
+            cache.forget(kv)
+            return False
+        held = np.concatenate([request.prompt[: request.pos], np.asarray(request.generated, np.int32)])[: kv.length]
+        if len(held) != kv.length:  # tokens the engine cannot name: never index them
+            cache.forget(kv)
+            return False
+        return cache.adopt(kv, held)
 
 
 def _ending(request: Request, now: float) -> bool:
