@@ -42,8 +42,9 @@ class _Broken:
     def infer_backend_info(self) -> infer.BackendInfo:
         declared = replace(self.base.infer_backend_info(), name=self.name)
         extra = self.info.get("add_capabilities", frozenset())
-        changes = {k: v for k, v in self.info.items() if k != "add_capabilities"}
-        return replace(declared, capabilities=declared.capabilities | extra, **changes)
+        gone = self.info.get("remove_capabilities", frozenset())
+        changes = {k: v for k, v in self.info.items() if k not in ("add_capabilities", "remove_capabilities")}
+        return replace(declared, capabilities=(declared.capabilities | extra) - gone, **changes)
 
     @infer.hookimpl
     def infer_load(self, spec: infer.LoadSpec, options: Mapping[str, Any]) -> Any:
@@ -72,6 +73,12 @@ class _Broken:
     @infer.hookimpl
     def infer_fork(self, model: infer.ModelHandle, sequence: infer.KVCache, length: int, capacity: int) -> Any:
         return model.fork(sequence, length, capacity) if isinstance(model, self.model_class) else None
+
+
+def variant(name: str, model_class: type[Any], **info: Any) -> _Broken:
+    """A backend serving ``model_class`` under ``name`` with ``info`` changed (``add_capabilities``,
+    ``remove_capabilities``, ``contract_version``...): for tests that need a well-behaved variant."""
+    return _Broken(name, model_class, **info)
 
 
 # -- wrong model maths (numpy backend: real weights) ---------------------------------------------

@@ -6,8 +6,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from broken_backends import variant
 
 import infer
+from infer.contract import KV_CAPABILITIES, usable_capabilities
+from infer.plugins import get_registry
 from infer.prefix_cache import BLOCK, PrefixCache
 from infer_backend_fake import FakeKV, FakeModel
 from infer_backend_fake import plugin as fake_backend
@@ -123,8 +126,8 @@ def test_closing_the_model_releases_every_cached_kv():
 
 
 def test_prefix_cache_on_a_backend_without_fork_is_refused_by_name():
-    registry = infer.plugins.get_registry()
-    backend = registry.register_backend(_Contract10(), name="fake-1.0")
+    registry = get_registry()
+    backend = registry.register_backend(variant("fake-1.0", FakeModel, contract_version="1.0"), name="fake-1.0")
     try:
         with pytest.raises(infer.InvalidParameterError, match="fork"):
             infer.load("fake", backend="fake-1.0", prefix_cache=True)
@@ -190,36 +193,16 @@ def test_owned_caches_over_the_budget_are_evicted_least_recently_used_first():
 # -- contract 1.1 on a 1.0 backend ----------------------------------------------------------
 
 
-class _Contract10:
-    """The fake, declaring contract 1.0: whatever capabilities it lists, 1.1's are not used."""
-
-    @infer.hookimpl
-    def infer_backend_info(self):
-        return replace(fake_backend.infer_backend_info(), name="fake-1.0", contract_version="1.0")
-
-    @infer.hookimpl
-    def infer_load(self, spec, options):
-        return FakeModel.from_spec(replace(spec, backend="fake"), options) if spec.backend == "fake-1.0" else None
-
-    @infer.hookimpl
-    def infer_prefill(self, model, batch):
-        return model.forward(batch)
-
-    @infer.hookimpl
-    def infer_decode(self, model, batch):
-        return model.forward(batch)
-
-
 def test_a_contract_1_0_backend_gets_none_of_the_1_1_capabilities_it_lists():
     info = replace(fake_backend.infer_backend_info(), contract_version="1.0")
-    usable = infer.contract.usable_capabilities(info)
+    usable = usable_capabilities(info)
     assert infer.Capability.BATCH in usable
-    assert not usable & infer.contract.KV_CAPABILITIES
+    assert not usable & KV_CAPABILITIES
 
 
 def test_truncate_on_a_backend_without_the_capability_is_a_typed_error_naming_it():
-    registry = infer.plugins.get_registry()
-    backend = registry.register_backend(_Contract10(), name="fake-1.0")
+    registry = get_registry()
+    backend = registry.register_backend(variant("fake-1.0", FakeModel, contract_version="1.0"), name="fake-1.0")
     try:
         model = infer.load("fake", backend="fake-1.0")
         seq = model.new_sequence(8)

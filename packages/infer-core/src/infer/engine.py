@@ -37,6 +37,7 @@ from infer.log import get_logger
 from infer.prefix_cache import PrefixCache
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
 from infer.sampling import SamplerState, SamplingParams, logprobs
+from infer.speculative import NgramDrafter
 from infer.stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -86,6 +87,10 @@ class Channel:
     def has_room(self) -> bool:
         """Whether another token event fits."""
         return len(self._items) < self._maxsize
+
+    def room(self) -> int:
+        """How many more token events fit."""
+        return self._maxsize - len(self._items)
 
     def put(self, item: object) -> None:
         """Append an item and wake the consumer."""
@@ -144,6 +149,7 @@ class Request:
         "channel",
         "deadline",
         "decoder",
+        "drafter",
         "eos_ids",
         "events",
         "generated",
@@ -197,6 +203,8 @@ class Request:
         self.pos = 0
         #: Prompt tokens served from the prefix cache instead of prefilled.
         self.cached = 0
+        #: Drafts tokens for speculative decoding, or ``None`` when the request does not speculate.
+        self.drafter: NgramDrafter | None = None
         self.next_token: int | None = None
         self.generated: list[int] = []
         self.text: list[str] = []
@@ -330,9 +338,12 @@ class Engine:
 
     def step_all(self, batch: Batch) -> tuple[npt.NDArray[np.float32], ...]:
         """Run ``infer_prefill_all`` on ``batch``: every position's logits, one array per row."""
-        lengths = [len(t) for t in batch.tokens]
-        out = self._capability_call(Capability.ALL_LOGITS, self.hooks.prefill_all, batch)
-        return check_all_logits(out, lengths, self.handle.vocab_size, self.handle.backend)
+        rows: list[npt.NDArray[np.float32]] = []
+        for start in range(0, batch.size, self.max_batch_size):
+            part = batch.rows(start, start + self.max_batch_size)
+            out = self._capability_call(Capability.ALL_LOGITS, self.hooks.prefill_all, part)
+            rows += check_all_logits(out, [len(t) for t in part.tokens], self.handle.vocab_size, self.handle.backend)
+        return tuple(rows)
 
     def truncate(self, sequence: KVCache, length: int) -> None:
         """Roll ``sequence`` back to its first ``length`` tokens (``infer_truncate``)."""
@@ -433,6 +444,10 @@ class Engine:
         return bool(prefill or decode)
 
     def _decode(self, requests: list[Request]) -> None:
+        drafts = [self._draft(r) for r in requests]
+        if any(len(d) for d in drafts):
+            self._verify(requests, drafts)
+            return
         if len(requests) == 1:
             tokens = [np.array((requests[0].next_token,), dtype=np.int32)]
         else:
@@ -441,6 +456,58 @@ class Engine:
         logits = self._run_step("decode", requests, tokens)
         if logits is not None:
             self._sample(requests, logits)
+
+    def _draft(self, request: Request) -> npt.NDArray[np.int32]:
+        """The tokens ``request`` speculates will follow its pending one (none when it does not)."""
+        drafter, kv = request.drafter, request.kv
+        if drafter is None or kv is None:
+            return _NO_DRAFT
+        limit = min(
+            request.max_new - len(request.generated) - 1,  # never past max_tokens
+            kv.capacity - kv.length - 1,  # the pending token goes in too
+            request.channel.room() - 1 if request.stream_events else drafter.k,  # never past the buffer
+        )
+        context = np.concatenate([request.prompt, np.asarray(request.generated, np.int32)])
+        return drafter.draft(context, limit)
+
+    def _verify(self, requests: list[Request], drafts: list[npt.NDArray[np.int32]]) -> None:
+        """Feed each pending token and its draft in one all-position step; keep what sampling confirms.
+
+        Each position is sampled with the request's own sampler, in order; a draft token stays
+        while it equals the sampled one, and the first that does not is replaced by the sampled
+        token, the cache truncated to what was kept (see :mod:`infer.speculative` for why this is
+        exact). Every sampled token is emitted, so stateful samplers see an ordinary sequence.
+        """
+        rows = [np.concatenate((np.array([r.next_token], np.int32), d)) for r, d in zip(requests, drafts, strict=True)]
+        kvs = tuple(r.kv for r in requests if r.kv is not None)
+        try:
+            logits = self.step_all(Batch(kvs, tuple(rows)))
+        except InferError as exc:
+            for request in requests:
+                self._retire(request, Failed(exc))
+            return
+        for request, draft, row_logits in zip(requests, drafts, logits, strict=True):
+            self._confirm(request, draft, row_logits)
+
+    def _confirm(self, request: Request, draft: npt.NDArray[np.int32], logits: npt.NDArray[np.float32]) -> None:
+        assert request.kv is not None
+        fed = request.kv.length - len(draft)  # the cache length once the pending token is in
+        kept = 0
+        for j in range(len(draft) + 1):
+            try:
+                token = int(self._sample_call(logits[j : j + 1], [request.params], [request.sampler])[0])
+                hit = j < len(draft) and token == int(draft[j])
+                if not hit and j < len(draft):
+                    self.truncate(request.kv, fed + j)
+            except Exception as exc:  # noqa: BLE001 - this request's failure ends this request only
+                self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
+                return
+            self._accept(request, token, logits, j)
+            if not hit or request.next_token is None:  # a mismatch, or the request ended
+                break
+            kept += 1
+        if request.drafter is not None and len(draft):
+            request.drafter.update(len(draft), kept)
 
     def _decode_alone(self, request: Request) -> None:
         """Step a request that decodes alone back to back, while nothing else needs the scheduler.
@@ -623,6 +690,8 @@ class Engine:
             fields["error"] = type(outcome.error).__name__
         else:
             fields["finish_reason"] = "cancelled"
+        if request.drafter is not None:
+            fields |= {"draft_proposed": request.drafter.proposed, "draft_accepted": request.drafter.accepted}
         self._log.info("request.finished", **fields)
 
     def _keep(self, request: Request, outcome: Done | Failed | None) -> bool:
@@ -641,6 +710,9 @@ class Engine:
             cache.forget(kv)
             return False
         return cache.adopt(kv, held)
+
+
+_NO_DRAFT: npt.NDArray[np.int32] = np.zeros(0, np.int32)
 
 
 def _ending(request: Request, now: float) -> bool:

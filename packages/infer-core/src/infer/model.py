@@ -47,6 +47,7 @@ from infer.log import get_logger
 from infer.prefix_cache import DEFAULT_BUDGET, PrefixCache
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
+from infer.speculative import MODES, NgramDrafter
 from infer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def load(
     context_length: int | None = None,
     prefill_chunk_size: int = 256,
     prefix_cache: bool | int | str = False,
+    speculative: str = "off",
     registry: Registry | None = None,
     **options: Any,
 ) -> Model:
@@ -85,11 +87,17 @@ def load(
     bytes, ``"auto"`` for on when the backend declares the ``fork`` capability (contract 1.1) and
     off otherwise, ``False`` (the default) for off. ``Completion.usage.cached_tokens`` says how
     many prompt tokens a request took from it.
+    ``speculative`` is the default of every request's ``speculative=`` option: ``"ngram"`` drafts
+    tokens by prompt lookup and verifies them in one step (needs the ``truncate`` and
+    ``all_logits`` capabilities), ``"auto"`` does so where the backend can, ``"off"`` (the
+    default) never; the tokens are the same either way (see :mod:`infer.speculative`).
     Remaining keyword arguments are backend options (see the backend's documentation).
     """
     from infer.plugins import get_registry
 
     budget = _prefix_budget(prefix_cache)
+    if speculative not in MODES:
+        raise InvalidParameterError("speculative", speculative, f"one of {list(MODES)}")
 
     if not isinstance(prefill_chunk_size, int) or isinstance(prefill_chunk_size, bool) or prefill_chunk_size < 1:
         raise InvalidParameterError("prefill_chunk_size", prefill_chunk_size, "a positive integer")
@@ -109,6 +117,11 @@ def load(
                 prefix_cache,
                 f"False or 'auto': backend {model.backend!r} does not declare the 'fork' capability (contract 1.1)",
             )
+    try:
+        model.speculative = model._speculation(speculative)
+    except InvalidParameterError:
+        model.close()
+        raise
     return model
 
 
@@ -244,6 +257,8 @@ class Model:
         )
         self._closed = False
         self._grammars: TokenizerGrammars | None = None
+        #: Whether requests speculate unless they say otherwise (``infer.load(speculative=...)``).
+        self.speculative = False
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -491,6 +506,10 @@ class Model:
         if "response_format" in sampling:
             sampling = dict(sampling)
             sampling["constraint"] = self.compile_response_format(sampling.pop("response_format"))
+        speculate = self.speculative
+        if "speculative" in sampling:
+            sampling = dict(sampling)
+            speculate = self._speculation(sampling.pop("speculative"))
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
         if unknown:
             raise InvalidParameterError(unknown[0], sampling[unknown[0]], f"one of {sorted(_SAMPLING_FIELDS)}")
@@ -520,6 +539,8 @@ class Model:
             stream_events=stream_events,
         )
         request.tool_format = tool_format
+        if speculate:
+            request.drafter = NgramDrafter()
         self._engine.submit(request)
         return request
 
@@ -630,6 +651,19 @@ class Model:
         if not isinstance(capacity, int) or not length <= capacity <= self.context_length:
             raise InvalidParameterError("capacity", capacity, f"an integer in [{length}, {self.context_length}]")
         return self._engine.fork(sequence, length, capacity)
+
+    def _speculation(self, mode: object) -> bool:
+        """Whether a request with ``speculative=mode`` speculates; refuse a mode this backend cannot run."""
+        if mode not in MODES:
+            raise InvalidParameterError("speculative", mode, f"one of {list(MODES)}")
+        able = {Capability.TRUNCATE, Capability.ALL_LOGITS} <= self._engine.capabilities
+        if mode == "ngram" and not able:
+            raise InvalidParameterError(
+                "speculative",
+                mode,
+                f"'auto' or 'off': backend {self.backend!r} lacks the 'truncate' and 'all_logits' capabilities",
+            )
+        return mode != "off" and able
 
     @staticmethod
     def _check_live(sequence: KVCache) -> None:
