@@ -56,12 +56,16 @@ def contract_compatible(declared: str, core: str = CONTRACT_VERSION) -> bool:
     return declared.split(".", 1)[0] == core.split(".", 1)[0]
 
 
-def usable_capabilities(info: BackendInfo) -> frozenset[Capability]:
-    """The capabilities the core may use: a backend built for contract 1.0 gets none of 1.1's."""
+def usable_capabilities(info: BackendInfo, handle: ModelHandle | None = None) -> frozenset[Capability]:
+    """The capabilities the core may use on ``handle``: those declared, narrowed by the handle's
+    own :attr:`ModelHandle.capabilities`; a backend built for contract 1.0 gets none of 1.1's."""
     major, _, minor = info.contract_version.partition(".")
-    if (int(major), int(minor) if minor.isdigit() else 0) >= (1, 1):
-        return info.capabilities
-    return info.capabilities - KV_CAPABILITIES
+    declared = info.capabilities
+    if (int(major), int(minor) if minor.isdigit() else 0) < (1, 1):
+        declared -= KV_CAPABILITIES
+    if handle is not None and handle.capabilities is not None:
+        declared &= handle.capabilities
+    return declared
 
 
 class Capability(str, enum.Enum):
@@ -235,6 +239,9 @@ class ModelHandle(abc.ABC):
     logits_atol: float | None = None
     #: Backend-specific facts worth showing (cache paths, providers, thread counts...).
     details: Mapping[str, Any] = MappingProxyType({})
+    #: The capabilities this loaded model has when fewer than the backend declares (a model
+    #: format that cannot truncate, say); ``None`` means all the declared ones.
+    capabilities: frozenset[Capability] | None = None
 
     @abc.abstractmethod
     def new_sequence(self, capacity: int) -> KVCache:

@@ -253,7 +253,7 @@ class Model:
             backend.hooks,
             max_batch_size=backend.info.max_batch_size,
             prefill_chunk_size=prefill_chunk_size,
-            capabilities=usable_capabilities(backend.info),
+            capabilities=usable_capabilities(backend.info, handle),
         )
         self._closed = False
         self._grammars: TokenizerGrammars | None = None
