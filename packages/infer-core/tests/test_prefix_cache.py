@@ -56,6 +56,9 @@ def test_a_repeated_prefix_gives_the_same_tokens_and_is_not_prefilled_again(cach
     assert hit.usage.cached_tokens == len(SYSTEM)
     assert counter.tokens == len(second) - len(SYSTEM)
     assert hit.token_ids == plain.generate(second, **GREEDY).token_ids
+    stats = cached.prefix_cache_stats
+    assert (stats.lookups, stats.hits, stats.cached_tokens, stats.hit_rate) == (2, 1, len(SYSTEM), 0.5)
+    assert plain.prefix_cache_stats is None
 
 
 def test_a_seeded_sampled_request_gives_the_same_tokens_from_a_cached_prefix(cached, plain):

@@ -44,7 +44,7 @@ from infer.errors import (
     UnsupportedModelError,
 )
 from infer.log import get_logger
-from infer.prefix_cache import DEFAULT_BUDGET, PrefixCache
+from infer.prefix_cache import DEFAULT_BUDGET, PrefixCache, PrefixStats
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
 from infer.speculative import MODES, NgramDrafter
@@ -261,6 +261,12 @@ class Model:
         self.speculative = False
 
     # -- facts --------------------------------------------------------------------------------
+
+    @property
+    def prefix_cache_stats(self) -> PrefixStats | None:
+        """Lookups, hits, hit rate, cached tokens and evictions of the prefix cache (``None`` when off)."""
+        cache = self._engine.prefix_cache
+        return None if cache is None else cache.stats
 
     @property
     def backend(self) -> str:
