@@ -165,3 +165,17 @@ def test_speculation_on_a_backend_without_the_capabilities_is_refused_or_skipped
 def test_a_bad_speculative_value_is_refused(fake, value):
     with pytest.raises(infer.InvalidParameterError, match="speculative"):
         fake.generate([1, 2, 3], max_tokens=2, speculative=value)
+
+
+def test_auto_does_not_speculate_where_verification_logits_may_differ_from_decode_logits():
+    registry = get_registry()
+    backend = registry.register_backend(variant("loose", FakeModel, logits_atol=1.5), name="loose")
+    try:
+        auto = infer.load("fake", backend="loose", speculative="auto")
+        assert auto.speculative is False  # int4-like tolerance: a near-tie could flip a token
+        auto.close()
+        asked = infer.load("fake", backend="loose", speculative="ngram")
+        assert asked.speculative is True  # asked for by name: the user accepts the tolerance
+        asked.close()
+    finally:
+        registry.unregister(backend.plugin)

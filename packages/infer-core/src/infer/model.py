@@ -47,7 +47,7 @@ from infer.log import get_logger
 from infer.prefix_cache import DEFAULT_BUDGET, PrefixCache, PrefixStats
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
-from infer.speculative import MODES, NgramDrafter
+from infer.speculative import AUTO_SPECULATION_ATOL, MODES, NgramDrafter
 from infer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -89,8 +89,9 @@ def load(
     many prompt tokens a request took from it.
     ``speculative`` is the default of every request's ``speculative=`` option: ``"ngram"`` drafts
     tokens by prompt lookup and verifies them in one step (needs the ``truncate`` and
-    ``all_logits`` capabilities), ``"auto"`` does so where the backend can, ``"off"`` (the
-    default) never; the tokens are the same either way (see :mod:`infer.speculative`).
+    ``all_logits`` capabilities), ``"auto"`` does so where the backend can and the model's
+    ``logits_atol`` is at most 1e-3 (so the tokens are those of plain decoding; at int4, say, it
+    stays off), ``"off"`` (the default) never. See :mod:`infer.speculative`.
     Remaining keyword arguments are backend options (see the backend's documentation).
     """
     from infer.plugins import get_registry
@@ -669,7 +670,11 @@ class Model:
                 mode,
                 f"'auto' or 'off': backend {self.backend!r} lacks the 'truncate' and 'all_logits' capabilities",
             )
-        return mode != "off" and able
+        if mode == "auto":
+            # Speculation gives the plain tokens only as far as verification logits equal decode
+            # logits: where the model allows them to differ by more (int4: 1.5), "auto" stays off.
+            return able and self.logits_atol <= AUTO_SPECULATION_ATOL
+        return mode == "ngram"
 
     @staticmethod
     def _check_live(sequence: KVCache) -> None:
