@@ -253,6 +253,13 @@ class _ForkSharesLifetime(FakeModel):
         return forked
 
 
+class _ForkOneShort(FakeModel):
+    def fork(self, kv: Any, length: int, capacity: int) -> FakeKV:
+        forked = super().fork(kv, length - 1, capacity)
+        forked._length = length  # says it holds the prefix, lost its last token
+        return forked
+
+
 class _AllLogitsShifted(FakeModel):
     def forward_all(self, batch: infer.Batch) -> Any:
         # each position gets the logits of the one before it: the off-by-one of verification
@@ -462,6 +469,7 @@ TRUNCATE_KEEPS_HASH = _Broken("broken-truncate", _TruncateKeepsHash)
 TRUNCATE_UNDOES_LAST_STEP = _Broken("broken-truncate-step", _TruncateUndoesLastStep)
 FORK_KEEPS_WHOLE_HASH = _Broken("broken-fork", _ForkKeepsWholeHash)
 FORK_SHARES_LIFETIME = _Broken("broken-fork-lifetime", _ForkSharesLifetime)
+FORK_ONE_SHORT = _Broken("broken-fork-short", _ForkOneShort)
 ALL_LOGITS_SHIFTED = _Broken("broken-all-logits", _AllLogitsShifted)
 ALL_LOGITS_ROWS_REVERSED = _Broken("broken-all-logits-rows", _AllLogitsRowsReversed)
 SYNTHETIC_AS_DEFAULT = _Broken("broken-synthetic", FakeModel, priority=0)

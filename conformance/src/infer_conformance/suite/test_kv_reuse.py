@@ -127,3 +127,23 @@ def test_all_position_logits_of_a_ragged_batch_come_row_after_row(model, info):
     assert_consistent(alone_b, got_b, model, "row 1 of a ragged all-position prefill against alone")
     for seq in (*solo, *seqs):
         seq.release()
+
+
+# -- what the engine builds on them -----------------------------------------------------------
+
+SHARED = [(7 * i + 3) % 200 + 10 for i in range(40)]  # a 40-token shared prefix: two and a half blocks
+
+
+@pytest.mark.certifies("capability:fork")
+def test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens(suite, model, info):
+    require(info, Cap.FORK)
+    cached = suite.load(prefix_cache=True)
+    try:
+        greedy = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        cached.generate([*SHARED, 1, 2], **greedy)
+        for tail in ([3], [4, 5, 6], [1, 2]):
+            hit = cached.generate([*SHARED, *tail], **greedy)
+            assert hit.usage.cached_tokens >= len(SHARED)
+            assert hit.token_ids == model.generate([*SHARED, *tail], **greedy).token_ids, f"tail {tail}"
+    finally:
+        cached.close()
