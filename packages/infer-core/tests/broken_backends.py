@@ -42,8 +42,9 @@ class _Broken:
     def infer_backend_info(self) -> infer.BackendInfo:
         declared = replace(self.base.infer_backend_info(), name=self.name)
         extra = self.info.get("add_capabilities", frozenset())
-        changes = {k: v for k, v in self.info.items() if k != "add_capabilities"}
-        return replace(declared, capabilities=declared.capabilities | extra, **changes)
+        gone = self.info.get("remove_capabilities", frozenset())
+        changes = {k: v for k, v in self.info.items() if k not in ("add_capabilities", "remove_capabilities")}
+        return replace(declared, capabilities=(declared.capabilities | extra) - gone, **changes)
 
     @infer.hookimpl
     def infer_load(self, spec: infer.LoadSpec, options: Mapping[str, Any]) -> Any:
@@ -60,6 +61,24 @@ class _Broken:
         if not isinstance(model, self.model_class):
             return None
         return model.decode_step(batch) if hasattr(model, "decode_step") else model.forward(batch)
+
+    @infer.hookimpl
+    def infer_prefill_all(self, model: infer.ModelHandle, batch: infer.Batch) -> Any:
+        return model.forward_all(batch) if isinstance(model, self.model_class) else None
+
+    @infer.hookimpl
+    def infer_truncate(self, model: infer.ModelHandle, sequence: infer.KVCache, length: int) -> Any:
+        return model.truncate(sequence, length) if isinstance(model, self.model_class) else None
+
+    @infer.hookimpl
+    def infer_fork(self, model: infer.ModelHandle, sequence: infer.KVCache, length: int, capacity: int) -> Any:
+        return model.fork(sequence, length, capacity) if isinstance(model, self.model_class) else None
+
+
+def variant(name: str, model_class: type[Any], **info: Any) -> _Broken:
+    """A backend serving ``model_class`` under ``name`` with ``info`` changed (``add_capabilities``,
+    ``remove_capabilities``, ``contract_version``...): for tests that need a well-behaved variant."""
+    return _Broken(name, model_class, **info)
 
 
 # -- wrong model maths (numpy backend: real weights) ---------------------------------------------
@@ -179,6 +198,80 @@ class _ReleaseKeepsNbytes(FakeModel):
 class _CapacityShort(FakeModel):
     def new_sequence(self, capacity: int) -> FakeKV:
         return FakeKV(max(1, min(capacity, self.context_length) // 2))
+
+
+# -- contract 1.1 KV capabilities ---------------------------------------------------------------
+
+
+class _TruncateKeepsHash(FakeModel):
+    def truncate(self, kv: Any, length: int) -> bool:
+        kv._length = length  # the length goes back, the dropped tokens still shape the logits
+        return True
+
+
+class _LastStepKV(FakeKV):
+    """Remembers its hash before the last step and truncates back to it, whatever length is asked."""
+
+    before = FakeKV(0)._hash
+
+    def append(self, ids: Any) -> int:
+        self.before = self._hash
+        return super().append(ids)
+
+    def truncate(self, length: int) -> None:
+        self._length, self._hash = length, self.before
+
+
+class _TruncateUndoesLastStep(FakeModel):
+    def new_sequence(self, capacity: int) -> FakeKV:
+        return _LastStepKV(min(capacity, self.context_length))
+
+
+class _ForkKeepsWholeHash(FakeModel):
+    def fork(self, kv: Any, length: int, capacity: int) -> FakeKV:
+        forked = super().fork(kv, length, capacity)
+        forked._hash = kv._hash  # the right length, but the logits of the whole source
+        return forked
+
+
+class _SharedKV(FakeKV):
+    """A fork that releases its source with itself: the two share one buffer and one lifetime."""
+
+    def __init__(self, source: FakeKV, capacity: int) -> None:
+        super().__init__(capacity)
+        self.source = source
+
+    def release(self) -> None:
+        super().release()
+        self.source.release()
+
+
+class _ForkSharesLifetime(FakeModel):
+    def fork(self, kv: Any, length: int, capacity: int) -> FakeKV:
+        forked = _SharedKV(kv, capacity)
+        forked.append(kv._tokens[:length])
+        return forked
+
+
+class _ForkOneShort(FakeModel):
+    def fork(self, kv: Any, length: int, capacity: int) -> FakeKV:
+        forked = super().fork(kv, length - 1, capacity)
+        forked._length = length  # says it holds the prefix, lost its last token
+        return forked
+
+
+class _AllLogitsShifted(FakeModel):
+    def forward_all(self, batch: infer.Batch) -> Any:
+        # each position gets the logits of the one before it: the off-by-one of verification
+        before = [self.table[kv._hash % 97][None] for kv in batch.sequences]
+        logits = super().forward_all(batch)
+        return np.concatenate([before[0], logits[:-1]]) if len(before) == 1 else logits
+
+
+class _AllLogitsRowsReversed(FakeModel):
+    def forward_all(self, batch: infer.Batch) -> Any:
+        parts = [super(_AllLogitsRowsReversed, self).forward_all(batch.rows(i, i + 1)) for i in range(batch.size)]
+        return np.concatenate(parts[::-1])  # rows in the wrong order: sizes still add up
 
 
 # -- determinism, batching -----------------------------------------------------------------------
@@ -372,4 +465,11 @@ ALIASED_LOGITS = _Broken("broken-alias", _AliasedLogits)
 SHARED_SCRATCH = _Broken("broken-scratch", _SharedScratch)
 CANCELLATION_IGNORED = _Broken("broken-cancel", _CancellationIgnored)
 HANGS = _Broken("broken-hang", _HangsAtStep3)
+TRUNCATE_KEEPS_HASH = _Broken("broken-truncate", _TruncateKeepsHash)
+TRUNCATE_UNDOES_LAST_STEP = _Broken("broken-truncate-step", _TruncateUndoesLastStep)
+FORK_KEEPS_WHOLE_HASH = _Broken("broken-fork", _ForkKeepsWholeHash)
+FORK_SHARES_LIFETIME = _Broken("broken-fork-lifetime", _ForkSharesLifetime)
+FORK_ONE_SHORT = _Broken("broken-fork-short", _ForkOneShort)
+ALL_LOGITS_SHIFTED = _Broken("broken-all-logits", _AllLogitsShifted)
+ALL_LOGITS_ROWS_REVERSED = _Broken("broken-all-logits-rows", _AllLogitsRowsReversed)
 SYNTHETIC_AS_DEFAULT = _Broken("broken-synthetic", FakeModel, priority=0)

@@ -2,7 +2,7 @@
 
 Each row names a broken backend (``broken_backends.py``: one defect each, on the fake or on the
 numpy example backend), the suite module and the test that must fail on it. Only that module
-runs, narrowed to that test, so 29 defects cost about a minute; the conformance tox environments
+runs, narrowed to that test, so 36 defects cost about a minute; the conformance tox environments
 prove the same tests pass on the fake, numpy and ONNX backends.
 """
 
@@ -64,6 +64,22 @@ DEFECTS = [
     ("UNLOADABLE_DEVICE", "test_load", "test_every_declared_device_loads_and_reports_itself_or_says_it_is_absent"),
     ("WRONG_EOS", "test_load", "test_vocab_eos_ids_and_context_length_equal_the_bundles"),
     ("SHORT_CONTEXT", "test_load", "test_vocab_eos_ids_and_context_length_equal_the_bundles"),
+    # contract 1.1 KV capabilities
+    ("TRUNCATE_KEEPS_HASH", "test_kv_reuse", "test_truncate_then_decode_equals_never_having_appended"),
+    (
+        "TRUNCATE_UNDOES_LAST_STEP",
+        "test_kv_reuse",
+        "test_truncate_inside_the_prompt_then_prefill_equals_a_prefill_of_the_kept_tokens",
+    ),
+    ("FORK_KEEPS_WHOLE_HASH", "test_kv_reuse", "test_a_fork_equals_a_prefill_of_the_same_prefix"),
+    ("FORK_SHARES_LIFETIME", "test_kv_reuse", "test_a_fork_and_its_source_are_independent"),
+    ("ALL_LOGITS_SHIFTED", "test_kv_reuse", "test_all_position_logits_equal_successive_decodes"),
+    ("ALL_LOGITS_ROWS_REVERSED", "test_kv_reuse", "test_all_position_logits_of_a_ragged_batch_come_row_after_row"),
+    (
+        "FORK_ONE_SHORT",
+        "test_kv_reuse",
+        "test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens",
+    ),
     # resources, concurrency, cancellation
     ("RELEASE_LEAKS", "test_resources", "test_caches_at_full_context_released_repeatedly_give_their_memory_back"),
     ("ALIASED_LOGITS", "test_resources", "test_returned_logits_are_never_overwritten_by_later_steps"),

@@ -6,7 +6,9 @@ A backend is a module with four hook functions (see ``infer.hookspecs``):
 - ``infer_load`` turns a :class:`infer.LoadSpec` into a :class:`infer.ModelHandle` (or ``None``
   when the reference is not for this backend);
 - ``infer_prefill`` / ``infer_decode`` run a :class:`infer.Batch` on a handle it made and
-  return float32 logits ``[batch, vocab]``.
+  return float32 logits ``[batch, vocab]``;
+- optionally (contract 1.1, each behind its declared capability) ``infer_truncate``,
+  ``infer_fork`` and ``infer_prefill_all``, which prefix caching and speculative decoding use.
 
 Here the "model" is a fixed random table: the logits of a context are the table row picked by a
 rolling hash of all its tokens, so any split of the same tokens into prefill and decode steps
@@ -123,6 +125,26 @@ class FakeKV(infer.KVCache):
         self._hash = h
         return h
 
+    def hashes(self, ids: npt.NDArray[np.int32]) -> list[int]:
+        """Append ``ids``; return the context's hash after each of them (all-position logits)."""
+        return [self.append(ids[i : i + 1]) for i in range(len(ids))]
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first ``length``: the hash is recomputed from them."""
+        if self._tokens is None:
+            raise BackendError("fake: truncate of a released cache", backend=NAME)
+        kept = self._tokens[:length].copy()
+        self._length, self._hash = 0, FakeKV(0)._hash
+        self.append(kept)
+
+    def fork(self, length: int, capacity: int) -> FakeKV:
+        """A new cache of ``capacity`` tokens holding this one's first ``length``."""
+        if self._tokens is None:
+            raise BackendError("fake: fork of a released cache", backend=NAME)
+        other = FakeKV(capacity)
+        other.append(self._tokens[:length])
+        return other
+
 
 class FakeModel(infer.ModelHandle):
     """The fake's model handle."""
@@ -181,6 +203,21 @@ class FakeModel(infer.ModelHandle):
         # A fresh array per step, as a real backend returns: the caller may keep or modify it,
         # and it is hot in cache for the sampler, as a just-computed output would be.
         return self.table[[h % _ROWS for h in hashes]]
+
+    def forward_all(self, batch: infer.Batch) -> npt.NDArray[np.float32]:
+        """Like :meth:`forward`, with the logits of every position, rows one after another."""
+        self._fault_injection()
+        hashes = [h for kv, ids in zip(batch.sequences, batch.tokens, strict=True) for h in _own(kv).hashes(ids)]
+        return self.table[[h % _ROWS for h in hashes]]
+
+    def truncate(self, kv: infer.KVCache, length: int) -> bool:
+        """Roll ``kv`` back to ``length`` tokens (the ``truncate`` capability)."""
+        _own(kv).truncate(length)
+        return True
+
+    def fork(self, kv: infer.KVCache, length: int, capacity: int) -> FakeKV:
+        """A new cache with ``kv``'s first ``length`` tokens (the ``fork`` capability)."""
+        return _own(kv).fork(length, min(capacity, self.context_length))
 
     def _fault_injection(self) -> None:
         self.steps += 1
@@ -242,6 +279,9 @@ def infer_backend_info() -> infer.BackendInfo:
                 infer.Capability.DETERMINISTIC,
                 infer.Capability.FAULT_INJECTION,
                 infer.Capability.SYNTHETIC,  # reads no weight: the suite does not grade it against goldens
+                infer.Capability.TRUNCATE,
+                infer.Capability.FORK,
+                infer.Capability.ALL_LOGITS,
             }
         ),
         max_batch_size=64,
@@ -263,3 +303,18 @@ def infer_prefill(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[n
 @infer.hookimpl
 def infer_decode(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[np.float32] | None:
     return model.forward(batch) if isinstance(model, FakeModel) else None
+
+
+@infer.hookimpl
+def infer_prefill_all(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[np.float32] | None:
+    return model.forward_all(batch) if isinstance(model, FakeModel) else None
+
+
+@infer.hookimpl
+def infer_truncate(model: infer.ModelHandle, sequence: infer.KVCache, length: int) -> bool | None:
+    return model.truncate(sequence, length) if isinstance(model, FakeModel) else None
+
+
+@infer.hookimpl
+def infer_fork(model: infer.ModelHandle, sequence: infer.KVCache, length: int, capacity: int) -> FakeKV | None:
+    return model.fork(sequence, length, capacity) if isinstance(model, FakeModel) else None

@@ -115,11 +115,43 @@ class NumpyModel(infer.ModelHandle):
         """
         out = np.empty((batch.size, self.vocab_size), np.float32)
         for row, (kv, tokens) in enumerate(zip(batch.sequences, batch.tokens, strict=True)):
-            if not isinstance(kv, NumpyKV):
-                raise BackendError(f"numpy: got a {type(kv).__name__}, not a cache this backend made", backend=NAME)
-            out[row] = self.reference.step(kv.cache(len(tokens)), tokens.tolist())[-1]
+            out[row] = self.reference.step(_own(kv).cache(len(tokens)), tokens.tolist())[-1]
             kv._length += len(tokens)
         return out
+
+    def forward_all(self, batch: infer.Batch) -> npt.NDArray[np.float32]:
+        """Like :meth:`forward`, returning every position's logits, rows one after another."""
+        parts = []
+        for kv, tokens in zip(batch.sequences, batch.tokens, strict=True):
+            parts.append(self.reference.step(_own(kv).cache(len(tokens)), tokens.tolist()))
+            kv._length += len(tokens)
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def truncate(self, kv: infer.KVCache, length: int) -> bool:
+        """Roll ``kv`` back to its first ``length`` tokens: keys and values are sliced."""
+        cache = _own(kv).cache(0)
+        cache.keys = [k[:, :length] for k in cache.keys]
+        cache.values = [v[:, :length] for v in cache.values]
+        cache.length = kv._length = length
+        return True
+
+    def fork(self, kv: infer.KVCache, length: int, capacity: int) -> NumpyKV:
+        """A new cache holding ``kv``'s first ``length`` tokens (copies: the two never share memory)."""
+        cache = _own(kv).cache(0)
+        copy = ReferenceCache(
+            keys=[k[:, :length].copy() for k in cache.keys],
+            values=[v[:, :length].copy() for v in cache.values],
+            length=length,
+        )
+        forked = NumpyKV(copy, min(capacity, self.context_length))
+        forked._length = length
+        return forked
+
+
+def _own(kv: infer.KVCache) -> NumpyKV:
+    if not isinstance(kv, NumpyKV):
+        raise BackendError(f"numpy: got a {type(kv).__name__}, not a cache this backend made", backend=NAME)
+    return kv
 
 
 # -- the hooks ------------------------------------------------------------------------------
@@ -137,7 +169,15 @@ def infer_backend_info() -> infer.BackendInfo:
         contract_version=infer.CONTRACT_VERSION,
         devices=("cpu",),
         dtypes=("fp32",),
-        capabilities=frozenset({infer.Capability.BATCH, infer.Capability.DETERMINISTIC}),
+        capabilities=frozenset(
+            {
+                infer.Capability.BATCH,
+                infer.Capability.DETERMINISTIC,
+                infer.Capability.TRUNCATE,
+                infer.Capability.FORK,
+                infer.Capability.ALL_LOGITS,
+            }
+        ),
         max_batch_size=16,
         # float64 maths rounded once to float32: prefill and decode, batched and alone, differ
         # by float64 summation order only (~1e-12). Against the float32 goldens the distance is
@@ -161,3 +201,18 @@ def infer_prefill(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[n
 @infer.hookimpl
 def infer_decode(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[np.float32] | None:
     return model.forward(batch) if isinstance(model, NumpyModel) else None
+
+
+@infer.hookimpl
+def infer_prefill_all(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[np.float32] | None:
+    return model.forward_all(batch) if isinstance(model, NumpyModel) else None
+
+
+@infer.hookimpl
+def infer_truncate(model: infer.ModelHandle, sequence: infer.KVCache, length: int) -> bool | None:
+    return model.truncate(sequence, length) if isinstance(model, NumpyModel) else None
+
+
+@infer.hookimpl
+def infer_fork(model: infer.ModelHandle, sequence: infer.KVCache, length: int, capacity: int) -> NumpyKV | None:
+    return model.fork(sequence, length, capacity) if isinstance(model, NumpyModel) else None

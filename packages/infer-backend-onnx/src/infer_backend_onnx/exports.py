@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from infer.contract import Batch, KVCache
+from infer.contract import Batch, Capability, KVCache
 from infer.errors import BackendError, InvalidParameterError, ModelFormatError
 from infer_backend_onnx.runtime import OnnxHandle, check_row
 
@@ -124,6 +124,9 @@ class ExportKVCache(KVCache):
 
 class ExportModel(OnnxHandle):
     """An existing decoder export loaded in an ONNX Runtime session."""
+
+    #: An export's graph and cache layout are not ours: none of contract 1.1's KV capabilities.
+    capabilities = frozenset({Capability.BATCH, Capability.DETERMINISTIC})
 
     def __init__(self, session: ort.InferenceSession, export: Export, device: str, details: dict[str, Any]) -> None:
         from infer_backend_onnx.devices import ort_device

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from infer.contract import Batch, LoadSpec, ModelHandle
+    from infer.contract import Batch, KVCache, LoadSpec, ModelHandle
 
 __all__ = ["infer_backend_info", "infer_decode", "infer_load", "infer_prefill"]
 
@@ -48,7 +48,9 @@ def infer_backend_info() -> BackendInfo:
         contract_version=infer.CONTRACT_VERSION,
         devices=DEVICES,
         dtypes=DTYPES,
-        capabilities=frozenset({Capability.BATCH, Capability.DETERMINISTIC}),
+        capabilities=frozenset(
+            {Capability.BATCH, Capability.DETERMINISTIC, Capability.TRUNCATE, Capability.FORK, Capability.ALL_LOGITS}
+        ),
         max_batch_size=64,
         # Measured on SmolLM2-135M (logits up to ~28) at fp32, the default: prefill+decode vs one
         # prefill 2.9e-5, chunked prefill and ragged batch vs single rows 0 (bit-identical).
@@ -88,3 +90,27 @@ def infer_decode(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | 
     from infer_backend_onnx.runtime import OnnxHandle
 
     return model.decode(batch) if isinstance(model, OnnxHandle) else None
+
+
+@infer.hookimpl
+def infer_prefill_all(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | None:
+    """All-position prefill for models this backend loaded (contract 1.1); ``None`` for any other."""
+    from infer_backend_onnx.runtime import OnnxHandle
+
+    return model.prefill_all(batch) if isinstance(model, OnnxHandle) else None
+
+
+@infer.hookimpl
+def infer_truncate(model: ModelHandle, sequence: KVCache, length: int) -> bool | None:
+    """Truncate a cache of a model this backend loaded (contract 1.1); ``None`` for any other."""
+    from infer_backend_onnx.runtime import OnnxHandle
+
+    return model.truncate(sequence, length) if isinstance(model, OnnxHandle) else None
+
+
+@infer.hookimpl
+def infer_fork(model: ModelHandle, sequence: KVCache, length: int, capacity: int) -> KVCache | None:
+    """Fork a cache of a model this backend loaded (contract 1.1); ``None`` for any other."""
+    from infer_backend_onnx.runtime import OnnxHandle
+
+    return model.fork(sequence, length, capacity) if isinstance(model, OnnxHandle) else None

@@ -21,6 +21,12 @@ requests come and go, and glibc keeps freed heap chunks of these sizes for reuse
 concurrent requests left the process hundreds of MiB above its baseline for good (measured on
 SmolLM2 int4: +190 MiB after 32 concurrent requests, +25 MiB with maps, whose pages go back
 to the OS the moment their block is freed).
+
+Contract 1.1: truncation only moves a sequence's length back (the attention reads each row up to
+its ``seqlens_k``, so positions past it are dead and the next step overwrites them); a fork gets a
+block of its own with the prefix copied in (a row copy, as when a newcomer joins a block); and
+all-position logits ask the graph's final ``Gather`` for every real position of the chunk instead
+of each row's last one, so no second graph is built.
 """
 
 from __future__ import annotations
@@ -73,6 +79,18 @@ class OnnxHandle(ModelHandle):
     @abc.abstractmethod
     def decode(self, batch: Batch) -> _Logits:
         """Feed one token per row; next-token logits ``[B, vocab]``."""
+
+    def prefill_all(self, batch: Batch) -> _Logits:
+        """Feed each row's tokens; logits of every position, rows one after another (contract 1.1)."""
+        raise BackendError(f"{type(self).__name__} cannot return all-position logits", backend="onnx")
+
+    def truncate(self, seq: KVCache, length: int) -> bool:
+        """Roll ``seq`` back to ``length`` tokens (contract 1.1)."""
+        raise BackendError(f"{type(self).__name__} cannot truncate a cache", backend="onnx")
+
+    def fork(self, seq: KVCache, length: int, capacity: int) -> KVCache:
+        """A new cache holding ``seq``'s first ``length`` tokens (contract 1.1)."""
+        raise BackendError(f"{type(self).__name__} cannot fork a cache", backend="onnx")
 
 
 class KVBlock:
@@ -247,6 +265,43 @@ class OnnxModel(OnnxHandle):
         """Feed one token per row; next-token logits ``[B, vocab]``."""
         return self._forward(batch, decode=True)
 
+    def prefill_all(self, batch: Batch) -> _Logits:
+        """Feed each row's tokens; logits of every position, ``[sum of row lengths, vocab]``."""
+        with self._lock:
+            seqs = self._check(batch, decode=False)
+            sizes = [t.size for t in batch.tokens]
+            starts = np.concatenate(([0], np.cumsum(sizes)))
+            out = np.empty((int(starts[-1]), self.vocab_size), np.float32)
+            for rows in _groups(seqs, sizes):
+                got = self._run([seqs[r] for r in rows], [batch.tokens[r] for r in rows], every=True)
+                at = 0
+                for r in rows:
+                    out[starts[r] : starts[r + 1]] = got[at : at + sizes[r]]
+                    at += sizes[r]
+            return out
+
+    def truncate(self, seq: KVCache, length: int) -> bool:
+        """Roll ``seq`` back to ``length`` tokens: positions past it are never read again."""
+        with self._lock:
+            own = self._own(seq)
+            own._length = length
+            return True
+
+    def fork(self, seq: KVCache, length: int, capacity: int) -> OnnxKVCache:
+        """A cache in a block of its own, holding a copy of ``seq``'s first ``length`` tokens."""
+        with self._lock:
+            source = self._own(seq)
+            fork = OnnxKVCache(self, min(capacity, self.context_length))
+            # read from the source's row as if it were the fork's, then move it home
+            fork._block, fork._row, fork._length = source._block, source._row, length
+            self._new_block([fork], 1, length)
+            return fork
+
+    def _own(self, seq: KVCache) -> OnnxKVCache:
+        if not isinstance(seq, OnnxKVCache) or seq._model is not self or seq.released:
+            raise BackendError("the cache was not made by this onnx model, or was released", backend="onnx")
+        return seq
+
     # -- steps -------------------------------------------------------------------------------
     def bind_kv(self, io: ort.IOBinding, block: KVBlock) -> None:
         """Bind ``block`` as both past input and present output of every layer."""
@@ -285,14 +340,14 @@ class OnnxModel(OnnxHandle):
                 out[rows] = self._run([seqs[r] for r in rows], [batch.tokens[r] for r in rows])
             return out
 
-    def _run(self, seqs: list[OnnxKVCache], tokens: list[npt.NDArray[np.int32]]) -> _Logits:
+    def _run(self, seqs: list[OnnxKVCache], tokens: list[npt.NDArray[np.int32]], *, every: bool = False) -> _Logits:
         sizes = np.array([t.size for t in tokens])
         totals = np.array([s.length for s in seqs]) + sizes
         need = int(totals.max())
-        if sizes.max() == 1:
+        if sizes.max() == 1:  # one token a row: its last position is its every position
             logits = self._run_decode(self._decode_block(seqs, need), seqs, tokens, totals)
         else:
-            logits = self._run_prefill(self._place(seqs, need), tokens, sizes, totals)
+            logits = self._run_prefill(self._place(seqs, need), tokens, sizes, totals, every=every)
         for seq, n in zip(seqs, sizes, strict=True):
             seq._length += int(n)
         return logits
@@ -326,6 +381,8 @@ class OnnxModel(OnnxHandle):
         tokens: list[npt.NDArray[np.int32]],
         sizes: npt.NDArray[np.int64],
         totals: npt.NDArray[np.int64],
+        *,
+        every: bool = False,
     ) -> _Logits:
         rows, width = len(tokens), int(sizes.max())
         # Rows shorter than the widest are right-padded: only first prompts are grouped that way
@@ -337,7 +394,11 @@ class OnnxModel(OnnxHandle):
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(totals.max(), np.int32))
-        io.bind_cpu_input("last_token_index", (np.arange(rows) * width + sizes - 1).astype(np.int64))
+        if every:  # the graph gathers the positions named here: name every real one
+            picked = np.concatenate([r * width + np.arange(n) for r, n in enumerate(sizes)]).astype(np.int64)
+        else:
+            picked = (np.arange(rows) * width + sizes - 1).astype(np.int64)
+        io.bind_cpu_input("last_token_index", picked)
         io.bind_output("logits", "cpu")
         self.bind_kv(io, block)
         self.session.run_with_iobinding(io)

@@ -76,6 +76,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, help="seconds before the request is abandoned")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    p.add_argument(
+        "--speculative", choices=("auto", "ngram", "off"), default="auto", help="n-gram speculative decoding"
+    )
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON schema")
     shape.add_argument("--json-mode", action="store_true", help="constrain the output to a JSON object")
@@ -101,11 +104,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval)
 
+    from infer.cli_chat import add_chat_command
     from infer.cli_models import add_model_commands
     from infer.serve.cli import add_serve_command
 
     add_model_commands(sub)  # type: ignore[arg-type]
     add_serve_command(sub, model_args)
+    add_chat_command(sub, model_args)
     return parser
 
 
@@ -124,10 +129,12 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace, **engine: Any) -> Any:
+    """Load the model the shared model arguments name; ``engine`` adds core load options (``prefix_cache``...)."""
     import infer
 
-    return infer.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, **_options(args.option))
+    options = _options(args.option)
+    return infer.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, **engine, **options)
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -173,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
-    model = _load(args)
+    model = _load(args, speculative=args.speculative)
     try:
         sampling = {
             "max_tokens": args.max_tokens,

@@ -4,6 +4,13 @@ A backend receives a :class:`LoadSpec` and returns a :class:`ModelHandle`; the c
 drives it with :class:`Batch` objects, one row per sequence, each row owning a backend-made
 :class:`KVCache`. The KV cache is opaque to the core except for its length, its capacity,
 its size in bytes and its release.
+
+Contract 1.1 adds three optional capabilities, each a hook a backend implements only when it
+declares the matching :class:`Capability` (a 1.0 backend declares none and keeps working):
+:attr:`Capability.TRUNCATE` (``infer_truncate``: roll a cache back), :attr:`Capability.FORK`
+(``infer_fork``: a new cache starting with another's first tokens) and
+:attr:`Capability.ALL_LOGITS` (``infer_prefill_all``: a prefill returning every position's
+logits). The engine builds prefix caching and speculative decoding on them.
 """
 
 from __future__ import annotations
@@ -31,20 +38,34 @@ __all__ = [
     "BackendInfo",
     "Batch",
     "Capability",
+    "KV_CAPABILITIES",
     "KVCache",
     "LoadSpec",
     "ModelHandle",
     "contract_compatible",
+    "usable_capabilities",
 ]
 
 #: The version of the backend contract this infer-core speaks. A backend declares the version it
 #: implements in :attr:`BackendInfo.contract_version`; a different major is refused.
-CONTRACT_VERSION: Final = "1.0"
+CONTRACT_VERSION: Final = "1.1"
 
 
 def contract_compatible(declared: str, core: str = CONTRACT_VERSION) -> bool:
     """Whether a backend built for contract ``declared`` can run on contract ``core``."""
     return declared.split(".", 1)[0] == core.split(".", 1)[0]
+
+
+def usable_capabilities(info: BackendInfo, handle: ModelHandle | None = None) -> frozenset[Capability]:
+    """The capabilities the core may use on ``handle``: those declared, narrowed by the handle's
+    own :attr:`ModelHandle.capabilities`; a backend built for contract 1.0 gets none of 1.1's."""
+    major, _, minor = info.contract_version.partition(".")
+    declared = info.capabilities
+    if (int(major), int(minor) if minor.isdigit() else 0) < (1, 1):
+        declared -= KV_CAPABILITIES
+    if handle is not None and handle.capabilities is not None:
+        declared &= handle.capabilities
+    return declared
 
 
 class Capability(str, enum.Enum):
@@ -61,6 +82,16 @@ class Capability(str, enum.Enum):
     #: the logits are made up, not computed from the model's weights (a test double such as the
     #: fake): the conformance suite reports the golden and reference checks as skipped for it.
     SYNTHETIC = "synthetic"
+    #: ``infer_truncate`` rolls a cache back to its first n tokens (contract 1.1).
+    TRUNCATE = "truncate"
+    #: ``infer_fork`` makes a new cache holding another's first n tokens (contract 1.1).
+    FORK = "fork"
+    #: ``infer_prefill_all`` returns the logits of every position of a chunk (contract 1.1).
+    ALL_LOGITS = "all_logits"
+
+
+#: The capabilities added in contract 1.1, which a backend built for 1.0 cannot declare.
+KV_CAPABILITIES: Final = frozenset({Capability.TRUNCATE, Capability.FORK, Capability.ALL_LOGITS})
 
 
 @final
@@ -208,6 +239,9 @@ class ModelHandle(abc.ABC):
     logits_atol: float | None = None
     #: Backend-specific facts worth showing (cache paths, providers, thread counts...).
     details: Mapping[str, Any] = MappingProxyType({})
+    #: The capabilities this loaded model has when fewer than the backend declares (a model
+    #: format that cannot truncate, say); ``None`` means all the declared ones.
+    capabilities: frozenset[Capability] | None = None
 
     @abc.abstractmethod
     def new_sequence(self, capacity: int) -> KVCache:
@@ -234,6 +268,15 @@ def check_logits(logits: object, rows: int, vocab_size: int, backend: str) -> np
     if logits.dtype != np.float32:
         raise BackendError(f"backend {backend!r} returned {logits.dtype} logits, expected float32", backend=backend)
     return logits
+
+
+def check_all_logits(
+    logits: object, lengths: Sequence[int], vocab_size: int, backend: str
+) -> tuple[npt.NDArray[np.float32], ...]:
+    """Validate what ``infer_prefill_all`` returned; split it into one ``[n_i, vocab]`` array per row."""
+    offsets = np.cumsum(lengths)
+    whole = check_logits(logits, int(offsets[-1]) if len(lengths) else 0, vocab_size, backend)
+    return tuple(np.split(whole, offsets[:-1]))
 
 
 def token_rows(rows: Sequence[npt.ArrayLike]) -> tuple[npt.NDArray[np.int32], ...]:

@@ -31,11 +31,13 @@ from typing import TYPE_CHECKING, Any, final
 import numpy as np
 import numpy.typing as npt
 
-from infer.contract import Batch, KVCache, ModelHandle, check_logits
+from infer.contract import Batch, Capability, KVCache, ModelHandle, check_all_logits, check_logits
 from infer.errors import BackendError, DeadlineExceededError, InferError, ModelClosedError
 from infer.log import get_logger
+from infer.prefix_cache import PrefixCache
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
 from infer.sampling import SamplerState, SamplingParams, logprobs
+from infer.speculative import NgramDrafter
 from infer.stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -85,6 +87,10 @@ class Channel:
     def has_room(self) -> bool:
         """Whether another token event fits."""
         return len(self._items) < self._maxsize
+
+    def room(self) -> int:
+        """How many more token events fit."""
+        return self._maxsize - len(self._items)
 
     def put(self, item: object) -> None:
         """Append an item and wake the consumer."""
@@ -138,10 +144,12 @@ class Request:
     """One generation request as the scheduler sees it."""
 
     __slots__ = (
+        "cached",
         "cancelled",
         "channel",
         "deadline",
         "decoder",
+        "drafter",
         "eos_ids",
         "events",
         "generated",
@@ -193,6 +201,10 @@ class Request:
         self.cancelled = False
         self.kv: KVCache | None = None
         self.pos = 0
+        #: Prompt tokens served from the prefix cache instead of prefilled.
+        self.cached = 0
+        #: Drafts tokens for speculative decoding, or ``None`` when the request does not speculate.
+        self.drafter: NgramDrafter | None = None
         self.next_token: int | None = None
         self.generated: list[int] = []
         self.text: list[str] = []
@@ -213,8 +225,14 @@ class Engine:
         *,
         max_batch_size: int,
         prefill_chunk_size: int,
+        capabilities: frozenset[Capability] = frozenset(),
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.handle = handle
+        #: What the backend declared; the engine uses a contract 1.1 hook only when declared here.
+        self.capabilities = capabilities
+        #: The prefix index a new request starts from, or ``None`` when prefix caching is off.
+        self.prefix_cache = prefix_cache
         self.hooks = hooks
         self.max_batch_size = max(1, max_batch_size)
         self.prefill_chunk_size = prefill_chunk_size
@@ -279,6 +297,8 @@ class Engine:
             self._active.clear()
         for request in leftovers:
             self._end(request, Failed(ModelClosedError("the model was closed while the request ran")))
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @property
     def active_requests(self) -> int:
@@ -313,6 +333,59 @@ class Engine:
         if out is None:
             raise BackendError(f"backend {backend!r} did not implement infer_{kind}", backend=backend)
         return check_logits(out, rows, self.handle.vocab_size, backend)
+
+    # -- contract 1.1 capabilities ----------------------------------------------------------
+
+    def step_all(self, batch: Batch) -> tuple[npt.NDArray[np.float32], ...]:
+        """Run ``infer_prefill_all`` on ``batch``: every position's logits, one array per row."""
+        rows: list[npt.NDArray[np.float32]] = []
+        for start in range(0, batch.size, self.max_batch_size):
+            part = batch.rows(start, start + self.max_batch_size)
+            out = self._capability_call(Capability.ALL_LOGITS, self.hooks.prefill_all, part)
+            rows += check_all_logits(out, [len(t) for t in part.tokens], self.handle.vocab_size, self.handle.backend)
+        return tuple(rows)
+
+    def truncate(self, sequence: KVCache, length: int) -> None:
+        """Roll ``sequence`` back to its first ``length`` tokens (``infer_truncate``)."""
+        self._capability_call(Capability.TRUNCATE, self.hooks.truncate, sequence, length)
+        if sequence.length != length:
+            backend = self.handle.backend
+            raise BackendError(
+                f"backend {backend!r} truncated a cache to {sequence.length} tokens, not {length}", backend=backend
+            )
+
+    def fork(self, sequence: KVCache, length: int, capacity: int) -> KVCache:
+        """A new cache holding ``sequence``'s first ``length`` tokens (``infer_fork``)."""
+        out = self._capability_call(Capability.FORK, self.hooks.fork, sequence, length, capacity)
+        if not isinstance(out, KVCache) or out.length != length:
+            backend = self.handle.backend
+            raise BackendError(
+                f"backend {backend!r} forked a cache that does not hold {length} tokens", backend=backend
+            )
+        return out
+
+    def _capability_call(self, capability: Capability, caller: Any, *args: Any) -> Any:
+        backend = self.handle.backend
+        if capability not in self.capabilities:
+            raise BackendError(
+                f"backend {backend!r} does not declare the {capability.value!r} capability (contract 1.1)",
+                backend=backend,
+            )
+        names = caller.spec.argnames
+        try:
+            with self.step_lock:
+                out = caller(**dict(zip(names, (self.handle, *args), strict=True)))
+        except InferError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"backend {backend!r} failed in {caller.name}: {type(exc).__name__}: {exc}", backend=backend
+            ) from exc
+        if out is None:
+            raise BackendError(
+                f"backend {backend!r} declares {capability.value!r} but did not answer {caller.name}", backend=backend
+            )
+        return out
 
     # -- the scheduler thread ---------------------------------------------------------------
 
@@ -371,6 +444,10 @@ class Engine:
         return bool(prefill or decode)
 
     def _decode(self, requests: list[Request]) -> None:
+        drafts = [self._draft(r) for r in requests]
+        if any(len(d) for d in drafts):
+            self._verify(requests, drafts)
+            return
         if len(requests) == 1:
             tokens = [np.array((requests[0].next_token,), dtype=np.int32)]
         else:
@@ -379,6 +456,58 @@ class Engine:
         logits = self._run_step("decode", requests, tokens)
         if logits is not None:
             self._sample(requests, logits)
+
+    def _draft(self, request: Request) -> npt.NDArray[np.int32]:
+        """The tokens ``request`` speculates will follow its pending one (none when it does not)."""
+        drafter, kv = request.drafter, request.kv
+        if drafter is None or kv is None:
+            return _NO_DRAFT
+        limit = min(
+            request.max_new - len(request.generated) - 1,  # never past max_tokens
+            kv.capacity - kv.length - 1,  # the pending token goes in too
+            request.channel.room() - 1 if request.stream_events else drafter.k,  # never past the buffer
+        )
+        context = np.concatenate([request.prompt, np.asarray(request.generated, np.int32)])
+        return drafter.draft(context, limit)
+
+    def _verify(self, requests: list[Request], drafts: list[npt.NDArray[np.int32]]) -> None:
+        """Feed each pending token and its draft in one all-position step; keep what sampling confirms.
+
+        Each position is sampled with the request's own sampler, in order; a draft token stays
+        while it equals the sampled one, and the first that does not is replaced by the sampled
+        token, the cache truncated to what was kept (see :mod:`infer.speculative` for why this is
+        exact). Every sampled token is emitted, so stateful samplers see an ordinary sequence.
+        """
+        rows = [np.concatenate((np.array([r.next_token], np.int32), d)) for r, d in zip(requests, drafts, strict=True)]
+        kvs = tuple(r.kv for r in requests if r.kv is not None)
+        try:
+            logits = self.step_all(Batch(kvs, tuple(rows)))
+        except InferError as exc:
+            for request in requests:
+                self._retire(request, Failed(exc))
+            return
+        for request, draft, row_logits in zip(requests, drafts, logits, strict=True):
+            self._confirm(request, draft, row_logits)
+
+    def _confirm(self, request: Request, draft: npt.NDArray[np.int32], logits: npt.NDArray[np.float32]) -> None:
+        assert request.kv is not None
+        fed = request.kv.length - len(draft)  # the cache length once the pending token is in
+        kept = 0
+        for j in range(len(draft) + 1):
+            try:
+                token = int(self._sample_call(logits[j : j + 1], [request.params], [request.sampler])[0])
+                hit = j < len(draft) and token == int(draft[j])
+                if not hit and j < len(draft):
+                    self.truncate(request.kv, fed + j)
+            except Exception as exc:  # noqa: BLE001 - this request's failure ends this request only
+                self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
+                return
+            self._accept(request, token, logits, j)
+            if not hit or request.next_token is None:  # a mismatch, or the request ended
+                break
+            kept += 1
+        if request.drafter is not None and len(draft):
+            request.drafter.update(len(draft), kept)
 
     def _decode_alone(self, request: Request) -> None:
         """Step a request that decodes alone back to back, while nothing else needs the scheduler.
@@ -400,7 +529,7 @@ class Engine:
         for request in requests:
             if request.kv is None:
                 try:
-                    request.kv = self.handle.new_sequence(len(request.prompt) + request.max_new)
+                    self._start(request)
                 except Exception as exc:  # noqa: BLE001
                     self._retire(request, Failed(_as_typed(exc, self.handle.backend, "new_sequence")))
         requests = [r for r in requests if r.kv is not None]
@@ -415,10 +544,23 @@ class Engine:
             request.pos += len(chunk)
             if request.pos == len(request.prompt):
                 request.t_prefilled = time.perf_counter()
+                if self.prefix_cache is not None and request.kv is not None:
+                    self.prefix_cache.add_live(request.kv, request.prompt)
                 done.append(request)
                 rows.append(i)
         if done:
             self._sample(done, logits[rows] if len(rows) != len(requests) else logits)
+
+    def _start(self, request: Request) -> None:
+        """Give ``request`` its cache: a fork of the longest cached prefix of its prompt, or a new one."""
+        capacity = len(request.prompt) + request.max_new
+        hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else None
+        if hit is None:
+            request.kv = self.handle.new_sequence(capacity)
+            return
+        request.kv = self.fork(hit.kv, hit.length, capacity)
+        request.pos = request.cached = hit.length
+        self._log.info("request.prefix_hit", request_id=request.id, cached_tokens=hit.length)
 
     def _run_step(
         self, kind: str, requests: list[Request], tokens: Sequence[npt.NDArray[np.int32]]
@@ -510,7 +652,7 @@ class Engine:
             text="".join(request.text),
             token_ids=tuple(request.generated),
             finish_reason=finish,
-            usage=Usage(len(request.prompt), n),
+            usage=Usage(len(request.prompt), n, cached_tokens=request.cached),
             timings=Timings(
                 time_to_first_token=request.t_first - request.t_submit,
                 prefill_tokens_per_s=len(request.prompt) / prefill_s,
@@ -529,7 +671,8 @@ class Engine:
     def _end(self, request: Request, outcome: Done | Failed | None) -> None:
         if request.kv is not None:
             try:
-                request.kv.release()
+                if not self._keep(request, outcome):
+                    request.kv.release()
             except Exception as exc:  # noqa: BLE001 - the scheduler outlives a backend's failed release
                 self._log.error("engine.release_failed", request_id=request.id, error=f"{type(exc).__name__}: {exc}")
         request.next_token = None
@@ -547,7 +690,29 @@ class Engine:
             fields["error"] = type(outcome.error).__name__
         else:
             fields["finish_reason"] = "cancelled"
+        if request.drafter is not None:
+            fields |= {"draft_proposed": request.drafter.proposed, "draft_accepted": request.drafter.accepted}
         self._log.info("request.finished", **fields)
+
+    def _keep(self, request: Request, outcome: Done | Failed | None) -> bool:
+        """Hand a finished request's cache to the prefix index; return whether it took it.
+
+        A failed request's cache is never kept: the failure may have left it half-written.
+        """
+        kv, cache = request.kv, self.prefix_cache
+        if cache is None or kv is None or kv.released:
+            return False
+        if isinstance(outcome, Failed):
+            cache.forget(kv)
+            return False
+        held = np.concatenate([request.prompt[: request.pos], np.asarray(request.generated, np.int32)])[: kv.length]
+        if len(held) != kv.length:  # tokens the engine cannot name: never index them
+            cache.forget(kv)
+            return False
+        return cache.adopt(kv, held)
+
+
+_NO_DRAFT: npt.NDArray[np.int32] = np.zeros(0, np.int32)
 
 
 def _ending(request: Request, now: float) -> bool:

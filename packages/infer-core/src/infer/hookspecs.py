@@ -7,7 +7,9 @@ A backend is a module or object registered under the entry-point group ``infer.b
     mybackend = "infer_backend_mine.plugin"
 
 It implements :func:`infer_backend_info` and :func:`infer_load`, and :func:`infer_prefill` /
-:func:`infer_decode` for the handles it returns. The core routes prefill, decode and sample
+:func:`infer_decode` for the handles it returns (contract 1.1 adds optional
+:func:`infer_truncate`, :func:`infer_fork` and :func:`infer_prefill_all`, each behind a declared
+capability). The core routes prefill, decode and sample
 calls for a model only to the backend that loaded it (plus any ``wrapper=True`` hookimpls,
 which see every backend's calls: use them for timing, tracing or fault injection).
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from infer.contract import BackendInfo, Batch, LoadSpec, ModelHandle
+    from infer.contract import BackendInfo, Batch, KVCache, LoadSpec, ModelHandle
     from infer.sampling import SamplerState, SamplingParams
 
 __all__ = ["hookimpl", "hookspec"]
@@ -111,4 +113,50 @@ def infer_sample(
     infer-core ships the default sampler as a ``trylast`` implementation. A backend may sample
     on its device for its own models (declare :attr:`Capability.DEVICE_SAMPLING`); a plugin may
     wrap it (``wrapper=True``) to constrain or trace choices. Stops at the first non-None result.
+    """
+
+
+# -- contract 1.1: optional KV capabilities ---------------------------------------------------
+# A backend implements each of these only when it declares the matching capability in
+# infer_backend_info; the core never calls them otherwise, so a 1.0 backend needs none.
+
+
+@hookspec(firstresult=True)
+def infer_truncate(model: ModelHandle, sequence: KVCache, length: int) -> bool | None:
+    """Roll ``sequence`` back to its first ``length`` tokens; return ``True`` once done.
+
+    Afterwards the cache must behave exactly as if only those ``length`` tokens had ever been
+    fed: the next prefill or decode continues at position ``length``. The core passes
+    ``0 <= length <= sequence.length``. Used to drop rejected speculative tokens.
+
+    Implement it when declaring :attr:`infer.Capability.TRUNCATE` (contract 1.1). Called only
+    for handles this backend returned. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def infer_fork(model: ModelHandle, sequence: KVCache, length: int, capacity: int) -> KVCache | None:
+    """Return a new cache, able to hold ``capacity`` tokens, holding ``sequence``'s first ``length`` tokens.
+
+    The new cache must give the same logits as one filled by prefilling those tokens, and be
+    independent of ``sequence``: appending to, truncating or releasing either leaves the other
+    unchanged (a backend may share the prefix's memory as long as that holds). The core passes
+    ``1 <= length <= sequence.length`` and ``length <= capacity``. Used by prefix caching.
+
+    Implement it when declaring :attr:`infer.Capability.FORK` (contract 1.1). Called only for
+    handles this backend returned. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def infer_prefill_all(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | None:
+    """Like :func:`infer_prefill`, but return the logits of every fed position.
+
+    The result is float32 ``[sum of the rows' token counts, vocab]``: row 0's positions first,
+    then row 1's, each in order. Position ``j`` of a row must equal what a decode of that token
+    would give after the ones before it, within ``logits_atol``. Used to verify speculative
+    tokens in one step.
+
+    Implement it when declaring :attr:`infer.Capability.ALL_LOGITS` (contract 1.1). Called only
+    for handles this backend returned (and on every wrapper). Stops at the first non-None result.
     """

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Any, final
 import numpy as np
 import numpy.typing as npt
 
-from infer.contract import BackendInfo, Batch, KVCache, LoadSpec, ModelHandle, token_rows
+from infer.contract import (
+    BackendInfo,
+    Batch,
+    Capability,
+    KVCache,
+    LoadSpec,
+    ModelHandle,
+    token_rows,
+    usable_capabilities,
+)
 from infer.engine import Channel, Done, Engine, Failed, Request
 from infer.errors import (
     BackendNotFoundError,
@@ -35,8 +44,10 @@ from infer.errors import (
     UnsupportedModelError,
 )
 from infer.log import get_logger
+from infer.prefix_cache import DEFAULT_BUDGET, PrefixCache, PrefixStats
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
+from infer.speculative import AUTO_SPECULATION_ATOL, MODES, NgramDrafter
 from infer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -59,6 +70,8 @@ def load(
     dtype: str | None = None,
     context_length: int | None = None,
     prefill_chunk_size: int = 256,
+    prefix_cache: bool | int | str = False,
+    speculative: str = "off",
     registry: Registry | None = None,
     **options: Any,
 ) -> Model:
@@ -68,9 +81,24 @@ def load(
     first use), a model name known to ``infer pull`` (e.g. ``"smollm2-135m-instruct"``), an
     ``hf:ORG/NAME`` reference found in the local Hugging Face cache, or a backend-specific
     reference. ``backend=None`` picks the most preferred installed backend that can load it.
+    ``prefix_cache`` keeps finished requests' KV caches, indexed by their tokens, so a request
+    whose prompt starts like an earlier one (the next chat turn, a shared system prompt) skips
+    prefilling that prefix: ``True`` within a default budget (512 MiB), an int for a budget in
+    bytes, ``"auto"`` for on when the backend declares the ``fork`` capability (contract 1.1) and
+    off otherwise, ``False`` (the default) for off. ``Completion.usage.cached_tokens`` says how
+    many prompt tokens a request took from it.
+    ``speculative`` is the default of every request's ``speculative=`` option: ``"ngram"`` drafts
+    tokens by prompt lookup and verifies them in one step (needs the ``truncate`` and
+    ``all_logits`` capabilities), ``"auto"`` does so where the backend can and the model's
+    ``logits_atol`` is at most 1e-3 (so the tokens are those of plain decoding; at int4, say, it
+    stays off), ``"off"`` (the default) never. See :mod:`infer.speculative`.
     Remaining keyword arguments are backend options (see the backend's documentation).
     """
     from infer.plugins import get_registry
+
+    budget = _prefix_budget(prefix_cache)
+    if speculative not in MODES:
+        raise InvalidParameterError("speculative", speculative, f"one of {list(MODES)}")
 
     if not isinstance(prefill_chunk_size, int) or isinstance(prefill_chunk_size, bool) or prefill_chunk_size < 1:
         raise InvalidParameterError("prefill_chunk_size", prefill_chunk_size, "a positive integer")
@@ -79,7 +107,34 @@ def load(
     reg = registry or get_registry()
     started = time.perf_counter()
     with _repair_hint():
-        return _load(ref, backend, device, dtype, context_length, prefill_chunk_size, reg, options, started)
+        model = _load(ref, backend, device, dtype, context_length, prefill_chunk_size, reg, options, started)
+    if budget is not None:
+        if Capability.FORK in model._engine.capabilities:
+            model._engine.prefix_cache = PrefixCache(budget)
+        elif prefix_cache != "auto":
+            model.close()
+            raise InvalidParameterError(
+                "prefix_cache",
+                prefix_cache,
+                f"False or 'auto': backend {model.backend!r} does not declare the 'fork' capability (contract 1.1)",
+            )
+    try:
+        model.speculative = model._speculation(speculative)
+    except InvalidParameterError:
+        model.close()
+        raise
+    return model
+
+
+def _prefix_budget(value: object) -> int | None:
+    """The byte budget ``prefix_cache=value`` asks for, ``None`` for off; refuse anything else."""
+    if value is False:
+        return None
+    if value is True or value == "auto":
+        return DEFAULT_BUDGET
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise InvalidParameterError("prefix_cache", value, "True, False, 'auto' or a positive budget in bytes")
 
 
 @contextlib.contextmanager
@@ -199,11 +254,20 @@ class Model:
             backend.hooks,
             max_batch_size=backend.info.max_batch_size,
             prefill_chunk_size=prefill_chunk_size,
+            capabilities=usable_capabilities(backend.info, handle),
         )
         self._closed = False
         self._grammars: TokenizerGrammars | None = None
+        #: Whether requests speculate unless they say otherwise (``infer.load(speculative=...)``).
+        self.speculative = False
 
     # -- facts --------------------------------------------------------------------------------
+
+    @property
+    def prefix_cache_stats(self) -> PrefixStats | None:
+        """Lookups, hits, hit rate, cached tokens and evictions of the prefix cache (``None`` when off)."""
+        cache = self._engine.prefix_cache
+        return None if cache is None else cache.stats
 
     @property
     def backend(self) -> str:
@@ -449,6 +513,10 @@ class Model:
         if "response_format" in sampling:
             sampling = dict(sampling)
             sampling["constraint"] = self.compile_response_format(sampling.pop("response_format"))
+        speculate = self.speculative
+        if "speculative" in sampling:
+            sampling = dict(sampling)
+            speculate = self._speculation(sampling.pop("speculative"))
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
         if unknown:
             raise InvalidParameterError(unknown[0], sampling[unknown[0]], f"one of {sorted(_SAMPLING_FIELDS)}")
@@ -478,6 +546,8 @@ class Model:
             stream_events=stream_events,
         )
         request.tool_format = tool_format
+        if speculate:
+            request.drafter = NgramDrafter()
         self._engine.submit(request)
         return request
 
@@ -550,6 +620,55 @@ class Model:
     def run_decode(self, sequences: Sequence[KVCache], tokens: Sequence[int]) -> npt.NDArray[np.float32]:
         """Run one decode step, one token per sequence; return logits ``[B, vocab]``."""
         return self._engine.step("decode", self._batch(sequences, [[t] for t in tokens]))
+
+    def run_prefill_all(
+        self, sequences: Sequence[KVCache], tokens: Sequence[Sequence[int]]
+    ) -> tuple[npt.NDArray[np.float32], ...]:
+        """Prefill raw token rows; return every position's logits, one ``[n_i, vocab]`` array per row.
+
+        Needs :attr:`Capability.ALL_LOGITS` (contract 1.1); raises :class:`BackendError` without it.
+        """
+        return self._engine.step_all(self._batch(sequences, tokens))
+
+    def truncate(self, sequence: KVCache, length: int) -> None:
+        """Roll ``sequence`` back to its first ``length`` tokens (needs :attr:`Capability.TRUNCATE`)."""
+        self._check_live(sequence)
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= sequence.length:
+            raise InvalidParameterError("length", length, f"an integer in [0, {sequence.length}]")
+        self._engine.truncate(sequence, length)
+
+    def fork(self, sequence: KVCache, length: int, capacity: int | None = None) -> KVCache:
+        """A new cache holding ``sequence``'s first ``length`` tokens, for ``capacity`` tokens
+        (default: ``sequence.capacity``). Needs :attr:`Capability.FORK`."""
+        self._check_live(sequence)
+        if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= sequence.length:
+            raise InvalidParameterError("length", length, f"an integer in [1, {sequence.length}]")
+        capacity = sequence.capacity if capacity is None else capacity
+        if not isinstance(capacity, int) or not length <= capacity <= self.context_length:
+            raise InvalidParameterError("capacity", capacity, f"an integer in [{length}, {self.context_length}]")
+        return self._engine.fork(sequence, length, capacity)
+
+    def _speculation(self, mode: object) -> bool:
+        """Whether a request with ``speculative=mode`` speculates; refuse a mode this backend cannot run."""
+        if mode not in MODES:
+            raise InvalidParameterError("speculative", mode, f"one of {list(MODES)}")
+        able = {Capability.TRUNCATE, Capability.ALL_LOGITS} <= self._engine.capabilities
+        if mode == "ngram" and not able:
+            raise InvalidParameterError(
+                "speculative",
+                mode,
+                f"'auto' or 'off': backend {self.backend!r} lacks the 'truncate' and 'all_logits' capabilities",
+            )
+        if mode == "auto":
+            # Speculation gives the plain tokens only as far as verification logits equal decode
+            # logits: where the model allows them to differ by more (int4: 1.5), "auto" stays off.
+            return able and self.logits_atol <= AUTO_SPECULATION_ATOL
+        return mode == "ngram"
+
+    @staticmethod
+    def _check_live(sequence: KVCache) -> None:
+        if not isinstance(sequence, KVCache) or sequence.released:
+            raise InvalidParameterError("sequence", sequence, "a cache that has not been released")
 
     def _batch(self, sequences: Sequence[KVCache], tokens: Sequence[Sequence[int]]) -> Batch:
         rows = [_check_ids(row, self.vocab_size) for row in tokens]

@@ -29,7 +29,15 @@ __all__ = ["ENTRY_POINT_GROUP", "Backend", "PluginFailure", "Registry", "get_reg
 
 #: Entry-point group backends register under.
 ENTRY_POINT_GROUP = "infer.backends"
-_ROUTED_HOOKS = ("infer_load", "infer_prefill", "infer_decode", "infer_sample")
+_ROUTED_HOOKS = (
+    "infer_load",
+    "infer_prefill",
+    "infer_decode",
+    "infer_sample",
+    "infer_truncate",
+    "infer_fork",
+    "infer_prefill_all",
+)
 
 
 @final
@@ -63,6 +71,10 @@ class RoutedHooks:
     prefill: Any
     decode: Any
     sample: Any
+    #: Contract 1.1 hooks, called only when the backend declares the matching capability.
+    truncate: Any
+    fork: Any
+    prefill_all: Any
     pm: PluginManager
 
     def direct(self, caller: Any) -> Any:
@@ -186,8 +198,19 @@ class Registry:
         plugins = {name: plugin for name, (plugin, _, _) in self._infos.items()}
         for name, (plugin, version, info) in self._infos.items():
             others = [p for n, p in plugins.items() if n != name]
-            load, prefill, decode, sample = (self.pm.subset_hook_caller(h, others) for h in _ROUTED_HOOKS)
-            hooks = RoutedHooks(load=load, prefill=prefill, decode=decode, sample=sample, pm=self.pm)
+            load, prefill, decode, sample, truncate, fork, prefill_all = (
+                self.pm.subset_hook_caller(h, others) for h in _ROUTED_HOOKS
+            )
+            hooks = RoutedHooks(
+                load=load,
+                prefill=prefill,
+                decode=decode,
+                sample=sample,
+                truncate=truncate,
+                fork=fork,
+                prefill_all=prefill_all,
+                pm=self.pm,
+            )
             self._backends[name] = Backend(name, version, info, plugin, hooks)
 
     def register_backend(self, plugin: object, *, name: str, version: str | None = None) -> Backend:

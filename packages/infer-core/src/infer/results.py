@@ -41,6 +41,9 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    #: Prompt tokens served from the prefix cache rather than prefilled (OpenAI's
+    #: ``prompt_tokens_details.cached_tokens``); 0 when prefix caching is off or missed.
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -1,0 +1,149 @@
+"""Contract 1.1 KV capabilities: truncate, fork and all-position logits, each tested when declared.
+
+Each is an equivalence with what the 1.0 contract already guarantees: a truncated cache behaves
+as if the dropped tokens had never been fed, a fork as a prefill of the same prefix, and the
+all-position logits of a chunk as the successive decodes of its tokens, all within the
+backend's declared ``logits_atol``. A backend that does not declare a capability is skipped here,
+with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import infer
+from infer_conformance.plugin import require
+from infer_conformance.tolerances import assert_consistent
+
+pytestmark = pytest.mark.conformance
+
+PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
+DRAFT = [7, 9, 11, 13]
+Cap = infer.Capability
+
+
+def _prefilled(model, tokens, capacity=32):
+    seq = model.new_sequence(capacity)
+    logits = model.run_prefill([seq], [tokens]).copy()
+    return seq, logits
+
+
+# -- truncate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.certifies("capability:truncate")
+def test_truncate_then_decode_equals_never_having_appended(model, info):
+    require(info, Cap.TRUNCATE)
+    clean, _ = _prefilled(model, PROMPT[:8])
+    expected = model.run_decode([clean], [PROMPT[8]]).copy()
+    rolled, _ = _prefilled(model, PROMPT[:8])
+    model.run_prefill([rolled], [DRAFT])  # speculative tokens, then rejected
+    model.truncate(rolled, 8)
+    assert rolled.length == 8
+    got = model.run_decode([rolled], [PROMPT[8]])
+    assert_consistent(expected, got, model, "decode after truncating drafted tokens against never feeding them")
+    clean.release()
+    rolled.release()
+
+
+@pytest.mark.certifies("capability:truncate")
+def test_truncate_inside_the_prompt_then_prefill_equals_a_prefill_of_the_kept_tokens(model, info):
+    require(info, Cap.TRUNCATE)
+    whole, expected = _prefilled(model, PROMPT[:3] + PROMPT[6:])
+    cut, _ = _prefilled(model, PROMPT)
+    model.truncate(cut, 3)
+    got = model.run_prefill([cut], [PROMPT[6:]])
+    assert cut.length == len(PROMPT) - 3
+    assert_consistent(expected, got, model, "prefill after truncating to 3 tokens against a prefill of the kept ones")
+    whole.release()
+    cut.release()
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+
+@pytest.mark.certifies("capability:fork")
+def test_a_fork_equals_a_prefill_of_the_same_prefix(model, info):
+    require(info, Cap.FORK)
+    source, _ = _prefilled(model, PROMPT)
+    fork = model.fork(source, 6, 32)
+    assert fork.length == 6
+    assert fork.capacity >= 32
+    fresh, _ = _prefilled(model, PROMPT[:6])
+    expected = model.run_decode([fresh], [DRAFT[0]]).copy()
+    got = model.run_decode([fork], [DRAFT[0]])
+    assert_consistent(expected, got, model, "decode on a fork of 6 tokens against a prefill of those tokens")
+    for seq in (source, fork, fresh):
+        seq.release()
+
+
+@pytest.mark.certifies("capability:fork")
+def test_a_fork_and_its_source_are_independent(model, info):
+    require(info, Cap.FORK)
+    source, _ = _prefilled(model, PROMPT[:8])
+    twin, _ = _prefilled(model, PROMPT[:8])
+    fork = model.fork(source, 8)
+    model.run_prefill([fork], [DRAFT])  # the fork grows on its own...
+    fork.release()  # ...and goes: the source must not notice either
+    assert source.length == 8
+    expected = model.run_decode([twin], [PROMPT[8]]).copy()
+    got = model.run_decode([source], [PROMPT[8]])
+    assert_consistent(expected, got, model, "decode on a cache whose fork grew and was released")
+    source.release()
+    twin.release()
+
+
+# -- all-position logits ----------------------------------------------------------------------
+
+
+@pytest.mark.certifies("capability:all_logits")
+def test_all_position_logits_equal_successive_decodes(model, info):
+    require(info, Cap.ALL_LOGITS)
+    start = PROMPT[:4]
+    stepped, _ = _prefilled(model, start)
+    expected = [model.run_decode([stepped], [t]).copy() for t in PROMPT[4:]]
+    seq, _ = _prefilled(model, start)
+    (rows,) = model.run_prefill_all([seq], [PROMPT[4:]])
+    assert rows.shape == (len(PROMPT) - 4, model.vocab_size)
+    assert seq.length == len(PROMPT)
+    for j, want in enumerate(expected):
+        assert_consistent(want[0], rows[j], model, f"all-position logits at position {4 + j} against a decode")
+    stepped.release()
+    seq.release()
+
+
+@pytest.mark.certifies("capability:all_logits")
+def test_all_position_logits_of_a_ragged_batch_come_row_after_row(model, info):
+    require(info, Cap.ALL_LOGITS)
+    a, b = PROMPT[:5], DRAFT[:2]
+    solo = [model.new_sequence(8), model.new_sequence(8)]
+    alone_a = model.run_prefill_all(solo[:1], [a])[0].copy()
+    alone_b = model.run_prefill_all(solo[1:], [b])[0].copy()
+    seqs = [model.new_sequence(8), model.new_sequence(8)]
+    got_a, got_b = model.run_prefill_all(seqs, [a, b])
+    assert got_a.shape[0] == len(a)
+    assert got_b.shape[0] == len(b)
+    assert_consistent(alone_a, got_a, model, "row 0 of a ragged all-position prefill against alone")
+    assert_consistent(alone_b, got_b, model, "row 1 of a ragged all-position prefill against alone")
+    for seq in (*solo, *seqs):
+        seq.release()
+
+
+# -- what the engine builds on them -----------------------------------------------------------
+
+SHARED = [(7 * i + 3) % 200 + 10 for i in range(40)]  # a 40-token shared prefix: two and a half blocks
+
+
+@pytest.mark.certifies("capability:fork")
+def test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens(suite, model, info):
+    require(info, Cap.FORK)
+    cached = suite.load(prefix_cache=True)
+    try:
+        greedy = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        cached.generate([*SHARED, 1, 2], **greedy)
+        for tail in ([3], [4, 5, 6], [1, 2]):
+            hit = cached.generate([*SHARED, *tail], **greedy)
+            assert hit.usage.cached_tokens >= len(SHARED)
+            assert hit.token_ids == model.generate([*SHARED, *tail], **greedy).token_ids, f"tail {tail}"
+    finally:
+        cached.close()
