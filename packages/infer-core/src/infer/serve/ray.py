@@ -178,7 +178,8 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         model = os.path.abspath(model)
         parsed = RayServeArgs.parse({**_as_dict(parsed), "model": model})
     replicas = InferReplica.options(**parsed.replica_options()).bind(parsed)
-    from infer.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
+    from infer.serve.app import DEFAULT_MAX_BODY_BYTES
+    from infer.serve.defaults import DEFAULT_BODY_TIMEOUT
 
     ingress = InferIngress.options(
         # Every request passes through; it only relays, so it reserves no CPU of its own.
