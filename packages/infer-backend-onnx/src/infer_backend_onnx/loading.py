@@ -198,5 +198,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
             "kv_dtype": config.cache,
         },
     )
-    model.logits_atol = LOGITS_ATOL.get(config.dtype)
+    # A cache rounded below the activations' precision rounds the logits like that precision does.
+    declared = [LOGITS_ATOL.get(config.dtype), LOGITS_ATOL.get(config.cache) if config.kv_dtype else None]
+    model.logits_atol = max((a for a in declared if a is not None), default=None)
     return model
