@@ -168,3 +168,15 @@ def test_fp16_kv_decode_matches_the_reference_and_keeps_its_greedy_tokens(
     assert worst <= KV_FP16_TOLERANCE[dtype]
     # Half the bytes of the float32 cache for the same tokens.
     assert cache.nbytes * 2 == full_cache.nbytes
+
+
+@pytest.mark.parametrize(("kv_dtype", "itemsize"), [("fp32", 4), ("fp16", 2)])
+def test_model_reports_kv_bytes_per_token_of_its_cache_precision(
+    tiny_bundle: Bundle, build_dir: Path, kv_dtype: str, itemsize: int
+) -> None:
+    import infer
+
+    s = tiny_bundle.spec
+    with infer.load(tiny_bundle.path, backend="onnx", cache_dir=build_dir, threads=1, kv_dtype=kv_dtype) as model:
+        # keys and values, every layer, every KV head
+        assert model.kv_bytes_per_token == 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * itemsize
