@@ -84,6 +84,7 @@ def create_app(
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     allowed_hosts: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_HOSTS,
     strict_requests: bool = False,
+    max_kv_bytes: int | None = None,
 ) -> Starlette:
     """Build the ASGI app serving ``model`` under the name ``model_name``.
 
@@ -96,7 +97,10 @@ def create_app(
     ``body_timeout`` seconds gets 408, and a client that leaves a write blocked for
     ``write_timeout`` seconds is dropped. Requests must name one of ``allowed_hosts`` in their
     ``Host`` header (``"*"``: any). Unknown request fields are ignored with a logged warning,
-    or refused with 400 when ``strict_requests``. The caller keeps ownership of ``model``.
+    or refused with 400 when ``strict_requests``. With ``max_kv_bytes``, running requests
+    together reserve at most that much KV cache (prompt plus ``max_tokens``, times the model's
+    KV bytes per token): a request over it alone gets 400, one that does not fit yet waits in
+    the queue. The caller keeps ownership of ``model``.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise InvalidParameterError("api_key", api_key, "a non-empty string, or None for no key")
@@ -105,6 +109,8 @@ def create_app(
     _check_positive("max_body_bytes", max_body_bytes)
     if max_prompt_tokens is not None:
         _check_positive("max_prompt_tokens", max_prompt_tokens)
+    if max_kv_bytes is not None:
+        _check_positive("max_kv_bytes", max_kv_bytes)
     if request_timeout is not None and (
         isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) or not request_timeout > 0
     ):
@@ -128,6 +134,7 @@ def create_app(
         body_timeout=float(body_timeout),
         write_timeout=float(write_timeout),
         strict_requests=bool(strict_requests),
+        max_kv_bytes=max_kv_bytes,
     )
     routes = [
         Route("/v1/models", server.list_models, methods=["GET"]),
@@ -199,6 +206,7 @@ class _Server:
         body_timeout: float,
         write_timeout: float,
         strict_requests: bool,
+        max_kv_bytes: int | None = None,
     ) -> None:
         self.model = model
         self.model_name = model_name
@@ -217,7 +225,11 @@ class _Server:
         self._prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
         self._ignored_names: set[str] = set()
         self.metrics = ServerMetrics(lambda: model.active_requests)
-        self.admission = Admission(max_concurrency, max_queue, self.metrics)
+        self.admission = Admission(max_concurrency, max_queue, self.metrics, max_kv_bytes)
+        self.metrics.kv_bytes_per_token.set_function(lambda: model.kv_bytes_per_token)
+        if max_kv_bytes is not None:
+            self.metrics.kv_budget(max_kv_bytes)
+            model.kv_bytes_per_token  # noqa: B018 (measured now, not in the event loop at the first request)
         self.created = int(time.time())
         self.log = get_logger()
 
@@ -304,11 +316,19 @@ class _Server:
             ids, params = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
             )
-            ticket = self.admission.admit()
+            ticket = self.admission.admit(self._kv_bytes(ids, params))
         except APIError as err:
             self.metrics.count(label, err.status)
             return _error_response(err)
         return _GenerationResponse(self, _Job(parsed, ids, params, arrived, ticket, label))
+
+    def _kv_bytes(self, ids: list[int], params: SamplingParams) -> int:
+        """KV cache bytes the request's sequence will hold: its capacity, as the engine sizes it."""
+        if self.admission.kv_budget_bytes is None:
+            return 0
+        room = self.model.context_length - len(ids)
+        new = room if params.max_tokens is None else min(params.max_tokens, room)
+        return int((len(ids) + new) * self.model.kv_bytes_per_token)
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:

@@ -56,6 +56,12 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     p.add_argument("--max-concurrency", type=_positive_int, default=32, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=256, help="requests waiting before 429")
     p.add_argument("--max-prompt-tokens", type=_positive_int, help="longest prompt accepted, in tokens")
+    p.add_argument(
+        "--max-kv-mib",
+        type=_positive_int,
+        help="KV cache the running requests may reserve together, in MiB (prompt + max_tokens each; "
+        "a request that does not fit waits, one over the whole budget gets 400; default: no limit)",
+    )
     p.add_argument("--max-body-bytes", type=_positive_int, default=2 * 1024 * 1024, help="largest request body")
     timeouts = (
         ("--timeout", DEFAULT_REQUEST_TIMEOUT, "seconds a request may take, 504 past it"),
@@ -114,6 +120,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_body_bytes=args.max_body_bytes,
             max_prompt_tokens=args.max_prompt_tokens,
+            max_kv_bytes=None if args.max_kv_mib is None else args.max_kv_mib * 2**20,
             request_timeout=args.timeout,
             body_timeout=args.body_timeout,
             write_timeout=args.write_timeout,
