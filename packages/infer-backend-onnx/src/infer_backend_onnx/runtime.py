@@ -21,6 +21,13 @@ requests come and go, and glibc keeps freed heap chunks of these sizes for reuse
 concurrent requests left the process hundreds of MiB above its baseline for good (measured on
 SmolLM2 int4: +190 MiB after 32 concurrent requests, +25 MiB with maps, whose pages go back
 to the OS the moment their block is freed).
+
+Long contexts: a block's capacity costs memory, not time. The attention op reads each row's own
+``seqlens_k + 1`` keys, so capacity beyond them is never read, and a short row batched with a
+long one does not pay for it (measured on SmolLM2 native, one thread: a decode step with 6,000
+and 16 cached tokens 42.0 ms, 6,000 alone 43.9, 16 alone 12.9). At 6,000 tokens attention is
+~70% of the step; the cache's element type is the model's ``kv_dtype`` (see loading.kv_precision
+for why float32 stays the CPU default).
 """
 
 from __future__ import annotations
