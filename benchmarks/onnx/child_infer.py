@@ -1,6 +1,6 @@
 """Benchmark child: this project's ONNX backend, driven through its hooks (no engine, greedy argmax).
 
-Run by run.py with the project's environment: ``python child_infer.py JOB.json DTYPE [THREADS]``.
+Run by run.py with the project's environment: ``python child_infer.py JOB.json DTYPE [THREADS [KV_DTYPE]]``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def main() -> None:
     options: dict[str, object] = {"cache_dir": job["cache_dir"]}
     if len(sys.argv) > 3:
         options["threads"] = int(sys.argv[3])
+    if len(sys.argv) > 4:
+        options["kv_dtype"] = sys.argv[4]
     bundle = Bundle.open(Path(job["bundle"]))
     started = time.perf_counter()
     spec = LoadSpec(backend="onnx", ref=str(bundle.path), path=bundle.path, bundle=bundle, dtype=dtype)
@@ -55,7 +57,7 @@ def main() -> None:
     result = measure(generate, prefill, job)
     emit(
         {
-            "system": f"infer onnx {dtype}",
+            "system": f"infer onnx {dtype}" + (f" kv {sys.argv[4]}" if len(sys.argv) > 4 else ""),
             "load_s": load_s,
             "details": {k: str(v) for k, v in model.details.items()},
             **result,

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: Timed repetitions after one warm-up; the median is reported.
-REPEATS = 3
+#: Timed repetitions after one warm-up; the median is reported (``BENCH_REPEATS`` overrides it:
+#: long-context runs take minutes per repetition on a small machine).
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 
 
 def read_job(path: str) -> dict[str, Any]:

@@ -41,6 +41,20 @@ def test_a_declared_tolerance_tightens_the_float_bounds_but_never_loosens_them()
     assert bound_for("int4", 10.0).atol == BOUNDS["int4"].atol
 
 
+def test_a_cache_in_a_looser_precision_grades_float_weights_on_the_cache_bound():
+    # float32 weights with a float16 cache: every key and value rounds to fp16
+    assert bound_for("fp32", 1.0, "fp16").atol == BOUNDS["fp16"].atol
+    assert not bound_for("fp32", 1.0, "fp16").quantized
+    # the declared tolerance still tightens it
+    assert bound_for("fp32", 1e-2, "fp16").atol == 1e-2
+    # a cache as precise as the weights, or more, changes nothing; quantized weights keep theirs
+    assert bound_for("fp32", 1.0, "fp32") == bound_for("fp32", 1.0)
+    assert bound_for("fp16", 1.0, "fp32") == bound_for("fp16", 1.0)
+    assert bound_for("int4", 1.0, "fp16") == BOUNDS["int4"]
+    with pytest.raises(KeyError, match="fp7"):
+        bound_for("fp32", 1e-4, "fp7")
+
+
 def test_a_precision_without_a_bound_is_refused_by_name():
     with pytest.raises(KeyError, match="fp7"):
         bound_for("fp7", 1e-4)

@@ -165,6 +165,16 @@ def test_asking_an_export_for_another_precision_raises_invalid_parameter(tmp_pat
     assert _load(folder).dtype == "fp32"
 
 
+def test_asking_an_export_for_another_kv_precision_raises_invalid_parameter(tmp_path: Path) -> None:
+    from infer.errors import InvalidParameterError
+
+    folder = _toy_decoder(tmp_path / "optimum")
+    spec = LoadSpec(backend="onnx", ref=str(folder), path=folder, bundle=None)
+    with pytest.raises(InvalidParameterError, match="cache has its own precision") as info:
+        plugin.infer_load(spec, {"threads": 1, "kv_dtype": "fp16"})
+    assert info.value.parameter == "kv_dtype"
+
+
 def test_a_graph_without_past_key_values_raises_model_format(tmp_path: Path) -> None:
     folder = _toy_decoder(tmp_path / "nokv", with_past=False)
     with pytest.raises(ModelFormatError, match="past_key_values"):

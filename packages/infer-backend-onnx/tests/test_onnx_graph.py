@@ -122,3 +122,61 @@ def test_exact_grid_keeps_q4_1_weights_and_matches_the_reference_closely(
         assert model is not None
         errors[exact] = np.abs(step(model, [model.new_sequence(32)], [PROMPT])[0] - expected).max()  # type: ignore[arg-type]
     assert errors[True] < errors[False] / 3
+
+
+#: fp16 KV under float32 activations (largest |logit - reference| measured on the tiny bundle:
+#: 5.9e-3 at fp32 weights, against 6.7e-6 with a float32 cache), with margin; int4 keeps its own.
+KV_FP16_TOLERANCE = {"fp32": 2e-2, "int4": TOLERANCE["int4"]}
+
+
+def test_fp16_kv_graph_passes_the_onnx_checker_with_half_precision_cache_io(
+    tiny_bundle: Bundle, tmp_path: Path
+) -> None:
+    path = build_decoder(tiny_bundle, GraphConfig(dtype="fp32", kv_dtype="fp16"), tmp_path)
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    caches = [v for v in [*graph.input, *graph.output] if v.name.startswith(("past_key_values.", "present."))]
+    assert caches and {v.type.tensor_type.elem_type for v in caches} == {onnx.TensorProto.FLOAT16}
+    logits = next(v for v in graph.output if v.name == "logits")
+    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_kv_dtype_is_part_of_the_build_key_only_when_it_differs_from_the_activations() -> None:
+    assert GraphConfig(dtype="fp32", kv_dtype="fp32").key == GraphConfig(dtype="fp32").key
+    assert GraphConfig(dtype="fp16", kv_dtype="fp16").key == GraphConfig(dtype="fp16").key
+    assert GraphConfig(dtype="fp32", kv_dtype="fp16").key != GraphConfig(dtype="fp32").key
+    assert GraphConfig(dtype="fp16", kv_dtype="fp32").key != GraphConfig(dtype="fp16").key
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_fp16_kv_decode_matches_the_reference_and_keeps_its_greedy_tokens(
+    load_tiny: Loader, ref_model, dtype: str
+) -> None:
+    model = load_tiny(dtype, kv_dtype="fp16")
+    assert model.kv_dtype == np.float16 and model.details["kv_dtype"] == "fp16"
+    full = load_tiny(dtype)
+    expected = ref_model.forward(PROMPT)
+    cache, full_cache = model.new_sequence(len(PROMPT)), full.new_sequence(len(PROMPT))
+    step(model, [cache], [PROMPT[:3]])
+    step(full, [full_cache], [PROMPT[:3]])
+    worst = 0.0
+    for i in range(3, len(PROMPT)):
+        got = step(model, [cache], [[PROMPT[i]]], decode=True)[0]
+        same_weights = step(full, [full_cache], [[PROMPT[i]]], decode=True)[0]
+        worst = max(worst, float(np.abs(got - expected[i]).max()))
+        assert int(np.argmax(got)) == int(np.argmax(same_weights))
+    assert worst <= KV_FP16_TOLERANCE[dtype]
+    # Half the bytes of the float32 cache for the same tokens.
+    assert cache.nbytes * 2 == full_cache.nbytes
+
+
+@pytest.mark.parametrize(("kv_dtype", "itemsize"), [("fp32", 4), ("fp16", 2)])
+def test_model_reports_kv_bytes_per_token_of_its_cache_precision(
+    tiny_bundle: Bundle, build_dir: Path, kv_dtype: str, itemsize: int
+) -> None:
+    import infer
+
+    s = tiny_bundle.spec
+    with infer.load(tiny_bundle.path, backend="onnx", cache_dir=build_dir, threads=1, kv_dtype=kv_dtype) as model:
+        # keys and values, every layer, every KV head
+        assert model.kv_bytes_per_token == 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * itemsize

@@ -63,12 +63,24 @@ def test_unknown_option_raises_invalid_parameter(tiny_bundle: Bundle) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("threads", 0), ("threads", "2"), ("block_size", 48), ("cache_dir", 3), ("head_bits", 2)]
+    ("key", "value"),
+    [("threads", 0), ("threads", "2"), ("block_size", 48), ("cache_dir", 3), ("head_bits", 2), ("kv_dtype", "int8")],
 )
 def test_bad_option_values_raise_invalid_parameter(tiny_bundle: Bundle, key: str, value: object) -> None:
     with pytest.raises(InvalidParameterError) as info:
         plugin.infer_load(load_spec(tiny_bundle), {key: value})
     assert info.value.parameter == key
+
+
+def test_kv_dtype_defaults_to_the_activations_and_cuda_refuses_a_float32_cache() -> None:
+    from infer_backend_onnx.loading import kv_precision
+
+    assert kv_precision(None, "fp32", "cpu") == "fp32"
+    assert kv_precision(None, "fp16", "cuda") == "fp16"
+    assert kv_precision("fp16", "fp32", "cpu") == "fp16"
+    with pytest.raises(InvalidParameterError, match="half precision") as info:
+        kv_precision("fp32", "fp16", "cuda")
+    assert info.value.parameter == "kv_dtype"
 
 
 def test_unknown_dtype_raises_invalid_parameter(tiny_bundle: Bundle, build_dir: Path) -> None:

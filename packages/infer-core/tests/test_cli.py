@@ -103,6 +103,7 @@ def test_bench_reports_throughput_ttft_and_memory_as_json():
     for key in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mib", "engine_overhead_us_per_token"):
         assert report[key] > 0, key
     assert report["backend"] == "fake" and report["new_tokens"] == 16
+    assert report["kv_bytes_per_token"] == 4.0  # the fake caches one int32 per token
 
 
 def test_run_with_a_regex_prints_text_matching_it(tmp_path):

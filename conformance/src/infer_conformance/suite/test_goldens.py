@@ -16,7 +16,7 @@ import pytest
 
 import infer
 from infer_conformance.fixtures import FAMILY_FIXTURES, SMOLLM2_GOLDENS, goldens_of
-from infer_conformance.tolerances import bound_for, grade_logits
+from infer_conformance.tolerances import grade_logits, model_bound
 
 pytestmark = pytest.mark.conformance
 
@@ -35,7 +35,7 @@ class Graded:
         self.arrays = dict(np.load(npz))
         self.prompts = json.loads(meta.read_text())["prompts"]
         try:
-            self.bound = bound_for(model.dtype, model.logits_atol)
+            self.bound = model_bound(model)
         except KeyError as exc:
             pytest.fail(str(exc))
 
@@ -111,7 +111,7 @@ def test_smollm2_greedy_continuations_match_transformers(suite, model):
     if "smollm2" not in Path(suite.model).name.lower():
         pytest.skip("the model under test is not SmolLM2-135M-Instruct (pass its GGUF or bundle as --infer-model)")
     _skip_synthetic(model.info)
-    bound = bound_for(model.dtype, model.logits_atol)
+    bound = model_bound(model)
     cases = json.loads(SMOLLM2_GOLDENS.read_text())["cases"]
     ranks = []
     for case in cases:

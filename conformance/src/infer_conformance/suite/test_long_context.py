@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import infer
-from infer_conformance.tolerances import assert_consistent, bound_for, grade_logits
+from infer_conformance.tolerances import assert_consistent, grade_logits, model_bound
 
 pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:long-context")]
 
@@ -86,7 +86,7 @@ def test_a_context_filled_by_chunked_prefill_then_decode_reaches_its_last_positi
         for start in range(0, ctx - TAIL, CHUNK):  # chunked: the score matrix stays CHUNK x ctx
             last = reference.step(cache, ids[start : min(start + CHUNK, ctx - TAIL)])[-1]
         expected = [last] + [reference.step(cache, [t])[-1] for t in ids[-TAIL:]]
-        bound = bound_for(model.dtype, model.logits_atol)
+        bound = model_bound(model)
         grade_logits(np.stack(got), np.stack(expected), bound, f"the last {TAIL + 1} of {ctx} positions")
 
 

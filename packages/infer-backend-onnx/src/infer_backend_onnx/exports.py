@@ -290,4 +290,9 @@ def load_export(export: Export, spec: LoadSpec, opts: LoadOptions, device: str) 
         raise InvalidParameterError(
             "dtype", spec.dtype, f"{model.dtype!r} or none: an export runs in its own precision ({export.model})"
         )
+    own = "fp16" if model.kv_dtype == np.float16 else "fp32"
+    if opts.kv_dtype is not None and opts.kv_dtype != own:
+        raise InvalidParameterError(
+            "kv_dtype", opts.kv_dtype, f"{own!r} or none: an export's cache has its own precision ({export.model})"
+        )
     return model

@@ -60,6 +60,7 @@ __all__ = [
     "BUILDER_VERSION",
     "DATA_FILE",
     "DTYPES",
+    "KV_DTYPES",
     "MODEL_FILE",
     "SUPPORTED_FEATURES",
     "GraphConfig",
@@ -72,6 +73,9 @@ __all__ = [
 BUILDER_VERSION: Final = "3"
 #: Precisions :func:`build_decoder` can write, default first (``native``: a GGUF's own quant types).
 DTYPES: Final = ("fp32", "fp16", "int4", "native")
+#: Precisions of the KV cache :class:`GraphConfig` accepts (int8 is absent: ONNX Runtime's
+#: ``GroupQueryAttention`` takes past keys and values in the query's float type only).
+KV_DTYPES: Final = ("fp32", "fp16")
 #: The :data:`infer.arch.FEATURES` entries the graph builds, checked at build: a feature added
 #: to the registry later is refused here until the graph writes it and it is listed.
 SUPPORTED_FEATURES: Final = frozenset(
@@ -131,10 +135,17 @@ class GraphConfig:
     #: first-token KL to fp32 0.006 instead of 0.65, max logit error 0.8 instead of 7.3, for
     #: ~20% slower decode than the default int4 graph.
     exact_grid: bool = False
+    #: Precision of the KV cache and of the attention op, one of :data:`KV_DTYPES`; ``None``: the
+    #: activations' (float16 in an ``fp16`` graph, float32 otherwise). When it differs from the
+    #: activations, q/k/v are cast to it before ``GroupQueryAttention`` and its output back, so
+    #: the op, its rotary tables and the cache all run in this precision.
+    kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidParameterError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise InvalidParameterError("kv_dtype", self.kv_dtype, f"one of {', '.join(KV_DTYPES)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidParameterError("block_size", self.block_size, "a power of two, at least 16")
         if self.head_bits not in (4, 8):
@@ -152,7 +163,19 @@ class GraphConfig:
             key += f"-b{self.block_size}-a{self.accuracy_level}-h{self.head_bits}" + ("-sym" if self.symmetric else "")
             key += "-grid" if self.exact_grid else ""
             key += "-fit" if self.fit else ""
+        if self.kv_dtype not in (None, self.activations):
+            key += f"-kv{self.kv_dtype}"
         return key
+
+    @property
+    def activations(self) -> str:
+        """Precision of the activations: ``fp16`` in an fp16 graph, ``fp32`` in every other."""
+        return "fp16" if self.dtype == "fp16" else "fp32"
+
+    @property
+    def cache(self) -> str:
+        """Precision of the KV cache and the attention op (``kv_dtype``, or the activations')."""
+        return self.kv_dtype or self.activations
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -228,6 +251,7 @@ class _GraphBuilder:
         self._count = 0
         self._shared: set[str] = set()
         self.act_dtype = np.float16 if config.dtype == "fp16" else np.float32
+        self.kv_dtype = np.float16 if config.cache == "fp16" else np.float32
 
     # -- plumbing ---------------------------------------------------------------------------
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
@@ -424,6 +448,8 @@ class _GraphBuilder:
         return out
 
     def attention(self, bundle: Bundle, layer: int, x: str, cos: str, sin: str) -> str:
+        from onnx import helper
+
         s = self.spec
         p = f"model.layers.{layer}.self_attn."
         # One projection for q, k and v: GroupQueryAttention takes them packed (Phi-3 stores them so).
@@ -451,6 +477,10 @@ class _GraphBuilder:
             attrs["softcap"] = s.attention_softcap
         past_k, past_v = past_names(layer)
         rotary = s.rope_layers[layer]
+        cast = self.kv_dtype != self.act_dtype
+        if cast:
+            to = helper.np_dtype_to_tensor_dtype(np.dtype(self.kv_dtype))
+            qkv_inputs = [self.op("Cast", [t], to=to)[0] if t else t for t in qkv_inputs]
         out, _, _ = self.op(
             "GroupQueryAttention",
             [*qkv_inputs, past_k, past_v, "seqlens_k", "total_sequence_length", *((cos, sin) if rotary else ())],
@@ -466,6 +496,8 @@ class _GraphBuilder:
         # Name the KV outputs as the I/O contract says.
         node = self.nodes[-1]
         node.output[1], node.output[2] = present_names(layer)
+        if cast:
+            (out,) = self.op("Cast", [out], to=helper.np_dtype_to_tensor_dtype(np.dtype(self.act_dtype)))
         o_bias = self.weight(bundle, p + "o_proj.bias") if s.o_bias else None
         return self.project(bundle, out, p + "o_proj", [p + "o_proj.weight"], o_bias)
 
@@ -541,8 +573,9 @@ class _GraphBuilder:
         for n, layers in enumerate(s.rope_groups().values()):
             cos_table, sin_table = s.rope_cos_sin(np.arange(s.max_position_embeddings), layers[0])
             prefix = "rope." if n == 0 else f"rope.{n}."
-            cos = self.const(prefix + "cos_cache", cos_table.astype(self.act_dtype))
-            sin = self.const(prefix + "sin_cache", sin_table.astype(self.act_dtype))
+            # Only the attention op reads them, in the cache's precision.
+            cos = self.const(prefix + "cos_cache", cos_table.astype(self.kv_dtype))
+            sin = self.const(prefix + "sin_cache", sin_table.astype(self.kv_dtype))
             tables |= dict.fromkeys(layers, (cos, sin))
         return tables
 
@@ -550,7 +583,6 @@ class _GraphBuilder:
         from onnx import TensorProto, helper
 
         s, dt = self.spec, self.act_dtype
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
         native = self.config.dtype == "native"
         # A quantized table stays quantized in the file's own blocks; an int4 graph's is 8-bit
         # blocks; any other is a float Gather.
@@ -623,6 +655,7 @@ class _GraphBuilder:
         self.nodes[-1].output[0] = "logits"
 
         kv_shape = ["batch", s.num_key_value_heads, "kv_capacity", s.head_dim]
+        kv_elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.kv_dtype))
         inputs = [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
@@ -631,8 +664,8 @@ class _GraphBuilder:
         ]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
         for layer in range(s.num_hidden_layers):
-            inputs += [helper.make_tensor_value_info(n, elem, kv_shape) for n in past_names(layer)]
-            outputs += [helper.make_tensor_value_info(n, elem, kv_shape) for n in present_names(layer)]
+            inputs += [helper.make_tensor_value_info(n, kv_elem, kv_shape) for n in past_names(layer)]
+            outputs += [helper.make_tensor_value_info(n, kv_elem, kv_shape) for n in present_names(layer)]
         graph = helper.make_graph(self.nodes, "infer_decoder", inputs, outputs, self.initializers)
         model = helper.make_model(
             graph,
@@ -641,5 +674,5 @@ class _GraphBuilder:
             producer_name="infer-backend-onnx",
             producer_version=BUILDER_VERSION,
         )
-        helper.set_model_props(model, {"infer.dtype": self.config.key, "infer.kv_dtype": np.dtype(dt).name})
+        helper.set_model_props(model, {"infer.dtype": self.config.key, "infer.kv_dtype": np.dtype(self.kv_dtype).name})
         return model

@@ -27,6 +27,13 @@ its ``seqlens_k``, so positions past it are dead and the next step overwrites th
 block of its own with the prefix copied in (a row copy, as when a newcomer joins a block); and
 all-position logits ask the graph's final ``Gather`` for every real position of the chunk instead
 of each row's last one, so no second graph is built.
+
+Long contexts: a block's capacity costs memory, not time. The attention op reads each row's own
+``seqlens_k + 1`` keys, so capacity beyond them is never read, and a short row batched with a
+long one does not pay for it (measured on SmolLM2 native, one thread: a decode step with 6,000
+and 16 cached tokens 42.0 ms, 6,000 alone 43.9, 16 alone 12.9). At 6,000 tokens attention is
+~70% of the step; the cache's element type is the model's ``kv_dtype`` (see loading.kv_precision
+for why float32 stays the CPU default).
 """
 
 from __future__ import annotations

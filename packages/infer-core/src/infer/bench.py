@@ -1,4 +1,4 @@
-"""``infer bench``: prompt and decode throughput, time to first token, peak memory.
+"""``infer bench``: prompt and decode throughput, time to first token, peak memory, KV bytes per token.
 
 Figures are medians over ``runs`` after ``warmup`` runs. Backend time is measured by a
 ``wrapper=True`` hookimpl around prefill/decode, so the report also shows the engine's own
@@ -108,5 +108,8 @@ def run_bench(
         "prefill_tok_s": round(statistics.median(prefill), 1),
         "engine_overhead_us_per_token": round(statistics.median(overhead) * 1e6, 2),
         "peak_rss_mib": round(_peak_rss_mib(), 1),
+        # What each token of context costs in cache: a long context's memory is this times its length.
+        "kv_bytes_per_token": round(model.kv_bytes_per_token, 1),
+        "kv_dtype": model.handle.details.get("kv_dtype"),
         "python": platform.python_version(),
     }

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import numpy as np
 import numpy.typing as npt
@@ -215,6 +215,10 @@ def _load(  # noqa: PLR0917 - the arguments of load(), checked there
     return model
 
 
+#: Tokens of the sequence :attr:`Model.kv_bytes_per_token` measures.
+_KV_PROBE_TOKENS: Final = 8
+
+
 class Model:
     """A loaded model. Thread-safe: many streams may run on it at once, from threads or asyncio."""
 
@@ -260,6 +264,7 @@ class Model:
         self._grammars: TokenizerGrammars | None = None
         #: Whether requests speculate unless they say otherwise (``infer.load(speculative=...)``).
         self.speculative = False
+        self._kv_bytes_per_token: float | None = None
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -304,6 +309,24 @@ class Model:
     def handle(self) -> ModelHandle:
         """The backend's handle (for conformance tests and backend-specific inspection)."""
         return self._handle
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of KV cache one token takes on this model, measured once on a filled probe sequence.
+
+        A sequence's memory is its capacity (not its length) times this: what a server admits
+        against its KV budget. The probe holds :data:`_KV_PROBE_TOKENS` tokens, filled to its capacity,
+        so a cache sized by capacity and one sized by length measure alike.
+        """
+        if self._kv_bytes_per_token is None:
+            tokens = min(_KV_PROBE_TOKENS, self.context_length)
+            seq = self.new_sequence(tokens)
+            try:
+                self.run_prefill([seq], [[0] * tokens])
+                self._kv_bytes_per_token = seq.nbytes / max(seq.capacity, 1)
+            finally:
+                seq.release()
+        return self._kv_bytes_per_token
 
     @property
     def active_requests(self) -> int:

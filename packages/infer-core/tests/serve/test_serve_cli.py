@@ -51,6 +51,8 @@ def test_serve_flags_reach_the_app_and_uvicorn(captured):
             "0",
             "--max-prompt-tokens",
             "100",
+            "--max-kv-mib",
+            "2",
             "--timeout",
             "2.5",
             "--grace",
@@ -64,6 +66,7 @@ def test_serve_flags_reach_the_app_and_uvicorn(captured):
     assert server.model_name == "tiny"
     assert (server.admission.max_concurrency, server.admission.max_queue) == (3, 0)
     assert (server.max_prompt_tokens, server.request_timeout) == (100, 2.5)
+    assert server.admission.kv_budget_bytes == 2 * 2**20
     assert server.model.handle.options.latency == 0.001  # -o options load the model as `infer run` does
     with pytest.raises(Exception, match="closed"):  # the command closes the model when the server stops
         server.model.generate("x")

@@ -4,6 +4,12 @@ A slot is what a request holds while the model works on it; the model's schedule
 every slot holder's decode steps together. Requests beyond the slots wait in arrival order;
 beyond the queue they are refused at once, so a burst never turns into unbounded memory or
 latency.
+
+With a KV budget, each request also reserves the cache bytes its sequence will hold (its prompt
+plus its ``max_tokens``, within the context, times the model's KV bytes per token) while it
+runs: a request that could never fit the budget is refused at once with a 400 naming both
+sizes, one that fits but not beside the requests running waits for them to finish, so a long
+context is queued, never an out-of-memory.
 """
 
 from __future__ import annotations
@@ -21,9 +27,17 @@ __all__ = ["Admission", "Ticket"]
 class Admission:
     """``max_concurrency`` slots and at most ``max_queue`` waiters; one per event loop."""
 
-    def __init__(self, max_concurrency: int, max_queue: int, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, max_concurrency: int, max_queue: int, metrics: ServerMetrics, kv_budget_bytes: int | None = None
+    ) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        #: Most KV cache bytes the running requests may reserve together (``None``: no limit).
+        self.kv_budget_bytes = kv_budget_bytes
+        #: KV cache bytes the running requests reserve.
+        self.kv_reserved_bytes = 0
+        #: Requests holding a slot that wait for KV bytes, woken when a request gives its bytes back.
+        self._kv_waiters: list[asyncio.Future[None]] = []
         self._slots = asyncio.Semaphore(max_concurrency)
         self._waiting = 0
         self._running = 0
@@ -39,11 +53,21 @@ class Admission:
         """Requests holding a slot."""
         return self._running
 
-    def admit(self) -> Ticket:
+    def admit(self, kv_bytes: int = 0) -> Ticket:
         """Take a place in the queue, or refuse with a 429 (and ``Retry-After``) when it is full.
 
         The place is taken at once, so requests admitted together cannot overfill the queue.
+        ``kv_bytes``: the cache the request will hold; over the whole KV budget it is a 400.
         """
+        budget = self.kv_budget_bytes
+        if budget is not None and kv_bytes > budget:
+            raise APIError(
+                400,
+                f"the request needs {kv_bytes / 2**20:.1f} MiB of KV cache (prompt plus max_tokens) and this "
+                f"server's KV budget is {budget / 2**20:.1f} MiB; shorten the prompt or lower max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         if self._running + self._waiting >= self.max_concurrency + self.max_queue:
             raise APIError(
                 429,
@@ -53,24 +77,25 @@ class Admission:
             )
         self._waiting += 1
         self._metrics.queue_depth.inc()
-        return Ticket(self)
+        return Ticket(self, kv_bytes)
 
 
 @final
 class Ticket:
     """One admitted request's place: queued, then holding a slot, then done."""
 
-    __slots__ = ("_admission", "_state")
+    __slots__ = ("_admission", "_kv_bytes", "_state")
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, kv_bytes: int = 0) -> None:
         self._admission = admission
+        self._kv_bytes = kv_bytes
         self._state = "queued"
 
     async def acquire(self, timeout: float | None) -> None:
-        """Wait for a slot; raise :class:`asyncio.TimeoutError` after ``timeout`` seconds."""
+        """Wait for a slot and the KV bytes; raise :class:`asyncio.TimeoutError` after ``timeout`` seconds."""
         a = self._admission
         try:
-            await asyncio.wait_for(a._slots.acquire(), timeout)
+            await asyncio.wait_for(self._take(), timeout)
         except BaseException:
             self.release()
             raise
@@ -78,6 +103,21 @@ class Ticket:
         self._state = "running"
         a._running += 1
         a._metrics.running.inc()
+
+    async def _take(self) -> None:
+        a = self._admission
+        await a._slots.acquire()
+        try:
+            budget = a.kv_budget_bytes
+            while budget is not None and a.kv_reserved_bytes + self._kv_bytes > budget:
+                freed = asyncio.get_running_loop().create_future()
+                a._kv_waiters.append(freed)
+                await freed
+            a.kv_reserved_bytes += self._kv_bytes
+            a._metrics.kv_reserved_bytes.set(a.kv_reserved_bytes)
+        except BaseException:
+            a._slots.release()
+            raise
 
     def _leave_queue(self) -> None:
         a = self._admission
@@ -93,4 +133,10 @@ class Ticket:
             a._running -= 1
             a._metrics.running.dec()
             a._slots.release()
+            a.kv_reserved_bytes -= self._kv_bytes
+            a._metrics.kv_reserved_bytes.set(a.kv_reserved_bytes)
+            waiters, a._kv_waiters = a._kv_waiters, []
+            for freed in waiters:  # each checks again whether it fits now
+                if not freed.done():
+                    freed.set_result(None)
         self._state = "done"

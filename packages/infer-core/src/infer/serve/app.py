@@ -108,6 +108,7 @@ def create_app(
     aliases: Sequence[str] = (),
     any_model_name: bool = False,
     cors_origins: Sequence[str] = (),
+    max_kv_bytes: int | None = None,
 ) -> Starlette:
     """Build the ASGI app serving ``model`` under the name ``model_name``.
 
@@ -123,7 +124,10 @@ def create_app(
     or refused with 400 when ``strict_requests``. Requests may also name the model by one of
     ``aliases``, or by any name at all with ``any_model_name`` (for clients that insist on their
     own default). ``cors_origins`` lets browser pages from those origins (``"*"``: any) call the
-    API; none by default. The caller keeps ownership of ``model``.
+    API; none by default. With ``max_kv_bytes``, running requests together reserve at most that
+    much KV cache (prompt plus ``max_tokens``, times the model's KV bytes per token): a request
+    over it alone gets 400, one that does not fit yet waits in the queue. The caller keeps
+    ownership of ``model``.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise InvalidParameterError("api_key", api_key, "a non-empty string, or None for no key")
@@ -132,6 +136,8 @@ def create_app(
     _check_positive("max_body_bytes", max_body_bytes)
     if max_prompt_tokens is not None:
         _check_positive("max_prompt_tokens", max_prompt_tokens)
+    if max_kv_bytes is not None:
+        _check_positive("max_kv_bytes", max_kv_bytes)
     if request_timeout is not None and (
         isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) or not request_timeout > 0
     ):
@@ -160,6 +166,7 @@ def create_app(
         strict_requests=bool(strict_requests),
         names=(model_name, *(a for a in dict.fromkeys(aliases) if a != model_name)),
         any_model_name=bool(any_model_name),
+        max_kv_bytes=max_kv_bytes,
     )
     routes = [
         Route("/v1/models", server.list_models, methods=["GET"]),
@@ -268,6 +275,7 @@ class _Server:
         strict_requests: bool,
         names: tuple[str, ...],
         any_model_name: bool,
+        max_kv_bytes: int | None = None,
     ) -> None:
         self.model = model
         self.model_name = model_name
@@ -289,7 +297,11 @@ class _Server:
         self._prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
         self._ignored_names: set[str] = set()
         self.metrics = ServerMetrics(lambda: model.active_requests)
-        self.admission = Admission(max_concurrency, max_queue, self.metrics)
+        self.admission = Admission(max_concurrency, max_queue, self.metrics, max_kv_bytes)
+        self.metrics.kv_bytes_per_token.set_function(lambda: model.kv_bytes_per_token)
+        if max_kv_bytes is not None:
+            self.metrics.kv_budget(max_kv_bytes)
+            model.kv_bytes_per_token  # noqa: B018 (measured now, not in the event loop at the first request)
         self.created = int(time.time())
         self.log = get_logger()
         #: Conversations of stored Responses, for previous_response_id.
@@ -469,7 +481,7 @@ class _Server:
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
             )
             prompts = [ids for ids in prompts for _ in range(parsed.n)]  # choice i*n + j: prompt i's j-th
-            ticket = self.admission.admit()
+            ticket = self.admission.admit(sum(self._kv_bytes(ids, params) for ids in prompts))
         except APIError as err:
             self.metrics.count(label, err.status)
             return _error_response(err)
@@ -496,6 +508,14 @@ class _Server:
         conversation = [*history, *(parsed.messages or ())]
         system = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
         return replace(parsed, messages=[*system, *conversation]), conversation
+
+    def _kv_bytes(self, ids: list[int], params: SamplingParams) -> int:
+        """KV cache bytes the request's sequence will hold: its capacity, as the engine sizes it."""
+        if self.admission.kv_budget_bytes is None:
+            return 0
+        room = self.model.context_length - len(ids)
+        new = room if params.max_tokens is None else min(params.max_tokens, room)
+        return int((len(ids) + new) * self.model.kv_bytes_per_token)
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:

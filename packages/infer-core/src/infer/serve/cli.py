@@ -66,6 +66,12 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     p.add_argument("--max-concurrency", type=_positive_int, default=32, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=256, help="requests waiting before 429")
     p.add_argument("--max-prompt-tokens", type=_positive_int, help="longest prompt accepted, in tokens")
+    p.add_argument(
+        "--max-kv-mib",
+        type=_positive_int,
+        help="KV cache the running requests may reserve together, in MiB (prompt + max_tokens each; "
+        "a request that does not fit waits, one over the whole budget gets 400; default: no limit)",
+    )
     p.add_argument("--max-body-bytes", type=_positive_int, default=2 * 1024 * 1024, help="largest request body")
     timeouts = (
         ("--timeout", DEFAULT_REQUEST_TIMEOUT, "seconds a request may take, 504 past it"),
@@ -131,6 +137,7 @@ def _app_options(args: argparse.Namespace, hosts: list[str]) -> dict[str, Any]:
         "write_timeout": args.write_timeout,
         "allowed_hosts": hosts,
         "strict_requests": args.strict_requests,
+        "max_kv_bytes": None if args.max_kv_mib is None else args.max_kv_mib * 2**20,
         "aliases": args.alias,
         "any_model_name": args.any_model_name,
         "cors_origins": [o.strip() for o in (args.cors_origins or "").split(",") if o.strip()],

@@ -12,6 +12,9 @@ Exported (``GET /metrics``)::
     infer_queue_depth                             requests waiting for a free slot
     infer_running_requests                        requests holding a slot
     infer_active_sequences                        sequences the model's scheduler holds (queued or decoding)
+    infer_kv_bytes_per_token                      KV cache bytes one token of context takes on this model
+    infer_kv_reserved_bytes                       KV cache bytes the running requests reserve (prompt + max_tokens)
+    infer_kv_budget_bytes                         the server's KV budget (absent without one)
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ class ServerMetrics:
         active = Gauge("infer_active_sequences", "Sequences held by the model's scheduler", registry=r)
         # Read at scrape time: the scheduler's own count is the truth about released sequences.
         active.set_function(lambda: float(active_sequences()))
+        self.kv_bytes_per_token = Gauge(
+            "infer_kv_bytes_per_token", "KV cache bytes one token of context takes", registry=r
+        )
+        self.kv_reserved_bytes = Gauge(
+            "infer_kv_reserved_bytes", "KV cache bytes reserved by running requests", registry=r
+        )
+
+    def kv_budget(self, budget_bytes: int) -> None:
+        """Export the server's KV budget (only a server with one has the gauge)."""
+        Gauge("infer_kv_budget_bytes", "The server's KV cache budget", registry=self.registry).set(budget_bytes)
 
     def count(self, endpoint: str, status: int) -> None:
         """Record one finished request."""
