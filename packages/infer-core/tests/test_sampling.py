@@ -22,10 +22,10 @@ from infer.sampling import (
     DefaultSampler,
     SamplerState,
     SamplingParams,
-    _top_k,
     logprobs,
     sample,
 )
+from infer.sampling._fast import _top_k
 
 pytestmark = pytest.mark.unit
 

@@ -23,21 +23,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pluggy
+from infer.markers import hookimpl, hookspec
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
     from infer.contract import BackendInfo, Batch, KVCache, LoadSpec, ModelHandle
-    from infer.sampling import SamplerState, SamplingParams
 
+    # The parameter and state types only: the default sampler (infer.sampling.chain) implements
+    # these hooks and is no part of the contract.
+    from infer.sampling.params import SamplingParams
+    from infer.sampling.state import SamplerState
+
+# The markers live in infer.markers (see there why); this module hands them on, as ever.
 __all__ = ["hookimpl", "hookspec"]
-
-#: Marker for hook specifications (used by infer-core only).
-hookspec = pluggy.HookspecMarker("infer")
-#: Marker for hook implementations: decorate a backend's hook functions with it.
-hookimpl = pluggy.HookimplMarker("infer")
 
 
 @hookspec

@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from infer.errors import BackendError, GrammarError
 from infer.hookspecs import hookimpl
-from infer.sampling import _LOGITS_SOURCE
+from infer.sampling.chain import _LOGITS_SOURCE
 
 if TYPE_CHECKING:
     from collections.abc import Generator
