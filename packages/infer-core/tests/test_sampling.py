@@ -178,6 +178,20 @@ def test_validate_with_a_vocabulary_refuses_token_ids_outside_it(name: str, chan
     assert caught.value.parameter == name
 
 
+def test_validate_checks_the_token_ids_once_per_vocabulary_and_keeps_the_value_as_it_was(validations) -> None:
+    params = SamplingParams(logit_bias={5: 1.0}, stop_token_ids=(2,), seed=1)
+    for _ in range(3):
+        params.validate(vocab_size=10)
+    assert validations["token ids"] == 1
+    with pytest.raises(InvalidParameterError):
+        params.validate(vocab_size=5)  # another vocabulary is checked again
+    params.validate(vocab_size=10)  # a failed check leaves the passed one remembered
+    assert validations["token ids"] == 2
+    twin = SamplingParams(logit_bias={5: 1.0}, stop_token_ids=(2,), seed=1)
+    assert params == twin and hash(params) == hash(twin) and repr(params) == repr(twin)
+    assert pickle.loads(pickle.dumps(params)) == params and params.replace(seed=2).seed == 2
+
+
 @pytest.mark.parametrize("vocab_size", [0, -3, 2.0, True])
 def test_validate_refuses_a_bad_vocabulary_size(vocab_size: object) -> None:
     with pytest.raises(InvalidParameterError) as caught:

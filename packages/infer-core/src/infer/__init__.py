@@ -38,7 +38,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from infer.hookspecs import hookimpl, hookspec
-    from infer.model import AsyncTokenStream, Model, TokenStream, load
+    from infer.model import AsyncTokenStream, Model, PreparedRequest, TokenStream, load
     from infer.results import Completion, Timings, TokenEvent, Usage
     from infer.sampling import SamplerState, SamplingParams
 
@@ -73,6 +73,7 @@ _LAZY = {
     "ModelHandle": "infer.contract",
     "ModelNotFoundError": "infer.errors",
     "PluginError": "infer.errors",
+    "PreparedRequest": "infer.model",
     "PromptTooLongError": "infer.errors",
     "RequestCancelledError": "infer.errors",
     "RequestError": "infer.errors",
@@ -117,6 +118,7 @@ __all__ = [
     "ModelHandle",
     "ModelNotFoundError",
     "PluginError",
+    "PreparedRequest",
     "PromptTooLongError",
     "RequestCancelledError",
     "RequestError",

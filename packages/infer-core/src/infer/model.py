@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import queue
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import fields, replace
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar, cast, final
 
 import numpy as np
 import numpy.typing as npt
@@ -54,10 +55,11 @@ if TYPE_CHECKING:
     from infer.bundle import Bundle
     from infer.plugins import Backend, Registry
     from infer.structured import Constraint, TokenizerGrammars
+    from infer.tools import ToolFormat
 
-__all__ = ["AsyncTokenStream", "Model", "TokenStream", "load"]
+__all__ = ["AsyncTokenStream", "Model", "PreparedRequest", "TokenStream", "load"]
 
-_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams) if f.init)
 #: Token events buffered per stream before the scheduler pauses that request.
 STREAM_BUFFER = 64
 
@@ -217,6 +219,100 @@ def _load(  # noqa: PLR0917 - the arguments of load(), checked there
 
 #: Tokens of the sequence :attr:`Model.kv_bytes_per_token` measures.
 _KV_PROBE_TOKENS: Final = 8
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request checked and tokenized by :meth:`Model.prepare`, ready to run on that model.
+
+    Pass it to :meth:`Model.stream`, :meth:`~Model.astream`, :meth:`~Model.generate` or
+    :meth:`~Model.agenerate` in place of a prompt: it is not checked again. A server prepares
+    a request where it arrives (errors become its 400s) and runs it once admitted. The fields
+    are derived from one another: to change the prompt, the sampling or an option, prepare
+    again; ``dataclasses.replace`` suits ``timeout`` and a ``params`` that differs only in
+    ``seed``. Whatever is given, the model refuses to run a request that does not fit it.
+    """
+
+    #: The prompt's token ids, all inside the model's vocabulary.
+    prompt_ids: tuple[int, ...]
+    #: The sampling parameters, checked against the model's vocabulary (with the output
+    #: constraint compiled from ``response_format``, if any).
+    params: SamplingParams
+    #: Most tokens the request generates: ``params.max_tokens`` cut to the room the prompt
+    #: leaves in the context (what its KV cache is sized for).
+    max_new_tokens: int
+    #: Seconds the whole request may take from when it starts running (``None``: no limit).
+    timeout: float | None = None
+    #: The tool-call format its output is parsed with (``None``: no tools in play).
+    tool_format: ToolFormat | None = None
+    #: Whether it drafts tokens by prompt lookup and verifies them (see :mod:`infer.speculative`).
+    speculative: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise EmptyPromptError("the prompt has no tokens; give non-empty text, messages or token ids")
+        _check_timeout(self.timeout)
+
+
+_PREPARED_ALONE: Final = "nothing else beside a PreparedRequest (its options were fixed when it was prepared)"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _runs_prepared(
+    prepare: Callable[Concatenate[Model, _P], PreparedRequest],
+) -> Callable[[Callable[[Model, PreparedRequest], _R]], Callable[Concatenate[Model, _P], _R]]:
+    """Give a method that runs a :class:`PreparedRequest` the arguments of ``prepare``.
+
+    The four ways to run a request (stream, astream, generate, agenerate) so share one
+    definition of what a request is: ``Model.prepare``'s signature, which ``help()`` and
+    ``inspect`` show for each. A coroutine function stays one (its errors come when awaited).
+    """
+
+    def decorate(run: Callable[[Model, PreparedRequest], _R]) -> Callable[Concatenate[Model, _P], _R]:
+        if inspect.iscoroutinefunction(run):
+
+            @functools.wraps(run)
+            async def run_async(self: Model, /, *args: _P.args, **kwargs: _P.kwargs) -> Any:
+                return await cast("Any", run(self, prepare(self, *args, **kwargs)))
+
+            method = cast("Callable[Concatenate[Model, _P], _R]", run_async)
+        else:
+
+            @functools.wraps(run)
+            def run_sync(self: Model, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+                return run(self, prepare(self, *args, **kwargs))
+
+            method = run_sync
+        returns = inspect.signature(run).return_annotation
+        method.__signature__ = inspect.signature(prepare).replace(return_annotation=returns)  # type: ignore[attr-defined]
+        return method
+
+    return decorate
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (
+        not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0 or timeout == float("inf")
+    ):
+        raise InvalidParameterError("timeout", timeout, "a positive finite number of seconds or None")
+
+
+def _template_kwargs(value: object) -> dict[str, Any]:
+    """``chat_template_kwargs``: template variables by name."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise InvalidParameterError("chat_template_kwargs", value, "a mapping of variable names to values, or None")
+    return dict(value)
+
+
+def _max_prompt_bytes(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidParameterError("max_prompt_bytes", value, "a positive number of bytes")
+    return value
 
 
 class Model:
@@ -456,139 +552,152 @@ class Model:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def stream(
+    def prepare(
         self,
-        prompt: str | Sequence[int] | None = None,
+        /,
+        prompt: str | Sequence[int] | PreparedRequest | None = None,
         *,
         messages: Sequence[Mapping[str, Any]] | None = None,
         params: SamplingParams | None = None,
         timeout: float | None = None,
-        **sampling: Any,
-    ) -> TokenStream:
-        """Start generating; iterate the returned stream for :class:`TokenEvent` objects.
+        **options: Any,
+    ) -> PreparedRequest:
+        """Check and tokenize a request: the one place a request is validated before it runs.
 
         Give exactly one of ``prompt`` (text or token ids) and ``messages`` (chat). Sampling
-        options come as ``params`` and/or keyword arguments (``max_tokens=``, ``temperature=``...).
-        ``timeout`` (seconds) bounds the whole request: past it the stream raises
-        :class:`DeadlineExceededError`. Closing, leaving or dropping the stream cancels the request.
+        options come as ``params`` and/or keyword arguments (``max_tokens=``, ``temperature=``...),
+        checked once, against this model's vocabulary too. ``timeout`` (seconds) bounds the whole
+        request (and the chat template's render). Other ``options``: ``response_format`` (compiled
+        into an output constraint, see :meth:`compile_response_format`), ``tools`` and
+        ``tool_choice`` (see :mod:`infer.tools`), ``speculative`` (``"ngram"``, ``"auto"``, ``"off"``;
+        default :attr:`speculative`), ``chat_template_kwargs`` (variables for the chat template) and
+        ``max_prompt_bytes`` (refuse longer prompt text before tokenizing it; default
+        :attr:`max_prompt_bytes`). A :class:`PreparedRequest` given as ``prompt``, alone, is
+        returned as it is. :meth:`stream`, :meth:`astream`, :meth:`generate` and :meth:`agenerate`
+        take exactly these arguments and call this.
+
+        Raises a :class:`~infer.errors.RequestError` naming what is wrong: an
+        :class:`~infer.errors.InvalidParameterError` (its ``parameter`` is the keyword at fault),
+        :class:`~infer.errors.EmptyPromptError`, :class:`~infer.errors.InvalidTokenError`,
+        :class:`~infer.errors.ContextLengthError` (the prompt leaves no room to generate) or
+        :class:`~infer.errors.ChatTemplateError`; :class:`~infer.errors.ModelClosedError` once closed.
         """
-        return TokenStream(self, self._submit(prompt, messages, params, timeout, sampling))
-
-    def astream(
-        self,
-        prompt: str | Sequence[int] | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        params: SamplingParams | None = None,
-        timeout: float | None = None,
-        **sampling: Any,
-    ) -> AsyncTokenStream:
-        """The asyncio twin of :meth:`stream`: ``async for event in model.astream(...)``."""
-        return AsyncTokenStream(self, self._submit(prompt, messages, params, timeout, sampling))
-
-    def generate(
-        self,
-        prompt: str | Sequence[int] | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        params: SamplingParams | None = None,
-        timeout: float | None = None,
-        **sampling: Any,
-    ) -> Completion:
-        """Generate to the end and return the :class:`Completion`."""
-        # No per-token events: the scheduler hands over only the final result (no thread hop per token).
-        request = self._submit(prompt, messages, params, timeout, sampling, stream_events=False)
-        return TokenStream(self, request).result()
-
-    async def agenerate(
-        self,
-        prompt: str | Sequence[int] | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        params: SamplingParams | None = None,
-        timeout: float | None = None,
-        **sampling: Any,
-    ) -> Completion:
-        """The asyncio twin of :meth:`generate`."""
-        request = self._submit(prompt, messages, params, timeout, sampling, stream_events=False)
-        return await AsyncTokenStream(self, request).result()
-
-    def _submit(
-        self,
-        prompt: str | Sequence[int] | None,
-        messages: Sequence[Mapping[str, Any]] | None,
-        params: SamplingParams | None,
-        timeout: float | None,
-        sampling: Mapping[str, Any],
-        *,
-        stream_events: bool = True,
-    ) -> Request:
-        if self._closed:
-            from infer.errors import ModelClosedError
-
-            raise ModelClosedError("the model is closed; load it again to generate")
+        if isinstance(prompt, PreparedRequest):
+            given = {"messages": messages, "params": params, "timeout": timeout}
+            extra = sorted(k for k, v in given.items() if v is not None) + sorted(options)
+            if extra:
+                raise InvalidParameterError(extra[0], given.get(extra[0], options.get(extra[0])), _PREPARED_ALONE)
+            return prompt
+        self._check_open()
         tool_format = None
-        if "tools" in sampling or "tool_choice" in sampling:
-            sampling = dict(sampling)
-            messages, tool_format, template_kwargs = self._plan_tools(messages, sampling)
-        else:
-            template_kwargs = {}
-        if "response_format" in sampling:
-            sampling = dict(sampling)
-            sampling["constraint"] = self.compile_response_format(sampling.pop("response_format"))
-        speculate = self.speculative
-        if "speculative" in sampling:
-            sampling = dict(sampling)
-            speculate = self._speculation(sampling.pop("speculative"))
-        unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
+        template_kwargs = _template_kwargs(options.pop("chat_template_kwargs", None))
+        if "tools" in options or "tool_choice" in options:
+            messages, tool_format, template_vars = self._plan_tools(messages, options)
+            template_kwargs = {**template_kwargs, **template_vars}
+        if "response_format" in options:
+            options["constraint"] = self.compile_response_format(options.pop("response_format"))
+        speculate = self._speculation(options.pop("speculative")) if "speculative" in options else self.speculative
+        max_bytes = _max_prompt_bytes(options.pop("max_prompt_bytes")) if "max_prompt_bytes" in options else None
+        unknown = sorted(set(options) - _SAMPLING_FIELDS)
         if unknown:
-            raise InvalidParameterError(unknown[0], sampling[unknown[0]], f"one of {sorted(_SAMPLING_FIELDS)}")
-        params = replace(params or SamplingParams(), **sampling) if sampling else (params or SamplingParams())
+            raise InvalidParameterError(unknown[0], options[unknown[0]], f"one of {sorted(_SAMPLING_FIELDS)}")
+        # Built once (a given params is used as it is): construction is the check of every field.
+        if options:
+            params = replace(params, **options) if params is not None else SamplingParams(**options)
+        elif params is None:
+            params = SamplingParams()
         params.validate(self.vocab_size)
-        if timeout is not None and (
-            not isinstance(timeout, (int, float))
-            or isinstance(timeout, bool)
-            or not timeout > 0
-            or timeout == float("inf")
-        ):
-            raise InvalidParameterError("timeout", timeout, "a positive finite number of seconds or None")
-        ids = self._prompt_ids(prompt, messages, timeout, template_kwargs)
-        room = self.context_length - len(ids)
-        if room < 1:
-            raise ContextLengthError(len(ids), self.context_length)
-        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-        request = Request(
-            ids,
+        _check_timeout(timeout)  # before the render, which it bounds
+        ids = self._prompt_ids(prompt, messages, timeout, template_kwargs, max_bytes)
+        return PreparedRequest(
+            tuple(ids),
             params,
+            max_new_tokens=self._max_new_tokens(len(ids), params),
+            timeout=timeout,
+            tool_format=tool_format,
+            speculative=speculate,
+        )
+
+    @_runs_prepared(prepare)
+    def stream(self, request: PreparedRequest) -> TokenStream:
+        """Start generating; iterate the returned stream for :class:`TokenEvent` objects.
+
+        Takes the arguments of :meth:`prepare` (or a request it prepared): exactly one of ``prompt``
+        (text or token ids) and ``messages`` (chat), sampling options as ``params`` and/or keyword
+        arguments (``max_tokens=``, ``temperature=``...). ``timeout`` (seconds) bounds the whole
+        request: past it the stream raises :class:`DeadlineExceededError`. Closing, leaving or
+        dropping the stream cancels the request.
+        """
+        return TokenStream(self, self._start(request))
+
+    @_runs_prepared(prepare)
+    def astream(self, request: PreparedRequest) -> AsyncTokenStream:
+        """The asyncio twin of :meth:`stream`: ``async for event in model.astream(...)``."""
+        return AsyncTokenStream(self, self._start(request))
+
+    @_runs_prepared(prepare)
+    def generate(self, request: PreparedRequest) -> Completion:
+        """Generate to the end and return the :class:`Completion` (arguments: those of :meth:`prepare`)."""
+        # No per-token events: the scheduler hands over only the final result (no thread hop per token).
+        return TokenStream(self, self._start(request, stream_events=False)).result()
+
+    @_runs_prepared(prepare)
+    async def agenerate(self, request: PreparedRequest) -> Completion:
+        """The asyncio twin of :meth:`generate`."""
+        return await AsyncTokenStream(self, self._start(request, stream_events=False)).result()
+
+    def _start(self, prepared: PreparedRequest, *, stream_events: bool = True) -> Request:
+        """Hand a prepared request to the scheduler."""
+        self._check_open()
+        ids = prepared.prompt_ids
+        if not 1 <= prepared.max_new_tokens <= self.context_length - len(ids):
+            # Only a request built or changed by hand gets here: Model.prepare sized it to fit.
+            raise ContextLengthError(len(ids) + prepared.max_new_tokens, self.context_length)
+        request = Request(
+            np.asarray(ids, dtype=np.int32),
+            prepared.params,
             vocab_size=self.vocab_size,
-            max_new=max_new,
+            max_new=prepared.max_new_tokens,
             eos_ids=self.eos_token_ids,
             tokenizer=self.tokenizer,
-            timeout=None if timeout is None else float(timeout),
+            timeout=None if prepared.timeout is None else float(prepared.timeout),
             channel=Channel(STREAM_BUFFER, self._engine.wake),
             stream_events=stream_events,
         )
-        request.tool_format = tool_format
-        if speculate:
+        request.tool_format = prepared.tool_format
+        if prepared.speculative:
             request.drafter = NgramDrafter()
         self._engine.submit(request)
         return request
 
+    def _check_open(self) -> None:
+        if self._closed:
+            from infer.errors import ModelClosedError
+
+            raise ModelClosedError("the model is closed; load it again to generate")
+
+    def _max_new_tokens(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """Tokens a request may generate: ``max_tokens`` cut to the room its prompt leaves in the context."""
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise ContextLengthError(prompt_tokens, self.context_length)
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
     def _plan_tools(
-        self, messages: Sequence[Mapping[str, Any]] | None, sampling: dict[str, Any]
-    ) -> tuple[Sequence[Mapping[str, Any]] | None, str | None, dict[str, Any]]:
-        """Take ``tools``/``tool_choice`` out of ``sampling``: the messages, call format and template variables."""
+        self, messages: Sequence[Mapping[str, Any]] | None, options: dict[str, Any]
+    ) -> tuple[Sequence[Mapping[str, Any]] | None, ToolFormat | None, dict[str, Any]]:
+        """Take ``tools``/``tool_choice`` out of ``options``: the messages, call format and template variables."""
         from infer.tools import plan_tools
 
         messages, tool_format, template_vars, response_format = plan_tools(
             self.chat_template,
             messages,
-            sampling.pop("tools", None),
-            sampling.pop("tool_choice", None),
-            sampling.get("response_format"),
+            options.pop("tools", None),
+            options.pop("tool_choice", None),
+            options.get("response_format"),
         )
         if response_format is not None:
-            sampling["response_format"] = response_format
+            options["response_format"] = response_format
         return messages, tool_format, template_vars
 
     def compile_response_format(self, response_format: object) -> Constraint | None:
@@ -613,19 +722,18 @@ class Model:
         messages: Sequence[Mapping[str, Any]] | None,
         timeout: float | None,
         template_kwargs: Mapping[str, Any],
-    ) -> npt.NDArray[np.int32]:
+        max_bytes: int | None,
+    ) -> list[int]:
         if (prompt is None) == (messages is None):
             raise InvalidParameterError("prompt", prompt, "exactly one of prompt= and messages=")
         if messages is not None:
-            ids = self.chat_ids(messages, timeout=timeout, **template_kwargs)
+            ids = self.chat_ids(messages, timeout=timeout, max_bytes=max_bytes, **template_kwargs)
         elif isinstance(prompt, str):
-            self.check_prompt_bytes(prompt)
+            self.check_prompt_bytes(prompt, max_bytes=max_bytes)
             ids = self.encode(prompt)
         else:
             ids = _check_ids(prompt, self.vocab_size)
-        if len(ids) == 0:
-            raise EmptyPromptError("the prompt has no tokens; give non-empty text, messages or token ids")
-        return np.asarray(ids, dtype=np.int32)
+        return ids
 
     # -- low-level access (conformance tests, backend authors) --------------------------------
 

@@ -175,6 +175,10 @@ class SamplingParams:
     #: Structured output: a compiled :class:`~infer.structured.Constraint` that limits every
     #: token to what its grammar allows next (``Model.generate(response_format=...)`` makes it).
     constraint: Constraint | None = field(default=None, compare=False)
+    # The vocabulary size validate() last passed for (not a parameter: set by validate, never compared,
+    # copied or pickled). The instance cannot change, so one check per vocabulary is enough: a
+    # request checked where it enters (Model.prepare) is not checked again by the engine's state.
+    _valid_for: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, value in self._checked(vocab_size=None).items():
@@ -224,9 +228,19 @@ class SamplingParams:
 
         Raises :class:`~infer.errors.InvalidParameterError` naming the first bad field.
         """
-        if vocab_size is not None:
-            _int("vocab_size", vocab_size, 1, None, "an integer >= 1")
-        self._checked(vocab_size)
+        # Every field passed _checked when the instance was made and none can change since: only
+        # the token ids, against this vocabulary, are left to check (once per vocabulary).
+        if vocab_size is None:
+            return
+        vocab_size = _int("vocab_size", vocab_size, 1, None, "an integer >= 1")
+        if self._valid_for != vocab_size:
+            self._check_vocab(vocab_size)
+            object.__setattr__(self, "_valid_for", vocab_size)
+
+    def _check_vocab(self, vocab_size: int) -> None:
+        """The checks that need the vocabulary, in :meth:`_checked`'s order: ``logit_bias``, ``stop_token_ids``."""
+        _logit_bias(self.logit_bias, vocab_size)
+        _stop_token_ids(self.stop_token_ids, vocab_size)
 
     @property
     def greedy(self) -> bool:
@@ -237,7 +251,9 @@ class SamplingParams:
         # The read-only bias mapping cannot be pickled itself: rebuild from a plain dict, so
         # params survive pickle, copy.deepcopy and multiprocessing.
         return type(self), tuple(
-            dict(self.logit_bias) if f.name == "logit_bias" else getattr(self, f.name) for f in dataclasses.fields(self)
+            dict(self.logit_bias) if f.name == "logit_bias" else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.init
         )
 
     def replace(self, **changes: Any) -> SamplingParams:

@@ -39,10 +39,18 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from infer import __version__ as infer_version
-from infer.errors import DeadlineExceededError, InferError, InvalidParameterError
+from infer.errors import (
+    ContextLengthError,
+    DeadlineExceededError,
+    EmptyPromptError,
+    InferError,
+    InvalidParameterError,
+    InvalidTokenError,
+    PromptTooLongError,
+)
 from infer.evaluate import prompt_logprobs
 from infer.log import get_logger
-from infer.model import AsyncTokenStream, Model
+from infer.model import AsyncTokenStream, Model, PreparedRequest
 from infer.results import Completion, Timings, TokenEvent, Usage
 from infer.sampling import SamplingParams
 from infer.serve.admission import Admission, Ticket
@@ -63,7 +71,7 @@ from infer.serve.schemas import (
     parse_responses,
     parse_tokenize,
 )
-from infer.tools import ToolFormat, plan_tools, with_tool_calls
+from infer.tools import ToolFormat, with_tool_calls
 
 __all__ = ["create_app"]
 
@@ -241,11 +249,8 @@ class _Job:
     """An admitted generation request, ready to run."""
 
     request: GenerationRequest
-    #: Prompt ids, one list per choice.
-    prompts: list[list[int]]
-    params: SamplingParams
-    #: The tool-call format the output is parsed with (``None``: no tools in play).
-    tool_format: ToolFormat | None
+    #: What the model runs, one prepared request per choice.
+    prepared: list[PreparedRequest]
     arrived: float
     ticket: Ticket
     label: str
@@ -253,6 +258,21 @@ class _Job:
     served: str
     #: Responses: the conversation so far (earlier turns and this input), kept with the answer when stored.
     conversation: list[dict[str, Any]] | None = None
+
+    @property
+    def prompts(self) -> list[tuple[int, ...]]:
+        """Prompt ids, one per choice."""
+        return [prepared.prompt_ids for prepared in self.prepared]
+
+    @property
+    def params(self) -> SamplingParams:
+        """The sampling parameters (of the first choice: the others differ in their seed alone)."""
+        return self.prepared[0].params
+
+    @property
+    def tool_format(self) -> ToolFormat | None:
+        """The tool-call format the output is parsed with (``None``: no tools in play)."""
+        return self.prepared[0].tool_format
 
 
 @final
@@ -477,19 +497,17 @@ class _Server:
             if parsed.endpoint == "responses":
                 parsed, conversation = self._conversation(parsed)
             left = None if self.request_timeout is None else self.request_timeout - (time.perf_counter() - arrived)
-            prompts, params, tool_format = await anyio.to_thread.run_sync(
+            prepared = await anyio.to_thread.run_sync(
                 self._prepare, parsed, left, limiter=self._prepare_limiter, abandon_on_cancel=True
             )
-            prompts = [ids for ids in prompts for _ in range(parsed.n)]  # choice i*n + j: prompt i's j-th
-            ticket = self.admission.admit(sum(self._kv_bytes(ids, params) for ids in prompts))
+            prepared = [request for request in prepared for _ in range(parsed.n)]  # choice i*n + j: prompt i's j-th
+            ticket = self.admission.admit(sum(self._kv_bytes(request) for request in prepared))
         except APIError as err:
             self.metrics.count(label, err.status)
             return _error_response(err)
         if parsed.user is not None:
             self.log.info("serve.request", endpoint=label, user=parsed.user)
-        return _GenerationResponse(
-            self, _Job(parsed, prompts, params, tool_format, arrived, ticket, label, served, conversation)
-        )
+        return _GenerationResponse(self, _Job(parsed, prepared, arrived, ticket, label, served, conversation))
 
     def _conversation(self, parsed: GenerationRequest) -> tuple[GenerationRequest, list[dict[str, Any]]]:
         """A Responses request's messages: instructions, the stored turns it continues, its input."""
@@ -509,13 +527,11 @@ class _Server:
         system = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
         return replace(parsed, messages=[*system, *conversation]), conversation
 
-    def _kv_bytes(self, ids: list[int], params: SamplingParams) -> int:
+    def _kv_bytes(self, request: PreparedRequest) -> int:
         """KV cache bytes the request's sequence will hold: its capacity, as the engine sizes it."""
         if self.admission.kv_budget_bytes is None:
             return 0
-        room = self.model.context_length - len(ids)
-        new = room if params.max_tokens is None else min(params.max_tokens, room)
-        return int((len(ids) + new) * self.model.kv_bytes_per_token)
+        return int((len(request.prompt_ids) + request.max_new_tokens) * self.model.kv_bytes_per_token)
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -565,44 +581,46 @@ class _Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _prepare(
-        self, parsed: GenerationRequest, left: float | None
-    ) -> tuple[list[list[int]], SamplingParams, ToolFormat | None]:
-        """Prompt ids (one list per choice), sampling parameters and tool-call format (in a worker thread).
+    def _prepare(self, parsed: GenerationRequest, left: float | None) -> list[PreparedRequest]:
+        """The model's prepared requests, one per prompt (in a worker thread).
 
-        Every limit is checked here. ``left``: seconds before the request's deadline, which
-        bounds the template's render. Tools are planned and output constraints compiled by the
-        core's own code (:func:`infer.tools.plan_tools`, :meth:`infer.Model.compile_response_format`).
+        :meth:`infer.Model.prepare` checks the sampling, plans tools, compiles the output
+        constraint and tokenizes (after a byte-length check against the server's limit); ``left``,
+        the seconds before the request's deadline, bounds the template's render. Here: the
+        server's own limits, and its words for the core's errors about the prompt.
         """
-        model = self.model
         if left is not None and left <= 0:
             raise self.deadline_error("before its prompt was read")
+        options: dict[str, Any] = {**parsed.sampling, "max_prompt_bytes": self.max_prompt_bytes}
+        if parsed.tools is not None or parsed.tool_choice is not None:
+            options |= {"tools": parsed.tools, "tool_choice": parsed.tool_choice}
+        if parsed.response_format is not None:
+            options["response_format"] = parsed.response_format
+        if parsed.template_kwargs:
+            options["chat_template_kwargs"] = parsed.template_kwargs
+        prepared: list[PreparedRequest] = []
         try:
-            params = SamplingParams(**parsed.sampling)
-            params.validate(model.vocab_size)
-            messages, tool_format, template_vars, response_format = plan_tools(
-                model.chat_template, parsed.messages, parsed.tools, parsed.tool_choice, parsed.response_format
-            )
-            if response_format is not None:
-                params = replace(params, constraint=model.compile_response_format(response_format))
-            limit = self.max_prompt_bytes
-            if messages is not None:
-                kwargs = parsed.template_kwargs | template_vars
-                prompts = [model.chat_ids(messages, timeout=left, max_bytes=limit, **kwargs)]
-            else:
-                prompts = [self._prompt_ids(prompt, parsed.suffix) for prompt in parsed.prompts]
+            if parsed.messages is not None:
+                prepared.append(self.model.prepare(messages=parsed.messages, timeout=left, **options))
+            for prompt in parsed.prompts:
+                if prepared:  # the sampling is the first prompt's, checked and compiled once
+                    options = {"params": prepared[0].params, "max_prompt_bytes": self.max_prompt_bytes}
+                prepared.append(self.model.prepare(self._fim(prompt, parsed.suffix), timeout=left, **options))
         except InferError as exc:
-            raise from_infer_error(exc, params=parsed.error_names) from None
-        for ids in prompts:
-            self._check_length(parsed, ids)
-        return prompts, params, tool_format
+            raise self._prompt_error(exc, parsed) from None
+        for request in prepared:
+            error = self._length_error(parsed, len(request.prompt_ids))
+            if error is not None:
+                raise error
+        return prepared
 
-    def _prompt_ids(self, prompt: str | list[int], suffix: str | None) -> list[int]:
+    def _fim(self, prompt: str | list[int], suffix: str | None) -> str | list[int]:
+        """The prompt, or with a ``suffix`` the fill-in-the-middle ids of both."""
+        if suffix is None:
+            return prompt
         model = self.model
         if isinstance(prompt, str):
-            model.check_prompt_bytes(prompt + (suffix or ""), max_bytes=self.max_prompt_bytes)
-        if suffix is None:
-            return model.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            model.check_prompt_bytes(prompt + suffix, max_bytes=self.max_prompt_bytes)
         prefix_id, suffix_id, middle_id = self.fim_ids()
         head = model.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         # Prefix-suffix-middle order, as StarCoder-style and Qwen coder models are trained.
@@ -623,44 +641,55 @@ class _Server:
             code="unsupported_parameter",
         )
 
-    def _check_length(self, parsed: GenerationRequest, ids: list[int]) -> None:
+    def _prompt_error(self, exc: InferError, parsed: GenerationRequest) -> APIError:
+        """The answer to a core error; the server's own words for a prompt empty, too long or off the vocabulary."""
+        field = parsed.prompt_field
+        if isinstance(exc, EmptyPromptError):
+            return APIError(400, f"{field} has no tokens; give non-empty text", param=field, code="invalid_value")
+        if isinstance(exc, InvalidTokenError):
+            return APIError(
+                400,
+                f"token id {exc.token_id} is outside the vocabulary [0, {exc.vocab_size})",
+                param=field,
+                code="invalid_value",
+            )
+        if isinstance(exc, ContextLengthError) and not isinstance(exc, PromptTooLongError):
+            error = self._length_error(parsed, exc.prompt_tokens)
+            if error is not None:
+                return error
+        return from_infer_error(exc, params=parsed.error_names)
+
+    def _length_error(self, parsed: GenerationRequest, prompt_tokens: int) -> APIError | None:
+        """The 400 of a prompt over the server's limit or the model's context, or of a max_tokens that does not fit."""
         model = self.model
         field = parsed.prompt_field
-        if not ids:
-            raise APIError(400, f"{field} has no tokens; give non-empty text", param=field, code="invalid_value")
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise APIError(
+        if self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens:
+            return APIError(
                 400,
-                f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}",
+                f"the prompt has {prompt_tokens} tokens; this server accepts at most {self.max_prompt_tokens}",
                 param=field,
                 code="context_length_exceeded",
             )
-        room = model.context_length - len(ids)
+        room = model.context_length - prompt_tokens
         if room < 1:
-            raise APIError(
+            return APIError(
                 400,
-                f"the prompt has {len(ids)} tokens and leaves no room in the model's context of "
+                f"the prompt has {prompt_tokens} tokens and leaves no room in the model's context of "
                 f"{model.context_length} tokens; shorten it",
                 param=field,
                 code="context_length_exceeded",
             )
         if parsed.max_tokens is not None and parsed.max_tokens > room:
-            name = parsed.fields.get("max_tokens", "max_tokens")
-            raise APIError(
+            # The core cuts max_tokens to the room left; OpenAI's API refuses it instead.
+            name = parsed.error_names.get("max_tokens", "max_tokens")
+            return APIError(
                 400,
-                f"{name}={parsed.max_tokens} does not fit: the prompt has {len(ids)} tokens, so at most {room} "
+                f"{name}={parsed.max_tokens} does not fit: the prompt has {prompt_tokens} tokens, so at most {room} "
                 f"more fit in the model's context of {model.context_length}",
                 param=name,
                 code="context_length_exceeded",
             )
-        if any(not 0 <= t < model.vocab_size for t in ids):
-            bad = next(t for t in ids if not 0 <= t < model.vocab_size)
-            raise APIError(
-                400,
-                f"token id {bad} is outside the vocabulary [0, {model.vocab_size})",
-                param=field,
-                code="invalid_value",
-            )
+        return None
 
     def remaining(self, job: _Job) -> float | None:
         """Seconds left before the job's deadline (``None``: no deadline)."""
@@ -759,10 +788,7 @@ class _GenerationResponse(Response):
                 raise server.deadline_error("while queued for a slot")
             if job.request.max_tokens != 0:  # 0: echo alone, nothing generated
                 # All prompts at once: the model's scheduler batches their steps.
-                streams = [
-                    server.model.astream(ids, params=self._choice_params(k), timeout=left)
-                    for k, ids in enumerate(job.prompts)
-                ]
+                streams = [server.model.astream(self._choice(k, left)) for k in range(len(job.prepared))]
             server.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompts[:: job.request.n]))
             echoes = await self._echoes(left)
             if job.request.stream:
@@ -790,12 +816,16 @@ class _GenerationResponse(Response):
                 await stream.aclose()  # a no-op when it finished; otherwise the request leaves the batch
             job.ticket.release()
 
-    def _choice_params(self, k: int) -> SamplingParams:
-        """Sampling of choice ``k``: a seeded prompt's n choices take seeds seed, seed+1... (distinct, reproducible)."""
-        params, j = self.job.params, k % self.job.request.n
-        if j == 0 or params.seed is None:
-            return params
-        return replace(params, seed=(params.seed + j) % 2**64)
+    def _choice(self, k: int, left: float | None) -> PreparedRequest:
+        """Choice ``k``, to end within ``left`` seconds.
+
+        A seeded prompt's n choices take seeds seed, seed+1... (distinct, reproducible).
+        """
+        prepared, j = self.job.prepared[k], k % self.job.request.n
+        params = prepared.params
+        if j and params.seed is not None:
+            params = replace(params, seed=(params.seed + j) % 2**64)
+        return replace(prepared, params=params, timeout=left)
 
     async def _echoes(self, left: float | None) -> list[Echo | None]:
         """Each prompt to echo (``None`` each without ``echo``), scored when logprobs are asked for.
