@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,13 +204,13 @@ class DecoderGraph:
     #: ``silu`` op has no value inference in coremltools, so it becomes x * sigmoid(x).
     foldable: bool = False
     _consts: dict[str, Var] = field(default_factory=dict, init=False, repr=False)
+    #: Phi-3's stacked matrices sliced into the separate ones the ops below name (else empty).
+    _unfused: dict[str, npt.NDArray[Any]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # A family feature this graph does not write would be silently dropped: refuse instead.
         self.spec.require(SUPPORTED_FEATURES, backend="coreml")
-        if self.spec.fused_projections:
-            # Phi-3's stacked matrices, read as the separate ones the ops below name.
-            self.weights = ChainMap(self.spec.unfused(self.weights), self.weights)
+        self._unfused = self.spec.unfused(self.weights)
 
     @property
     def np_dtype(self) -> type[np.floating[Any]]:
@@ -226,7 +225,7 @@ class DecoderGraph:
         mb, _, _ = _mil()
         if name not in self._consts:
             try:
-                array = np.asarray(self.weights[name])
+                array = np.asarray(self._unfused[name] if name in self._unfused else self.weights[name])
             except KeyError:
                 raise ModelFormatError(f"weight {name!r} is missing from the model") from None
             expected = self.spec.expected_shapes().get(name)

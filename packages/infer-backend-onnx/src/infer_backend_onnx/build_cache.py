@@ -38,21 +38,13 @@ _log = get_logger().bind(backend="onnx")
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
-    """Folder under which built graphs live: ``override``, else infer's home, else the user cache."""
+    """Folder under which built graphs live: ``override``, else ``cache`` in infer's home
+    (:func:`infer.store.infer_home`: ``$INFER_HOME`` or the user cache folder)."""
     if override is not None:
         return Path(override).expanduser()
-    try:
-        from infer.store import infer_home  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        infer_home = None
-    if infer_home is not None:
-        return Path(infer_home()) / "cache"
-    env = os.environ.get("INFER_HOME")
-    if env:
-        return Path(env).expanduser() / "cache"
-    import platformdirs
+    from infer.store import infer_home
 
-    return Path(platformdirs.user_cache_dir("infer"))
+    return infer_home() / "cache"
 
 
 class CacheEntry:
@@ -132,10 +124,11 @@ def verify_entry(folder: Path, *, deep: bool = False) -> str | None:
     return None
 
 
-def cached_build(root: Path, key: str, build: Callable[[Path], None], meta: dict[str, Any]) -> CacheEntry:
+def cached_build(root: Path, key: str, build: Callable[[Path], object], meta: dict[str, Any]) -> CacheEntry:
     """Return the valid entry ``key`` under ``root``, building it with ``build(folder)`` if needed.
 
-    ``build`` writes the entry's files into the folder it is given; the manifest is added after.
+    ``build`` writes the entry's files into the folder it is given (what it returns is ignored);
+    the manifest is added after.
     """
     base = root / "onnx"
     entry = base / key

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Export", "ExportKVCache", "ExportModel", "find_export", "load_export"]
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ORT_TYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,14 +164,15 @@ class ExportModel(OnnxHandle):
         self.present_names = [f"present.{n}.{kv}" for n in layers for kv in ("key", "value")]
         config, genai = _read_json(export.folder / "config.json"), _read_json(export.folder / "genai_config.json")
         genai_model = genai.get("model", {})
-        self.kv_heads = _dim(
+        kv_heads = _dim(
             past.shape[1], config.get("num_key_value_heads"), genai_model.get("decoder", {}).get("num_key_value_heads")
         )
-        self.head_dim = _dim(past.shape[3], config.get("head_dim"), genai_model.get("decoder", {}).get("head_size"))
-        if self.head_dim is None and config.get("hidden_size") and config.get("num_attention_heads"):
-            self.head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
-        if self.kv_heads is None or self.head_dim is None:
+        head_dim = _dim(past.shape[3], config.get("head_dim"), genai_model.get("decoder", {}).get("head_size"))
+        if head_dim is None and config.get("hidden_size") and config.get("num_attention_heads"):
+            head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
+        if kv_heads is None or head_dim is None:
             raise ModelFormatError("cannot tell the KV head count and size: add config.json", path=export.folder)
+        self.kv_heads, self.head_dim = kv_heads, head_dim
         logits_shape = next(o.shape for o in session.get_outputs() if o.name == "logits")
         vocab = _dim(logits_shape[-1], config.get("vocab_size"), genai_model.get("vocab_size"))
         if vocab is None:
@@ -209,7 +210,7 @@ class ExportModel(OnnxHandle):
 
     def close(self) -> None:
         """Drop the session."""
-        self.session = None  # type: ignore[assignment]
+        self.session = None
 
     def prefill(self, batch: Batch) -> npt.NDArray[np.float32]:
         """Feed each row's tokens (row by row); last-token logits ``[B, vocab]``."""

@@ -654,7 +654,7 @@ class _GraphBuilder:
             (logits,) = self.op("Mul", [capped, cap])
         self.nodes[-1].output[0] = "logits"
 
-        kv_shape = ["batch", s.num_key_value_heads, "kv_capacity", s.head_dim]
+        kv_shape: list[str | int] = ["batch", s.num_key_value_heads, "kv_capacity", s.head_dim]
         kv_elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.kv_dtype))
         inputs = [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),

@@ -160,10 +160,10 @@ def fit_affine(
             scales[start : start + _FIT_ROWS] = np.where(better, s, scales[start : start + _FIT_ROWS])
             mins[start : start + _FIT_ROWS] = np.where(better, m, mins[start : start + _FIT_ROWS])
     codes = _affine_codes(blocks, scales, mins, top).astype(np.uint8)
-    q = QuantizedWeight(
+    fitted = QuantizedWeight(
         packed=pack(codes, bits), scales=scales, zero_points=None, k=k, block_size=block_size, bits=bits
     )
-    return q, (mins + scales * (1 << (bits - 1))).astype(np.float32)
+    return fitted, (mins + scales * (1 << (bits - 1))).astype(np.float32)
 
 
 def _affine_codes(

@@ -262,7 +262,7 @@ class OnnxModel(OnnxHandle):
     def close(self) -> None:
         """Drop the session; caches made from this model must not be used afterwards."""
         self._closed = True
-        self.session = None  # type: ignore[assignment]
+        self.session = None
 
     def prefill(self, batch: Batch) -> _Logits:
         """Feed each row's tokens; logits of each row's last token, ``[B, vocab]``."""
