@@ -54,9 +54,10 @@ class Certificate:
         """
         previous = self.outcomes.get(nodeid)
         self.outcomes[nodeid] = outcome
-        for key in keys if previous is not None else ():
-            check = self.checks[key]
-            setattr(check, previous, getattr(check, previous) - 1)
+        if previous is not None:
+            for key in keys:
+                check = self.checks[key]
+                setattr(check, previous, getattr(check, previous) - 1)
         if outcome == "skipped" and reason:
             self.skips[nodeid] = reason
         for key in keys:

@@ -24,11 +24,15 @@ import json
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from infer_conformance.certificate import Certificate
+
+if TYPE_CHECKING:  # the plugin imports infer only when a fixture runs: pytest loads it for every run
+    import infer
+    from infer.plugins import Registry
 
 __all__ = ["SuiteConfig", "require"]
 
@@ -48,25 +52,25 @@ class SuiteConfig:
     #: Most positions the long-context and resource tests fill (``None``: the whole context).
     max_context: int | None = None
 
-    def context(self, model: Any) -> int:
+    def context(self, model: infer.Model) -> int:
         """Positions the long-context and resource tests fill on ``model``."""
         return min(model.context_length, self.max_context or model.context_length)
 
-    def load(self, **overrides: Any) -> Any:
+    def load(self, **overrides: Any) -> infer.Model:
         """Load a fresh model with the configured settings (plus ``overrides``)."""
         import infer
 
         options = {**self.options, **overrides}
         return infer.load(self.model, backend=self.backend, device=self.device, dtype=self.dtype, **options)
 
-    def load_ref(self, ref: str | Path, **overrides: Any) -> Any:
+    def load_ref(self, ref: str | Path, **overrides: Any) -> infer.Model:
         """Load another model (a family fixture, say) with the configured backend, device, dtype and options."""
         import infer
 
         options = {**self.options, **overrides}
         return infer.load(ref, backend=self.backend, device=self.device, dtype=self.dtype, **options)
 
-    def info(self) -> Any:
+    def info(self) -> infer.BackendInfo:
         """The backend's declared :class:`infer.BackendInfo`, without loading a model."""
         from infer.plugins import get_registry
 
@@ -216,7 +220,7 @@ def suite(pytestconfig: pytest.Config) -> SuiteConfig:
 
 
 @pytest.fixture(scope="session")
-def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[Any]:
+def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[infer.Model]:
     """One model shared by the tests that leave it as they found it."""
     loaded = suite.load()
     certificate = pytestconfig.stash.get(_CERTIFICATE, None)
@@ -227,7 +231,7 @@ def model(suite: SuiteConfig, pytestconfig: pytest.Config) -> Iterator[Any]:
 
 
 @pytest.fixture
-def fresh_model(suite: SuiteConfig) -> Iterator[Any]:
+def fresh_model(suite: SuiteConfig) -> Iterator[infer.Model]:
     """A model of its own, for tests that inject faults or watch backend calls."""
     loaded = suite.load()
     yield loaded
@@ -235,20 +239,20 @@ def fresh_model(suite: SuiteConfig) -> Iterator[Any]:
 
 
 @pytest.fixture
-def info(model: Any) -> Any:
+def info(model: infer.Model) -> infer.BackendInfo:
     """The backend's declared :class:`infer.BackendInfo`."""
     return model.info
 
 
 @pytest.fixture
-def registry() -> Any:
+def registry() -> Registry:
     """The process-wide plugin registry (to add wrapper plugins)."""
     from infer.plugins import get_registry
 
     return get_registry()
 
 
-def require(info: Any, capability: Any) -> None:
+def require(info: infer.BackendInfo, capability: infer.Capability) -> None:
     """Skip the calling test, saying why, unless the backend declares ``capability``."""
     if capability not in info.capabilities:
         pytest.skip(f"backend {info.name!r} does not declare the {capability.value!r} capability")

@@ -107,7 +107,8 @@ class ReferenceModel:
         logits = x @ head.T
         if s.final_softcap is not None:
             logits = s.final_softcap * np.tanh(logits / s.final_softcap)
-        return logits.astype(np.float32)
+        out: npt.NDArray[np.float32] = logits.astype(np.float32)
+        return out
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of ``ids`` (prefill then one decode step per token), stopping at an eos id."""

@@ -13,13 +13,13 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from infer_backend_numpy import NumpyModel
-from infer_backend_numpy import plugin as numpy_backend
 
 import infer
 from infer.sampling import sample
 from infer_backend_fake import FakeKV, FakeModel
 from infer_backend_fake import plugin as fake
+from infer_backend_numpy import NumpyModel
+from infer_backend_numpy import plugin as numpy_backend
 from infer_conformance.reference import ReferenceModel
 
 Cap = infer.Capability

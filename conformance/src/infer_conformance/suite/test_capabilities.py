@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 import infer
 from infer.sampling import SamplerState, SamplingParams, sample
-from infer_conformance.plugin import require
+from infer_conformance.plugin import SuiteConfig, require
 from infer_conformance.tolerances import assert_consistent
 
 pytestmark = pytest.mark.conformance
@@ -23,11 +26,11 @@ PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
 Cap = infer.Capability
 
 
-def _bits(a):
+def _bits(a: npt.ArrayLike) -> npt.NDArray[np.uint32]:
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
-def _workload(model):
+def _workload(model: infer.Model) -> list[npt.NDArray[np.float32]]:
     """Chunked and batched prefill, then decode steps: every logits array returned, copied."""
     rows = [PROMPT, PROMPT[:5], PROMPT[::-1]]
     seqs = [model.new_sequence(len(PROMPT) + 8) for _ in rows]
@@ -41,7 +44,7 @@ def _workload(model):
 
 
 @pytest.mark.certifies("capability:deterministic")
-def test_deterministic_backends_repeat_prefill_and_decode_bit_for_bit(model):
+def test_deterministic_backends_repeat_prefill_and_decode_bit_for_bit(model: infer.Model) -> None:
     require(model.info, Cap.DETERMINISTIC)
     first = _workload(model)
     seq = model.new_sequence(32)  # unrelated work in between must not leak into the next run
@@ -54,7 +57,9 @@ def test_deterministic_backends_repeat_prefill_and_decode_bit_for_bit(model):
 
 
 @pytest.mark.certifies("capability:deterministic")
-def test_deterministic_backends_give_bit_identical_logits_on_a_fresh_model(suite, model):
+def test_deterministic_backends_give_bit_identical_logits_on_a_fresh_model(
+    suite: SuiteConfig, model: infer.Model
+) -> None:
     require(model.info, Cap.DETERMINISTIC)
     with suite.load() as other:
         for step, (a, b) in enumerate(zip(_workload(model), _workload(other), strict=True)):
@@ -62,7 +67,7 @@ def test_deterministic_backends_give_bit_identical_logits_on_a_fresh_model(suite
 
 
 @pytest.mark.certifies("capability:batch")
-def test_a_ragged_batch_gives_the_same_logits_as_each_row_alone(model):
+def test_a_ragged_batch_gives_the_same_logits_as_each_row_alone(model: infer.Model) -> None:
     require(model.info, Cap.BATCH)
     rows = [PROMPT, PROMPT[:3], PROMPT[2:9], [11], PROMPT[::-1]]
     singles = []
@@ -84,7 +89,7 @@ def test_a_ragged_batch_gives_the_same_logits_as_each_row_alone(model):
 
 
 @pytest.mark.certifies("capability:batch")
-def test_a_batched_prefill_continuing_earlier_chunks_equals_each_row_alone(model):
+def test_a_batched_prefill_continuing_earlier_chunks_equals_each_row_alone(model: infer.Model) -> None:
     # The core chunks long prompts, so rows of one prefill batch may already hold earlier chunks.
     require(model.info, Cap.BATCH)
     rows = [PROMPT, PROMPT[::-1], PROMPT[3:]]
@@ -103,7 +108,7 @@ def test_a_batched_prefill_continuing_earlier_chunks_equals_each_row_alone(model
 
 
 @pytest.mark.certifies("capability:batch")
-def test_a_decode_batch_of_caches_at_different_lengths_equals_each_alone(model):
+def test_a_decode_batch_of_caches_at_different_lengths_equals_each_alone(model: infer.Model) -> None:
     require(model.info, Cap.BATCH)
     prompts = [PROMPT[: n + 1] for n in range(0, len(PROMPT), 3)]
     alone = []
@@ -136,13 +141,16 @@ EXACT = {
 }
 
 
-def _device_sampler(suite):
+def _device_sampler(suite: SuiteConfig) -> Callable[..., Any]:
     from infer.plugins import get_registry
 
-    return get_registry().backend(suite.backend).hooks.sample
+    sampler: Callable[..., Any] = get_registry().backend(suite.backend).hooks.sample
+    return sampler
 
 
-def _states(params, history, vocab, seeds=None):
+def _states(
+    params: Sequence[SamplingParams], history: Sequence[int], vocab: int, seeds: Sequence[int] | None = None
+) -> list[SamplerState]:
     out = []
     for i, p in enumerate(params):
         state = SamplerState(p.replace(seed=seeds[i]) if seeds is not None else p, PROMPT, vocab)
@@ -152,9 +160,9 @@ def _states(params, history, vocab, seeds=None):
     return out
 
 
-def _rows(model):
+def _rows(model: infer.Model) -> npt.NDArray[np.float32]:
     seqs = [model.new_sequence(len(PROMPT)) for _ in range(3)]
-    logits = model.run_prefill(seqs, [PROMPT, PROMPT[:4], PROMPT[6:]]).copy()
+    logits: npt.NDArray[np.float32] = model.run_prefill(seqs, [PROMPT, PROMPT[:4], PROMPT[6:]]).copy()
     for seq in seqs:
         seq.release()
     return logits
@@ -162,7 +170,9 @@ def _rows(model):
 
 @pytest.mark.certifies("capability:device_sampling")
 @pytest.mark.parametrize("case", sorted(EXACT))
-def test_the_device_sampler_equals_the_reference_sampler_where_it_is_deterministic(suite, model, case):
+def test_the_device_sampler_equals_the_reference_sampler_where_it_is_deterministic(
+    suite: SuiteConfig, model: infer.Model, case: str
+) -> None:
     require(model.info, Cap.DEVICE_SAMPLING)
     # Flattened rows, each repeated with its own seed: a sampler that draws where the reference
     # is deterministic (ignoring top_p -> 0, say) cannot match all of them by luck.
@@ -192,12 +202,15 @@ def _chi_square_critical(df: int, z: float = 3.09) -> float:
     ],
     ids=["temperature+top_k", "top_p", "min_p+penalties"],
 )
-def test_the_device_sampler_draws_from_the_reference_distribution(suite, model, params):
+def test_the_device_sampler_draws_from_the_reference_distribution(
+    suite: SuiteConfig, model: infer.Model, params: SamplingParams
+) -> None:
     require(model.info, Cap.DEVICE_SAMPLING)
     row = _rows(model)[:1] * np.float32(0.25)  # flatter, so many tokens take part
     history = [int(np.argmax(row[0]))]
     draws = 3000
-    device, reference = Counter(), Counter()
+    device: Counter[int] = Counter()
+    reference: Counter[int] = Counter()
     device_state = _states([params], history, model.vocab_size, seeds=[11])
     reference_state = _states([params], history, model.vocab_size, seeds=[12])
     sampler = _device_sampler(suite)
@@ -229,7 +242,7 @@ def test_the_device_sampler_draws_from_the_reference_distribution(suite, model, 
 
 
 @pytest.mark.certifies("capability:fault_injection")
-def test_injected_faults_surface_as_typed_errors_and_the_model_recovers(suite):
+def test_injected_faults_surface_as_typed_errors_and_the_model_recovers(suite: SuiteConfig) -> None:
     info = suite.info()
     require(info, Cap.FAULT_INJECTION)
     with suite.load(raise_at_step=2) as model:
@@ -239,7 +252,7 @@ def test_injected_faults_surface_as_typed_errors_and_the_model_recovers(suite):
 
 
 @pytest.mark.certifies("capability:fault_injection")
-def test_injected_latency_slows_every_step(suite):
+def test_injected_latency_slows_every_step(suite: SuiteConfig) -> None:
     import time
 
     require(suite.info(), Cap.FAULT_INJECTION)
@@ -250,7 +263,7 @@ def test_injected_latency_slows_every_step(suite):
 
 
 @pytest.mark.certifies("capability:synthetic")
-def test_a_synthetic_backend_is_never_chosen_by_default(suite):
+def test_a_synthetic_backend_is_never_chosen_by_default(suite: SuiteConfig) -> None:
     info = suite.info()
     require(info, Cap.SYNTHETIC)
     from infer.plugins import get_registry

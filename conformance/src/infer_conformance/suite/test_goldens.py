@@ -9,6 +9,7 @@ A backend declaring :attr:`~infer.Capability.SYNTHETIC` computes no real logits 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 import infer
 from infer_conformance.fixtures import FAMILY_FIXTURES, SMOLLM2_GOLDENS, goldens_of
+from infer_conformance.plugin import SuiteConfig
 from infer_conformance.tolerances import grade_logits, model_bound
 
 pytestmark = pytest.mark.conformance
@@ -47,7 +49,7 @@ FAMILIES = [pytest.param(family, marks=pytest.mark.certifies(f"family:{family}")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def graded(request: pytest.FixtureRequest, suite):
+def graded(request: pytest.FixtureRequest, suite: SuiteConfig) -> Iterator[Graded]:
     """Each family fixture loaded on the backend under test (skipped when the backend refuses the family)."""
     _skip_synthetic(suite.info())
     family = request.param
@@ -59,7 +61,7 @@ def graded(request: pytest.FixtureRequest, suite):
     model.close()
 
 
-def test_last_position_logits_after_prefill_match_the_goldens(graded):
+def test_last_position_logits_after_prefill_match_the_goldens(graded: Graded) -> None:
     model = graded.model
     for n, prompt in enumerate(graded.prompts):
         ids = prompt["ids"]
@@ -70,7 +72,7 @@ def test_last_position_logits_after_prefill_match_the_goldens(graded):
             grade_logits(got, golden, graded.bound, f"prefill of {len(fed)} tokens, {graded.label(n)}")
 
 
-def test_teacher_forced_decode_logits_match_the_goldens(graded):
+def test_teacher_forced_decode_logits_match_the_goldens(graded: Graded) -> None:
     model = graded.model
     for n, prompt in enumerate(graded.prompts):
         ids, golden = prompt["ids"], graded.arrays[f"decode_{n}"]
@@ -82,7 +84,7 @@ def test_teacher_forced_decode_logits_match_the_goldens(graded):
         grade_logits(got, golden[: len(fed)], graded.bound, f"teacher-forced decode, {graded.label(n)}")
 
 
-def test_greedy_continuations_match_the_goldens(graded):
+def test_greedy_continuations_match_the_goldens(graded: Graded) -> None:
     model, bound = graded.model, graded.bound
     for n, prompt in enumerate(graded.prompts):
         expected = prompt["greedy"]
@@ -94,7 +96,7 @@ def test_greedy_continuations_match_the_goldens(graded):
             assert got[0] in top, f"{graded.label(n)}: first greedy token {got[0]} not in the golden top {top}"
 
 
-def _teacher_forced_ranks(model, prompt, continuation):
+def _teacher_forced_ranks(model: infer.Model, prompt: list[int], continuation: list[int]) -> list[int]:
     """Rank of each golden token among the backend's logits when fed the golden continuation."""
     seq = model.new_sequence(len(prompt) + len(continuation))
     logits = model.run_prefill([seq], [prompt])[0]
@@ -107,7 +109,7 @@ def _teacher_forced_ranks(model, prompt, continuation):
 
 
 @pytest.mark.certifies("family:smollm2-135m-instruct")
-def test_smollm2_greedy_continuations_match_transformers(suite, model):
+def test_smollm2_greedy_continuations_match_transformers(suite: SuiteConfig, model: infer.Model) -> None:
     if "smollm2" not in Path(suite.model).name.lower():
         pytest.skip("the model under test is not SmolLM2-135M-Instruct (pass its GGUF or bundle as --infer-model)")
     _skip_synthetic(model.info)

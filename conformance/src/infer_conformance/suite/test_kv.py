@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import infer
 from infer_conformance.probes import track_caches, wait_idle
 from infer_conformance.tolerances import assert_consistent
 
@@ -12,7 +13,7 @@ pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:kv-cache"
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
 
 
-def test_new_cache_is_empty_with_the_requested_capacity(model):
+def test_new_cache_is_empty_with_the_requested_capacity(model: infer.Model) -> None:
     seq = model.new_sequence(32)
     assert seq.length == 0
     assert seq.capacity >= 32
@@ -20,7 +21,7 @@ def test_new_cache_is_empty_with_the_requested_capacity(model):
     seq.release()
 
 
-def test_prefill_appends_exactly_the_prompt_and_decode_appends_one(model):
+def test_prefill_appends_exactly_the_prompt_and_decode_appends_one(model: infer.Model) -> None:
     seq = model.new_sequence(len(PROMPT) + 4)
     model.run_prefill([seq], [PROMPT])
     assert seq.length == len(PROMPT)
@@ -30,7 +31,7 @@ def test_prefill_appends_exactly_the_prompt_and_decode_appends_one(model):
     seq.release()
 
 
-def test_prefill_in_chunks_continues_the_same_cache(model):
+def test_prefill_in_chunks_continues_the_same_cache(model: infer.Model) -> None:
     whole = model.new_sequence(len(PROMPT))
     one = model.run_prefill([whole], [PROMPT])
     split = model.new_sequence(len(PROMPT))
@@ -43,7 +44,7 @@ def test_prefill_in_chunks_continues_the_same_cache(model):
     split.release()
 
 
-def test_release_frees_the_cache_memory_and_is_idempotent(model):
+def test_release_frees_the_cache_memory_and_is_idempotent(model: infer.Model) -> None:
     seq = model.new_sequence(64)
     model.run_prefill([seq], [PROMPT])
     assert seq.nbytes > 0
@@ -54,7 +55,7 @@ def test_release_frees_the_cache_memory_and_is_idempotent(model):
     assert seq.released
 
 
-def test_prefill_then_decode_equals_prefill_of_the_whole_prompt(model):
+def test_prefill_then_decode_equals_prefill_of_the_whole_prompt(model: infer.Model) -> None:
     full = model.new_sequence(len(PROMPT))
     expected = model.run_prefill([full], [PROMPT])
     inc = model.new_sequence(len(PROMPT))
@@ -65,7 +66,7 @@ def test_prefill_then_decode_equals_prefill_of_the_whole_prompt(model):
     inc.release()
 
 
-def test_several_decode_steps_equal_one_prefill(model):
+def test_several_decode_steps_equal_one_prefill(model: infer.Model) -> None:
     full = model.new_sequence(len(PROMPT))
     expected = model.run_prefill([full], [PROMPT])
     inc = model.new_sequence(len(PROMPT))
@@ -77,7 +78,7 @@ def test_several_decode_steps_equal_one_prefill(model):
     inc.release()
 
 
-def test_every_cache_a_request_made_is_released_when_it_ends(fresh_model):
+def test_every_cache_a_request_made_is_released_when_it_ends(fresh_model: infer.Model) -> None:
     made = track_caches(fresh_model)
     fresh_model.generate([1, 2, 3], max_tokens=5, temperature=0)
     with fresh_model.stream([1, 2, 3], max_tokens=50, temperature=0) as stream:

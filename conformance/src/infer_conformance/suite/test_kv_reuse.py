@@ -9,10 +9,14 @@ with the reason.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 import infer
-from infer_conformance.plugin import require
+from infer_conformance.plugin import SuiteConfig, require
 from infer_conformance.tolerances import assert_consistent
 
 pytestmark = pytest.mark.conformance
@@ -22,9 +26,11 @@ DRAFT = [7, 9, 11, 13]
 Cap = infer.Capability
 
 
-def _prefilled(model, tokens, capacity=32):
+def _prefilled(
+    model: infer.Model, tokens: list[int], capacity: int = 32
+) -> tuple[infer.KVCache, npt.NDArray[np.float32]]:
     seq = model.new_sequence(capacity)
-    logits = model.run_prefill([seq], [tokens]).copy()
+    logits: npt.NDArray[np.float32] = model.run_prefill([seq], [tokens]).copy()
     return seq, logits
 
 
@@ -32,7 +38,7 @@ def _prefilled(model, tokens, capacity=32):
 
 
 @pytest.mark.certifies("capability:truncate")
-def test_truncate_then_decode_equals_never_having_appended(model, info):
+def test_truncate_then_decode_equals_never_having_appended(model: infer.Model, info: infer.BackendInfo) -> None:
     require(info, Cap.TRUNCATE)
     clean, _ = _prefilled(model, PROMPT[:8])
     expected = model.run_decode([clean], [PROMPT[8]]).copy()
@@ -47,7 +53,9 @@ def test_truncate_then_decode_equals_never_having_appended(model, info):
 
 
 @pytest.mark.certifies("capability:truncate")
-def test_truncate_inside_the_prompt_then_prefill_equals_a_prefill_of_the_kept_tokens(model, info):
+def test_truncate_inside_the_prompt_then_prefill_equals_a_prefill_of_the_kept_tokens(
+    model: infer.Model, info: infer.BackendInfo
+) -> None:
     require(info, Cap.TRUNCATE)
     whole, expected = _prefilled(model, PROMPT[:3] + PROMPT[6:])
     cut, _ = _prefilled(model, PROMPT)
@@ -63,7 +71,7 @@ def test_truncate_inside_the_prompt_then_prefill_equals_a_prefill_of_the_kept_to
 
 
 @pytest.mark.certifies("capability:fork")
-def test_a_fork_equals_a_prefill_of_the_same_prefix(model, info):
+def test_a_fork_equals_a_prefill_of_the_same_prefix(model: infer.Model, info: infer.BackendInfo) -> None:
     require(info, Cap.FORK)
     source, _ = _prefilled(model, PROMPT)
     fork = model.fork(source, 6, 32)
@@ -78,7 +86,7 @@ def test_a_fork_equals_a_prefill_of_the_same_prefix(model, info):
 
 
 @pytest.mark.certifies("capability:fork")
-def test_a_fork_and_its_source_are_independent(model, info):
+def test_a_fork_and_its_source_are_independent(model: infer.Model, info: infer.BackendInfo) -> None:
     require(info, Cap.FORK)
     source, _ = _prefilled(model, PROMPT[:8])
     twin, _ = _prefilled(model, PROMPT[:8])
@@ -97,7 +105,7 @@ def test_a_fork_and_its_source_are_independent(model, info):
 
 
 @pytest.mark.certifies("capability:all_logits")
-def test_all_position_logits_equal_successive_decodes(model, info):
+def test_all_position_logits_equal_successive_decodes(model: infer.Model, info: infer.BackendInfo) -> None:
     require(info, Cap.ALL_LOGITS)
     start = PROMPT[:4]
     stepped, _ = _prefilled(model, start)
@@ -113,7 +121,7 @@ def test_all_position_logits_equal_successive_decodes(model, info):
 
 
 @pytest.mark.certifies("capability:all_logits")
-def test_all_position_logits_of_a_ragged_batch_come_row_after_row(model, info):
+def test_all_position_logits_of_a_ragged_batch_come_row_after_row(model: infer.Model, info: infer.BackendInfo) -> None:
     require(info, Cap.ALL_LOGITS)
     a, b = PROMPT[:5], DRAFT[:2]
     solo = [model.new_sequence(8), model.new_sequence(8)]
@@ -135,11 +143,13 @@ SHARED = [(7 * i + 3) % 200 + 10 for i in range(40)]  # a 40-token shared prefix
 
 
 @pytest.mark.certifies("capability:fork")
-def test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens(suite, model, info):
+def test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens(
+    suite: SuiteConfig, model: infer.Model, info: infer.BackendInfo
+) -> None:
     require(info, Cap.FORK)
     cached = suite.load(prefix_cache=True)
     try:
-        greedy = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        greedy: dict[str, Any] = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
         cached.generate([*SHARED, 1, 2], **greedy)
         for tail in ([3], [4, 5, 6], [1, 2]):
             hit = cached.generate([*SHARED, *tail], **greedy)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import infer
+from infer_conformance.plugin import SuiteConfig
 from infer_conformance.probes import Gate, StepDelay, StepRecorder, StepStall, installed, track_caches, wait_idle
 
 pytestmark = pytest.mark.conformance
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.conformance
 PROMPT = [5, 17, 42, 8, 99, 3, 61]
 
 
-def _assert_stopped(model, recorder, made):
+def _assert_stopped(model: infer.Model, recorder: StepRecorder, made: list[infer.KVCache]) -> None:
     wait_idle(model)
     settled = recorder.count()
     time.sleep(0.05)
@@ -25,7 +26,7 @@ def _assert_stopped(model, recorder, made):
 
 
 @pytest.mark.parametrize("how", ["close", "break", "drop", "context-exit"])
-def test_ending_a_stream_stops_backend_work_within_one_step(fresh_model, how):
+def test_ending_a_stream_stops_backend_work_within_one_step(fresh_model: infer.Model, how: str) -> None:
     made = track_caches(fresh_model)
     with installed(StepRecorder(fresh_model.handle)) as recorder:
         stream = fresh_model.stream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True)
@@ -46,14 +47,14 @@ def test_ending_a_stream_stops_backend_work_within_one_step(fresh_model, how):
         assert recorder.count("decode") < 10_000 - 1
 
 
-def test_cancelling_an_asyncio_task_stops_backend_work(fresh_model):
+def test_cancelling_an_asyncio_task_stops_backend_work(fresh_model: infer.Model) -> None:
     made = track_caches(fresh_model)
 
-    async def consume(started):
+    async def consume(started: asyncio.Event) -> None:
         async for _ in fresh_model.astream(PROMPT, max_tokens=10_000, temperature=0, ignore_eos=True):
             started.set()
 
-    async def main():
+    async def main() -> None:
         started = asyncio.Event()
         task = asyncio.create_task(consume(started))
         await asyncio.wait_for(started.wait(), 10)
@@ -66,7 +67,7 @@ def test_cancelling_an_asyncio_task_stops_backend_work(fresh_model):
         _assert_stopped(fresh_model, recorder, made)
 
 
-def test_closing_a_stream_during_prefill_stops_before_the_next_chunk(suite):
+def test_closing_a_stream_during_prefill_stops_before_the_next_chunk(suite: SuiteConfig) -> None:
     model = infer.load(
         suite.model,
         backend=suite.backend,
@@ -89,7 +90,7 @@ def test_closing_a_stream_during_prefill_stops_before_the_next_chunk(suite):
         model.close()
 
 
-def test_a_hanging_step_surfaces_as_a_typed_timeout_and_the_model_stays_usable(fresh_model):
+def test_a_hanging_step_surfaces_as_a_typed_timeout_and_the_model_stays_usable(fresh_model: infer.Model) -> None:
     baseline = fresh_model.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True).token_ids
     stall = StepStall(fresh_model.handle, at=3, seconds=3.0)
     with installed(stall):
@@ -104,7 +105,7 @@ def test_a_hanging_step_surfaces_as_a_typed_timeout_and_the_model_stays_usable(f
     assert fresh_model.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True).token_ids == baseline
 
 
-def test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end(fresh_model):
+def test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end(fresh_model: infer.Model) -> None:
     # 20 ms per step: the stream would need several seconds to reach its end, whatever the
     # backend's speed, so only the 0.2 s deadline can end it.
     longest = fresh_model.context_length - len(PROMPT)
@@ -121,10 +122,10 @@ def test_a_deadline_ends_a_slow_stream_without_waiting_for_its_end(fresh_model):
     assert recorder.count("decode") < longest - 1, "the stream ran to its end instead of stopping at the deadline"
 
 
-def test_async_streams_honour_the_deadline(fresh_model):
+def test_async_streams_honour_the_deadline(fresh_model: infer.Model) -> None:
     stall = StepStall(fresh_model.handle, at=2, seconds=3.0)
 
-    async def main():
+    async def main() -> None:
         async for _ in fresh_model.astream(PROMPT, max_tokens=50, temperature=0, ignore_eos=True, timeout=0.3):
             pass
 

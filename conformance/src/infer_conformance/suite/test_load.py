@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 import infer
+from infer_conformance.plugin import SuiteConfig
+
+if TYPE_CHECKING:
+    from infer.bundle import Bundle
 
 pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:load")]
 
 
-def _load(suite, ref=None, **overrides):
-    settings = {"device": suite.device, "dtype": suite.dtype, **overrides}
+def _load(suite: SuiteConfig, ref: str | None = None, **overrides: Any) -> infer.Model:
+    settings: dict[str, Any] = {"device": suite.device, "dtype": suite.dtype, **overrides}
     return infer.load(ref or suite.model, backend=suite.backend, **settings, **suite.options)
 
 
-def test_a_name_no_backend_knows_is_declined(suite):
+def test_a_name_no_backend_knows_is_declined(suite: SuiteConfig) -> None:
     with pytest.raises(infer.ModelNotFoundError):
         _load(suite, "no-such-model-for-any-backend-7f3a")
 
 
 @pytest.mark.parametrize("kind", ["empty folder", "text file"])
-def test_a_path_the_backend_cannot_open_is_declined(suite, tmp_path, kind):
+def test_a_path_the_backend_cannot_open_is_declined(suite: SuiteConfig, tmp_path: Path, kind: str) -> None:
     ref = tmp_path
     if kind == "text file":
         ref = tmp_path / "notes.txt"
@@ -33,7 +38,7 @@ def test_a_path_the_backend_cannot_open_is_declined(suite, tmp_path, kind):
 
 
 @pytest.mark.parametrize("parameter", ["dtype", "device"])
-def test_an_unknown_dtype_or_device_is_refused_by_name(suite, parameter):
+def test_an_unknown_dtype_or_device_is_refused_by_name(suite: SuiteConfig, parameter: str) -> None:
     value = {"dtype": "fp7", "device": "quantum0"}[parameter]
     with pytest.raises(infer.InvalidParameterError) as raised:
         _load(suite, **{parameter: value})
@@ -41,14 +46,14 @@ def test_an_unknown_dtype_or_device_is_refused_by_name(suite, parameter):
     assert value in str(raised.value)
 
 
-def _works(model):
+def _works(model: infer.Model) -> None:
     seq = model.new_sequence(4)
     logits = model.run_prefill([seq], [[1, 2, 3]])
     seq.release()
     assert logits.shape == (1, model.vocab_size) and np.isfinite(logits).all()
 
 
-def test_every_declared_dtype_loads_and_reports_itself(suite):
+def test_every_declared_dtype_loads_and_reports_itself(suite: SuiteConfig) -> None:
     info = suite.info()
     for dtype in info.dtypes:
         with _load(suite, dtype=dtype) as model:
@@ -56,7 +61,7 @@ def test_every_declared_dtype_loads_and_reports_itself(suite):
             _works(model)
 
 
-def test_every_declared_device_loads_and_reports_itself_or_says_it_is_absent(suite):
+def test_every_declared_device_loads_and_reports_itself_or_says_it_is_absent(suite: SuiteConfig) -> None:
     info = suite.info()
     loaded = []
     for device in info.devices:
@@ -72,7 +77,7 @@ def test_every_declared_device_loads_and_reports_itself_or_says_it_is_absent(sui
     assert loaded, f"none of the declared devices {info.devices} loads here"
 
 
-def _bundle(suite):
+def _bundle(suite: SuiteConfig) -> Bundle:
     from infer.bundle import Bundle, is_bundle
     from infer.resolve import resolve_model
 
@@ -82,7 +87,7 @@ def _bundle(suite):
     return Bundle.open(path)
 
 
-def test_vocab_eos_ids_and_context_length_equal_the_bundles(suite, model):
+def test_vocab_eos_ids_and_context_length_equal_the_bundles(suite: SuiteConfig, model: infer.Model) -> None:
     bundle = _bundle(suite)
     assert model.vocab_size == bundle.spec.vocab_size
     assert model.eos_token_ids == frozenset(bundle.eos_token_ids)

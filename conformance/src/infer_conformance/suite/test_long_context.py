@@ -10,13 +10,20 @@ context of N instead, for quick runs on models with long contexts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 import infer
+from infer_conformance.plugin import SuiteConfig
 from infer_conformance.tolerances import assert_consistent, grade_logits, model_bound
+
+if TYPE_CHECKING:
+    from infer_conformance.reference import ReferenceModel
 
 pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:long-context")]
 
@@ -24,21 +31,24 @@ CHUNK = 64
 TAIL = 8  # tokens decoded one by one at the end of the context
 
 
-def _tokens(model, n, seed=0):
+def _tokens(model: infer.Model, n: int, seed: int = 0) -> list[int]:
     # Ids from the whole vocabulary except the last 64 (special tokens), seeded: the same every run.
     high = max(model.vocab_size - 64, 2)
-    return np.random.default_rng(seed).integers(1, high, size=n).tolist()
+    ids: list[int] = np.random.default_rng(seed).integers(1, high, size=n).tolist()
+    return ids
 
 
-def _prefill_chunked(model, seq, ids):
-    logits = None
+def _prefill_chunked(model: infer.Model, seq: infer.KVCache, ids: list[int]) -> npt.NDArray[np.float32]:
+    logits: npt.NDArray[np.float32] | None = None
     for start in range(0, len(ids), CHUNK):
         logits = model.run_prefill([seq], [ids[start : start + CHUNK]])
-    return logits[0].copy()
+    assert logits is not None, "nothing to prefill"
+    last: npt.NDArray[np.float32] = logits[0].copy()
+    return last
 
 
 @pytest.fixture(scope="module")
-def long_model(suite, model):
+def long_model(suite: SuiteConfig, model: infer.Model) -> Iterator[infer.Model]:
     """The shared model, or one loaded with the context ``--infer-max-context`` asks for."""
     if suite.context(model) == model.context_length:
         yield model
@@ -47,7 +57,7 @@ def long_model(suite, model):
         yield capped
 
 
-def _reference(suite, model):
+def _reference(suite: SuiteConfig, model: infer.Model) -> ReferenceModel | None:
     """The numpy reference of the model under test, or ``None`` when there is none to compare with."""
     if infer.Capability.SYNTHETIC in model.info.capabilities:
         return None
@@ -65,7 +75,9 @@ def _reference(suite, model):
         return None  # a family the reference does not model: nothing independent to grade against
 
 
-def test_a_context_filled_by_chunked_prefill_then_decode_reaches_its_last_position(suite, long_model):
+def test_a_context_filled_by_chunked_prefill_then_decode_reaches_its_last_position(
+    suite: SuiteConfig, long_model: infer.Model
+) -> None:
     model = long_model
     ctx = model.context_length
     ids = _tokens(model, ctx)
@@ -90,7 +102,7 @@ def test_a_context_filled_by_chunked_prefill_then_decode_reaches_its_last_positi
         grade_logits(np.stack(got), np.stack(expected), bound, f"the last {TAIL + 1} of {ctx} positions")
 
 
-def test_decode_across_every_power_of_two_equals_one_prefill(long_model):
+def test_decode_across_every_power_of_two_equals_one_prefill(long_model: infer.Model) -> None:
     model = long_model
     ctx = model.context_length
     ids = _tokens(model, ctx, seed=1)
@@ -109,7 +121,7 @@ def test_decode_across_every_power_of_two_equals_one_prefill(long_model):
         power *= 2
 
 
-def test_the_first_token_still_changes_the_logits_at_the_end_of_the_context(long_model):
+def test_the_first_token_still_changes_the_logits_at_the_end_of_the_context(long_model: infer.Model) -> None:
     model = long_model
     ctx = model.context_length
     ids = _tokens(model, ctx, seed=2)
@@ -124,7 +136,7 @@ def test_the_first_token_still_changes_the_logits_at_the_end_of_the_context(long
     )
 
 
-def test_generation_runs_to_the_context_length_and_stops_there(long_model):
+def test_generation_runs_to_the_context_length_and_stops_there(long_model: infer.Model) -> None:
     model = long_model
     ctx = model.context_length
     prompt = _tokens(model, ctx - TAIL, seed=3)

@@ -6,6 +6,8 @@ import gc
 
 import pytest
 
+import infer
+
 pytestmark = [pytest.mark.conformance, pytest.mark.slow]
 
 #: Growth allowed after warm-up: allocator slack, not a leak (a leaked 1,000-token session of a
@@ -13,7 +15,7 @@ pytestmark = [pytest.mark.conformance, pytest.mark.slow]
 RSS_BOUND = 48 * 1024 * 1024
 
 
-def test_rss_stays_bounded_over_1000_generated_tokens_and_released_sessions(model):
+def test_rss_stays_bounded_over_1000_generated_tokens_and_released_sessions(model: infer.Model) -> None:
     import psutil
 
     process = psutil.Process()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,7 +41,9 @@ params = st.fixed_dictionaries(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.lists(st.integers(min_value=-5, max_value=2**33), max_size=12), kwargs=params)
-def test_any_ids_and_parameters_give_a_result_or_a_typed_error(model, ids, kwargs):
+def test_any_ids_and_parameters_give_a_result_or_a_typed_error(
+    model: infer.Model, ids: list[int], kwargs: dict[str, Any]
+) -> None:
     kwargs.setdefault("max_tokens", 4)
     try:
         completion = model.generate(ids, timeout=30, **kwargs)

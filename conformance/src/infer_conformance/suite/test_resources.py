@@ -7,8 +7,11 @@ import gc
 import threading
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
+import infer
+from infer_conformance.plugin import SuiteConfig
 from infer_conformance.tolerances import assert_consistent
 
 pytestmark = [pytest.mark.conformance, pytest.mark.certifies("contract:resources")]
@@ -23,7 +26,7 @@ SLACK = 16 * MiB
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14, 33, 71, 2]
 
 
-def _full(model, count, ctx):
+def _full(model: infer.Model, count: int, ctx: int) -> int:
     """``count`` caches filled to ``ctx`` positions; their declared bytes."""
     ids = (np.arange(ctx) % (model.vocab_size - 64) + 1).tolist()
     seqs = [model.new_sequence(ctx) for _ in range(count)]
@@ -35,7 +38,9 @@ def _full(model, count, ctx):
     return total
 
 
-def test_caches_at_full_context_released_repeatedly_give_their_memory_back(suite, model):
+def test_caches_at_full_context_released_repeatedly_give_their_memory_back(
+    suite: SuiteConfig, model: infer.Model
+) -> None:
     import psutil
 
     process = psutil.Process()
@@ -57,11 +62,11 @@ def test_caches_at_full_context_released_repeatedly_give_their_memory_back(suite
     )
 
 
-def test_returned_logits_are_never_overwritten_by_later_steps(model):
+def test_returned_logits_are_never_overwritten_by_later_steps(model: infer.Model) -> None:
     seqs = [model.new_sequence(len(PROMPT) + 4) for _ in range(2)]
-    kept = []
+    kept: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = []
 
-    def keep(logits):
+    def keep(logits: npt.NDArray[np.float32]) -> None:
         kept.append((logits, logits.copy()))
 
     keep(model.run_prefill(seqs[:1], [PROMPT]))
@@ -76,7 +81,7 @@ def test_returned_logits_are_never_overwritten_by_later_steps(model):
         assert np.array_equal(returned, copy), f"the logits returned by step {step} were overwritten by a later step"
 
 
-def _script(model, prompt, steps=40):
+def _script(model: infer.Model, prompt: list[int], steps: int = 40) -> npt.NDArray[np.float32]:
     seq = model.new_sequence(len(prompt) + steps)
     out = [model.run_prefill([seq], [prompt])[0].copy()]
     out += [model.run_decode([seq], [(7 * i + 3) % 50 + 1])[0].copy() for i in range(steps)]
@@ -84,7 +89,7 @@ def _script(model, prompt, steps=40):
     return np.stack(out)
 
 
-def test_two_models_of_the_backend_stepped_from_two_threads_equal_their_solo_runs(suite):
+def test_two_models_of_the_backend_stepped_from_two_threads_equal_their_solo_runs(suite: SuiteConfig) -> None:
     with suite.load() as first, suite.load() as second:
         pairs = [(first, PROMPT), (second, PROMPT[::-1])]
         solo = [_script(m, p) for m, p in pairs]
@@ -92,7 +97,7 @@ def test_two_models_of_the_backend_stepped_from_two_threads_equal_their_solo_run
         results: list[list[np.ndarray]] = [[], []]
         errors: list[BaseException] = []
 
-        def run(i):
+        def run(i: int) -> None:
             try:
                 for _ in range(3):
                     barrier.wait(timeout=30)

@@ -115,24 +115,27 @@ class NumpyModel(infer.ModelHandle):
         """
         out = np.empty((batch.size, self.vocab_size), np.float32)
         for row, (kv, tokens) in enumerate(zip(batch.sequences, batch.tokens, strict=True)):
-            out[row] = self.reference.step(_own(kv).cache(len(tokens)), tokens.tolist())[-1]
-            kv._length += len(tokens)
+            own = _own(kv)
+            out[row] = self.reference.step(own.cache(len(tokens)), tokens.tolist())[-1]
+            own._length += len(tokens)
         return out
 
     def forward_all(self, batch: infer.Batch) -> npt.NDArray[np.float32]:
         """Like :meth:`forward`, returning every position's logits, rows one after another."""
         parts = []
         for kv, tokens in zip(batch.sequences, batch.tokens, strict=True):
-            parts.append(self.reference.step(_own(kv).cache(len(tokens)), tokens.tolist()))
-            kv._length += len(tokens)
+            own = _own(kv)
+            parts.append(self.reference.step(own.cache(len(tokens)), tokens.tolist()))
+            own._length += len(tokens)
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def truncate(self, kv: infer.KVCache, length: int) -> bool:
         """Roll ``kv`` back to its first ``length`` tokens: keys and values are sliced."""
-        cache = _own(kv).cache(0)
+        own = _own(kv)
+        cache = own.cache(0)
         cache.keys = [k[:, :length] for k in cache.keys]
         cache.values = [v[:, :length] for v in cache.values]
-        cache.length = kv._length = length
+        cache.length = own._length = length
         return True
 
     def fork(self, kv: infer.KVCache, length: int, capacity: int) -> NumpyKV:
