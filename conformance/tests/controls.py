@@ -15,16 +15,19 @@ from infer.sampling import sample
 from infer_backend_fake import FakeModel
 from infer_backend_fake import plugin as fake
 
+_DEVICE_MASKED = frozenset({infer.Capability.DEVICE_SAMPLING, infer.Capability.TOKEN_MASK})
+
 
 class DeviceSampler:
-    """The fake, plus a device sampler that is the reference sampler run on its own."""
+    """The fake, plus a device sampler that is the reference sampler run on its own (which honours
+    token masks, so it declares them too)."""
 
     name = "control-device-sampling"
 
     @infer.hookimpl
     def infer_backend_info(self) -> infer.BackendInfo:
         info = fake.infer_backend_info()
-        return replace(info, name=self.name, capabilities=info.capabilities | {infer.Capability.DEVICE_SAMPLING})
+        return replace(info, name=self.name, capabilities=info.capabilities | _DEVICE_MASKED)
 
     @infer.hookimpl
     def infer_load(self, spec: infer.LoadSpec, options: Mapping[str, Any]) -> Any:

@@ -36,7 +36,7 @@ def test_a_run_prints_the_certificate_and_writes_it_as_json(tmp_path):
     assert all(entry["reason"] for entry in cert["skipped"])
 
 
-def test_a_correct_device_sampler_passes_every_device_sampling_test():
+def test_a_correct_device_sampler_passes_every_device_sampling_and_token_mask_test():
     result = run_suite(
         "--pyargs",
         "infer_conformance.suite.test_capabilities",
@@ -48,4 +48,5 @@ def test_a_correct_device_sampler_passes_every_device_sampling_test():
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "capability device_sampling: passed" in result.stdout
-    assert "8 passed" in result.stdout
+    assert "capability token_mask: passed" in result.stdout
+    assert "12 passed" in result.stdout

@@ -307,6 +307,24 @@ class _DeviceSampler(_Broken):
         return sample(logits, [self.alter(p) for p in params], states)
 
 
+class _MaskIgnored(_Broken):
+    """Declares DEVICE_SAMPLING and TOKEN_MASK, but samples as if no token were masked."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, FakeModel, add_capabilities=frozenset({Cap.DEVICE_SAMPLING, Cap.TOKEN_MASK}))
+
+    @infer.hookimpl
+    def infer_sample(self, logits: Any, params: Any, states: Any) -> Any:
+        masks = [s.token_mask for s in states]
+        for state in states:
+            state.token_mask = None
+        try:
+            return sample(logits, params, states)
+        finally:
+            for state, mask in zip(states, masks, strict=True):
+                state.token_mask = mask
+
+
 class _SeedIgnored(_Broken):
     @infer.hookimpl
     def infer_sample(self, logits: Any, params: Any, states: Any) -> Any:
@@ -452,6 +470,7 @@ SAMPLER_IGNORES_PENALTIES = _DeviceSampler(
     "broken-penalties", lambda p: p.replace(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
 )
 SAMPLER_IGNORES_LOGIT_BIAS = _DeviceSampler("broken-bias", lambda p: p.replace(logit_bias={}))
+SAMPLER_IGNORES_TOKEN_MASK = _MaskIgnored("broken-mask")
 SEED_IGNORED = _SeedIgnored("broken-seed", FakeModel)
 CLAIMS_EVERYTHING = _ClaimsEverything("broken-claims", FakeModel)
 IGNORES_DTYPE = _Broken("broken-dtype", _IgnoresDtype)

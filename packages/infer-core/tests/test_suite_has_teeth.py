@@ -2,7 +2,7 @@
 
 Each row names a broken backend (``broken_backends.py``: one defect each, on the fake or on the
 numpy example backend), the suite module and the test that must fail on it. Only that module
-runs, narrowed to that test, so 36 defects cost about a minute; the conformance tox environments
+runs, narrowed to that test, so 37 defects cost about a minute; the conformance tox environments
 prove the same tests pass on the fake, numpy and ONNX backends.
 """
 
@@ -53,6 +53,12 @@ DEFECTS = [
         "SAMPLER_IGNORES_LOGIT_BIAS",
         "test_capabilities",
         "test_the_device_sampler_equals_the_reference_sampler_where_it_is_deterministic[logit_bias]",
+    ),
+    # contract 1.2: a device sampler that declares token masks
+    (
+        "SAMPLER_IGNORES_TOKEN_MASK",
+        "test_capabilities",
+        "test_the_device_sampler_never_draws_a_masked_token[temperature]",
     ),
     ("SYNTHETIC_AS_DEFAULT", "test_capabilities", "test_a_synthetic_backend_is_never_chosen_by_default"),
     ("SEED_IGNORED", "test_generation", "test_the_same_seed_gives_the_same_tokens"),

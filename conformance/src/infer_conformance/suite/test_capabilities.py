@@ -217,8 +217,12 @@ def test_the_device_sampler_draws_from_the_reference_distribution(
     for _ in range(draws):
         device[int(np.asarray(sampler(logits=row.copy(), params=[params], states=device_state))[0])] += 1
         reference[int(sample(row.copy(), [params], reference_state)[0])] += 1
-    # Two-sample chi-square over the tokens either side drew; rare ones are pooled so every cell
-    # expects at least 5 draws. Seeded, so the verdict is the same on every run.
+    _assert_same_distribution(device, reference)
+
+
+def _assert_same_distribution(device: Counter[int], reference: Counter[int]) -> None:
+    """Two-sample chi-square over the tokens either side drew; rare ones are pooled so every cell
+    expects at least 5 draws. The callers seed both sides, so the verdict is the same on every run."""
     tokens = sorted(set(device) | set(reference), key=lambda t: -(device[t] + reference[t]))
     cells, pooled = [], [0, 0]
     for t in tokens:
@@ -236,6 +240,69 @@ def test_the_device_sampler_draws_from_the_reference_distribution(
         f"the device sampler's draws differ from the reference sampler's: chi-square {stat:.1f} on {df} degrees "
         f"of freedom (critical {_chi_square_critical(df):.1f} at p=0.001)"
     )
+
+
+# -- token masks (contract 1.2) -------------------------------------------------------------------
+
+
+def _masked(model, rows, banned_top):
+    """Each row's mask: a seeded random half of the vocabulary, minus the row's ``banned_top``
+    likeliest tokens (so a sampler that ignores the mask picks banned tokens at once)."""
+    rng = np.random.default_rng(5)
+    masks = rng.random((len(rows), model.vocab_size)) < 0.5
+    for mask, row in zip(masks, rows, strict=True):
+        mask[np.argsort(row)[::-1][:banned_top]] = False
+        mask[int(np.argsort(row)[::-1][banned_top])] = True  # the best allowed token exists
+    return masks
+
+
+def _with_masks(states, masks):
+    for state, mask in zip(states, masks, strict=True):
+        state.token_mask = mask
+    return states
+
+
+@pytest.mark.certifies("capability:token_mask")
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=40), SamplingParams(temperature=1.3)],
+    ids=["greedy", "temperature+top_k", "temperature"],
+)
+def test_the_device_sampler_never_draws_a_masked_token(suite, model, params):
+    require(model.info, Cap.DEVICE_SAMPLING)
+    require(model.info, Cap.TOKEN_MASK)
+    logits = np.repeat(_rows(model) * np.float32(0.25), 4, axis=0)
+    masks = _masked(model, logits, banned_top=5)
+    rows = len(logits)
+    seeds = list(range(rows))
+    states = _with_masks(_states([params] * rows, [], model.vocab_size, seeds), masks)
+    sampler = _device_sampler(suite)
+    for draw in range(1 if params.greedy else 50):
+        got = np.asarray(sampler(logits=logits.copy(), params=[params] * rows, states=states)).tolist()
+        banned = [(i, t) for i, t in enumerate(got) if not masks[i][t]]
+        assert not banned, f"draw {draw}: the device sampler chose masked tokens (row, token): {banned[:5]}"
+    if params.greedy:
+        expected = [int(np.argmax(np.where(m, row, -np.inf))) for m, row in zip(masks, logits, strict=True)]
+        assert got == expected, "at temperature 0 the device sampler must choose the likeliest allowed token"
+
+
+@pytest.mark.certifies("capability:token_mask")
+def test_the_device_sampler_keeps_the_distribution_of_the_allowed_tokens(suite, model):
+    require(model.info, Cap.DEVICE_SAMPLING)
+    require(model.info, Cap.TOKEN_MASK)
+    # Masking renormalises over the allowed tokens: it must not flatten or sharpen them.
+    params = SamplingParams(temperature=1.0)
+    row = _rows(model)[:1] * np.float32(0.25)
+    mask = _masked(model, row, banned_top=3)
+    device_state = _with_masks(_states([params], [], model.vocab_size, seeds=[21]), mask)
+    reference_state = _with_masks(_states([params], [], model.vocab_size, seeds=[22]), mask)
+    sampler = _device_sampler(suite)
+    device, reference = Counter(), Counter()
+    for _ in range(3000):
+        device[int(np.asarray(sampler(logits=row.copy(), params=[params], states=device_state))[0])] += 1
+        reference[int(sample(row.copy(), [params], reference_state)[0])] += 1
+    assert all(mask[0][t] for t in device), "the device sampler drew masked tokens"
+    _assert_same_distribution(device, reference)
 
 
 # -- fault injection and synthetic logits -------------------------------------------------------

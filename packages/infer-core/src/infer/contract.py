@@ -11,6 +11,13 @@ declares the matching :class:`Capability` (a 1.0 backend declares none and keeps
 (``infer_fork``: a new cache starting with another's first tokens) and
 :attr:`Capability.ALL_LOGITS` (``infer_prefill_all``: a prefill returning every position's
 logits). The engine builds prefix caching and speculative decoding on them.
+
+Contract 1.2 adds :attr:`Capability.TOKEN_MASK`: a backend that samples on its device
+(:attr:`Capability.DEVICE_SAMPLING`) declares it when its ``infer_sample`` honours
+``SamplerState.token_mask``. Without it the engine never hands a constrained row (structured
+output) to the backend's sampler: those rows are drawn by the core's host sampling chain, the
+others still on the device, so a 1.0 or 1.1 device sampler keeps working and constrained output
+stays correct on it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "Batch",
     "Capability",
     "KV_CAPABILITIES",
+    "MASK_CAPABILITIES",
     "KVCache",
     "LoadSpec",
     "ModelHandle",
@@ -48,7 +56,7 @@ __all__ = [
 
 #: The version of the backend contract this infer-core speaks. A backend declares the version it
 #: implements in :attr:`BackendInfo.contract_version`; a different major is refused.
-CONTRACT_VERSION: Final = "1.1"
+CONTRACT_VERSION: Final = "1.2"
 
 
 def contract_compatible(declared: str, core: str = CONTRACT_VERSION) -> bool:
@@ -58,11 +66,15 @@ def contract_compatible(declared: str, core: str = CONTRACT_VERSION) -> bool:
 
 def usable_capabilities(info: BackendInfo, handle: ModelHandle | None = None) -> frozenset[Capability]:
     """The capabilities the core may use on ``handle``: those declared, narrowed by the handle's
-    own :attr:`ModelHandle.capabilities`; a backend built for contract 1.0 gets none of 1.1's."""
+    own :attr:`ModelHandle.capabilities`; a backend built for an older minor gets none of the
+    capabilities added after it (1.0: none of 1.1's; 1.1: not 1.2's token masks)."""
     major, _, minor = info.contract_version.partition(".")
     declared = info.capabilities
-    if (int(major), int(minor) if minor.isdigit() else 0) < (1, 1):
+    version = (int(major), int(minor) if minor.isdigit() else 0)
+    if version < (1, 1):
         declared -= KV_CAPABILITIES
+    if version < (1, 2):
+        declared -= MASK_CAPABILITIES
     if handle is not None and handle.capabilities is not None:
         declared &= handle.capabilities
     return declared
@@ -88,10 +100,15 @@ class Capability(str, enum.Enum):
     FORK = "fork"
     #: ``infer_prefill_all`` returns the logits of every position of a chunk (contract 1.1).
     ALL_LOGITS = "all_logits"
+    #: the backend's ``infer_sample`` (:attr:`DEVICE_SAMPLING`) honours ``SamplerState.token_mask``,
+    #: so constrained rows may be sampled on its device (contract 1.2).
+    TOKEN_MASK = "token_mask"
 
 
 #: The capabilities added in contract 1.1, which a backend built for 1.0 cannot declare.
 KV_CAPABILITIES: Final = frozenset({Capability.TRUNCATE, Capability.FORK, Capability.ALL_LOGITS})
+#: The capability added in contract 1.2, which a backend built for 1.0 or 1.1 cannot declare.
+MASK_CAPABILITIES: Final = frozenset({Capability.TOKEN_MASK})
 
 
 @final

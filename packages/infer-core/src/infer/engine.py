@@ -248,6 +248,10 @@ class Engine:
         self._prefill_call: Any = hooks.prefill
         self._decode_call: Any = hooks.decode
         self._sample_call: Any = hooks.sample
+        self._host_sample_call: Any = hooks.host_sample
+        #: A device sampler that does not declare token masks (contract 1.2) never sees a
+        #: constrained row: those rows are drawn by the host chain, which applies the mask.
+        self._masks_on_host = Capability.DEVICE_SAMPLING in capabilities and Capability.TOKEN_MASK not in capabilities
 
     def _refresh_calls(self) -> None:
         generation = self.hooks.pm.generation
@@ -256,6 +260,7 @@ class Engine:
             self._prefill_call = self.hooks.direct(self.hooks.prefill)
             self._decode_call = self.hooks.direct(self.hooks.decode)
             self._sample_call = self.hooks.direct(self.hooks.sample)
+            self._host_sample_call = self.hooks.direct(self.hooks.host_sample)
 
     # -- called from consumer threads ------------------------------------------------------
 
@@ -495,7 +500,7 @@ class Engine:
         kept = 0
         for j in range(len(draft) + 1):
             try:
-                token = int(self._sample_call(logits[j : j + 1], [request.params], [request.sampler])[0])
+                token = int(self._draw(logits[j : j + 1], [request.params], [request.sampler])[0])
                 hit = j < len(draft) and token == int(draft[j])
                 if not hit and j < len(draft):
                     self.truncate(request.kv, fed + j)
@@ -580,7 +585,7 @@ class Engine:
         # from the random state they had before (so their tokens stay those of a solo run).
         saved = [s.rng.bit_generator.state for s in states if not s.params.greedy] if len(requests) > 1 else None
         try:
-            chosen = self._sample_call(logits, params, states)
+            chosen = self._draw(logits, params, states)
         except Exception as exc:  # noqa: BLE001
             if saved is None:
                 self._retire(requests[0], Failed(_as_typed(exc, self.handle.backend, "sample")))
@@ -595,9 +600,27 @@ class Engine:
         for i, token in enumerate(chosen.tolist()):
             self._accept(requests[i], token, logits, i)
 
+    def _draw(
+        self, logits: npt.NDArray[np.float32], params: list[SamplingParams], states: list[SamplerState]
+    ) -> npt.NDArray[np.int64]:
+        """Sample one token per row: on the backend's chain, constrained rows on the host's when
+        the backend samples on its device without declaring token masks."""
+        if not self._masks_on_host:
+            return self._sample_call(logits, params, states)  # type: ignore[no-any-return]
+        host = [i for i, p in enumerate(params) if p.constraint is not None]
+        if not host:
+            return self._sample_call(logits, params, states)  # type: ignore[no-any-return]
+        if len(host) == len(params):
+            return self._host_sample_call(logits, params, states)  # type: ignore[no-any-return]
+        device = [i for i, p in enumerate(params) if p.constraint is None]
+        chosen = np.empty(len(params), dtype=np.int64)
+        for rows, call in ((device, self._sample_call), (host, self._host_sample_call)):
+            chosen[rows] = call(logits[rows], [params[i] for i in rows], [states[i] for i in rows])
+        return chosen
+
     def _sample_alone(self, request: Request, logits: npt.NDArray[np.float32], row: int) -> None:
         try:
-            token = int(self._sample_call(logits[row : row + 1], [request.params], [request.sampler])[0])
+            token = int(self._draw(logits[row : row + 1], [request.params], [request.sampler])[0])
         except Exception as exc:  # noqa: BLE001
             self._retire(request, Failed(_as_typed(exc, self.handle.backend, "sample")))
             return

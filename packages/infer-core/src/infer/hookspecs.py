@@ -9,9 +9,10 @@ A backend is a module or object registered under the entry-point group ``infer.b
 It implements :func:`infer_backend_info` and :func:`infer_load`, and :func:`infer_prefill` /
 :func:`infer_decode` for the handles it returns (contract 1.1 adds optional
 :func:`infer_truncate`, :func:`infer_fork` and :func:`infer_prefill_all`, each behind a declared
-capability). The core routes prefill, decode and sample
-calls for a model only to the backend that loaded it (plus any ``wrapper=True`` hookimpls,
-which see every backend's calls: use them for timing, tracing or fault injection).
+capability; contract 1.2 lets a device sampler declare that it honours token masks). The core
+routes prefill, decode and sample calls for a model only to the backend that loaded it (plus
+any ``wrapper=True`` hookimpls, which see every backend's calls: use them for timing, tracing
+or fault injection).
 
 Mark implementations with :data:`infer.hookimpl`. Import heavy runtimes (onnxruntime,
 coremltools...) inside :func:`infer_load`, never at module import: discovery imports every
@@ -107,8 +108,10 @@ def infer_sample(
 
     ``states[i].token_mask``, when not ``None``, is a bool ``[vocab]`` row set by a plugin for
     this draw (structured output): only tokens where it is ``True`` may be chosen, and the mask
-    applies before penalties, top-k and top-p. The default sampler honours it; a backend that
-    samples on its device must too.
+    applies before penalties, top-k and top-p (the allowed tokens keep their relative
+    probabilities). The default sampler honours it. A backend that samples on its device
+    receives such rows only when it declares :attr:`Capability.TOKEN_MASK` (contract 1.2) and
+    must then honour the mask; without it the engine draws constrained rows on the host chain.
 
     infer-core ships the default sampler as a ``trylast`` implementation. A backend may sample
     on its device for its own models (declare :attr:`Capability.DEVICE_SAMPLING`); a plugin may

@@ -7,7 +7,8 @@ the others still load. ``INFER_PLUGINS`` (comma-separated allow-list) and
 ``INFER_DISABLE_PLUGINS`` (block-list) select which entry points are even imported.
 
 Calls for a model are routed: prefill, decode and sample reach only the backend that loaded
-the model, plus wrapper hookimpls and plugins that are not backends.
+the model, plus wrapper hookimpls and plugins that are not backends. Each backend also gets the
+host sampling chain (no backend's sampler at all), for rows its device sampler must not draw.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class RoutedHooks:
     truncate: Any
     fork: Any
     prefill_all: Any
+    #: ``infer_sample`` without any backend's own sampler: the core's default chain and the
+    #: plugins wrapping it. Constrained rows go here when the backend does not declare
+    #: :attr:`~infer.Capability.TOKEN_MASK` (contract 1.2).
+    host_sample: Any
     pm: PluginManager
 
     def direct(self, caller: Any) -> Any:
@@ -196,6 +201,7 @@ class Registry:
     def _route(self) -> None:
         self._backends.clear()
         plugins = {name: plugin for name, (plugin, _, _) in self._infos.items()}
+        host_sample = self.pm.subset_hook_caller("infer_sample", list(plugins.values()))
         for name, (plugin, version, info) in self._infos.items():
             others = [p for n, p in plugins.items() if n != name]
             load, prefill, decode, sample, truncate, fork, prefill_all = (
@@ -210,6 +216,7 @@ class Registry:
                 fork=fork,
                 prefill_all=prefill_all,
                 pm=self.pm,
+                host_sample=host_sample,
             )
             self._backends[name] = Backend(name, version, info, plugin, hooks)
 
