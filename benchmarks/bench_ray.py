@@ -66,12 +66,12 @@ NAME = "bench"
 def deploy(args: argparse.Namespace, replicas: int, *, prefix_routing: bool = True) -> None:
     from ray import serve
 
-    from infer.cli import _options
+    from infer.cli.common import load_options
     from infer.serve.ray import APP_NAME, build_app
 
     # Replace, not update: the old replicas hold the CPUs the new ones need.
     serve.delete(APP_NAME)
-    options = _options(args.option)
+    options = load_options(args.option)
     if args.backend == "onnx":
         options.setdefault("threads", max(args.cpus // replicas, 1))
     config: dict[str, Any] = {

@@ -11,7 +11,8 @@ from onnx_helpers import PROMPT, Loader, step
 
 from infer.contract import KVCache
 from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
-from infer_backend_onnx.runtime import OnnxKVCache, OnnxModel, host_zeros
+from infer_backend_onnx.kv_pool import OnnxKVCache, host_zeros
+from infer_backend_onnx.runtime import OnnxModel
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +40,11 @@ def test_decode_appends_one_token_to_the_cache(tiny_fp32: OnnxModel) -> None:
 def test_decode_writes_the_kv_buffer_in_place(tiny_fp32: OnnxModel) -> None:
     cache = tiny_fp32.new_sequence(16)
     step(tiny_fp32, [cache], [PROMPT[:4]])
-    block = cache._block
+    block = cache.block
     assert block is not None and block.host is not None
     before = block.host[0].copy()
     step(tiny_fp32, [cache], [[5]], decode=True)
-    assert cache._block is block  # no reallocation, no copy
+    assert cache.block is block  # no reallocation, no copy
     after = block.host[0]
     np.testing.assert_array_equal(after[:, :, :4], before[:, :, :4])
     assert np.abs(after[0, :, 4]).sum() > 0  # the new position was written into the bound buffer
@@ -82,13 +83,13 @@ def test_first_prompts_of_close_lengths_share_one_padded_run(tiny_fp32: OnnxMode
     caches = [tiny_fp32.new_sequence(32) for _ in range(3)]
     step(tiny_fp32, caches, [PROMPT, PROMPT[:11], PROMPT[1:11]])
     # One run put all three rows into one block; a run per length would have left them apart.
-    assert caches[0]._block is caches[1]._block is caches[2]._block
+    assert caches[0].block is caches[1].block is caches[2].block
 
 
 def test_first_prompts_of_distant_lengths_run_per_length(tiny_fp32: OnnxModel) -> None:
     caches = [tiny_fp32.new_sequence(32) for _ in range(2)]
     step(tiny_fp32, caches, [PROMPT, PROMPT[:2]])
-    assert caches[0]._block is not caches[1]._block
+    assert caches[0].block is not caches[1].block
 
 
 def test_ragged_chunks_on_caches_with_history_equal_single_rows(tiny_fp32: OnnxModel) -> None:
@@ -235,10 +236,10 @@ def _decoding(model: OnnxModel, prompts: list[list[int]]) -> list[OnnxKVCache]:
 def test_a_sequence_leaving_a_decode_batch_frees_its_row_and_the_others_stay_put(tiny_fp32: OnnxModel) -> None:
     prompts = [PROMPT[:4], PROMPT[:7], PROMPT[2:9], PROMPT[1:6]]
     caches = _decoding(tiny_fp32, prompts)
-    block = caches[0]._block
+    block = caches[0].block
     caches[1].release()
     logits = step(tiny_fp32, [caches[0], caches[2], caches[3]], [[9]] * 3, decode=True)
-    assert all(c._block is block for c in (caches[0], caches[2], caches[3]))
+    assert all(c.block is block for c in (caches[0], caches[2], caches[3]))
     for row, i in enumerate((0, 2, 3)):
         np.testing.assert_allclose(logits[row], _alone(tiny_fp32, [*prompts[i], 5], 9), atol=ATOL, rtol=0)
 
@@ -246,13 +247,13 @@ def test_a_sequence_leaving_a_decode_batch_frees_its_row_and_the_others_stay_put
 def test_a_newcomer_takes_a_free_row_of_the_running_block(tiny_fp32: OnnxModel) -> None:
     prompts = [PROMPT[:4], PROMPT[:7], PROMPT[2:9], PROMPT[1:6]]
     caches = _decoding(tiny_fp32, prompts)
-    block = caches[0]._block
+    block = caches[0].block
     caches[1].release()
     newcomer = tiny_fp32.new_sequence(64)
     step(tiny_fp32, [newcomer], [PROMPT[3:11]])
     batch = [caches[3], newcomer, caches[0], caches[2]]  # any order
     logits = step(tiny_fp32, batch, [[7]] * 4, decode=True)
-    assert newcomer._block is block and newcomer._row == 1
+    assert newcomer.block is block and newcomer.row == 1
     expected = [[*prompts[3], 5], PROMPT[3:11], [*prompts[0], 5], [*prompts[2], 5]]
     for row, history in enumerate(expected):
         np.testing.assert_allclose(logits[row], _alone(tiny_fp32, history, 7), atol=ATOL, rtol=0)
@@ -261,9 +262,9 @@ def test_a_newcomer_takes_a_free_row_of_the_running_block(tiny_fp32: OnnxModel) 
 def test_a_batch_missing_a_row_still_in_use_moves_to_its_own_block(tiny_fp32: OnnxModel) -> None:
     prompts = [PROMPT[:4], PROMPT[:7], PROMPT[2:9]]
     caches = _decoding(tiny_fp32, prompts)
-    shared = caches[0]._block
+    shared = caches[0].block
     step(tiny_fp32, [caches[0], caches[2]], [[9], [9]], decode=True)  # caches[1] sits this step out
-    assert caches[0]._block is not shared and caches[1]._block is shared
+    assert caches[0].block is not shared and caches[1].block is shared
     np.testing.assert_allclose(
         step(tiny_fp32, [caches[1]], [[9]], decode=True)[0], _alone(tiny_fp32, [*prompts[1], 5], 9), atol=ATOL, rtol=0
     )
@@ -271,11 +272,11 @@ def test_a_batch_missing_a_row_still_in_use_moves_to_its_own_block(tiny_fp32: On
 
 def test_a_block_with_most_rows_free_is_compacted(tiny_fp32: OnnxModel) -> None:
     caches = _decoding(tiny_fp32, [PROMPT[:4], PROMPT[:5], PROMPT[:6], PROMPT[:7]])
-    shared = caches[0]._block
+    shared = caches[0].block
     for cache in caches[1:3]:
         cache.release()
     step(tiny_fp32, [caches[0], caches[3]], [[9], [9]], decode=True)
-    block = caches[0]._block
+    block = caches[0].block
     assert block is not shared and block is not None and block.rows == 2
 
 
@@ -285,5 +286,5 @@ def test_with_pairing_a_lone_sequence_decodes_beside_a_free_row(load_tiny: Loade
     cache = model.new_sequence(32)
     step(model, [cache], [PROMPT[:5]])
     step(model, [cache], [[9]], decode=True)
-    block = cache._block
+    block = cache.block
     assert block is not None and block.rows == 2 and block.holder(1) is None

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
     from infer.contract import LoadSpec
-    from infer_backend_onnx.loading import LoadOptions
 
 __all__ = ["Export", "ExportKVCache", "ExportModel", "find_export", "load_export"]
 
@@ -93,6 +92,11 @@ class ExportKVCache(KVCache):
         self.values: list[ort.OrtValue] | None = None
 
     @property
+    def model(self) -> ExportModel:
+        """The model that made this cache."""
+        return self._model
+
+    @property
     def length(self) -> int:
         """Tokens cached so far."""
         return self._length
@@ -114,6 +118,11 @@ class ExportKVCache(KVCache):
     def released(self) -> bool:
         """Whether :meth:`release` was called."""
         return self._released
+
+    def keep(self, values: list[ort.OrtValue], length: int) -> None:
+        """Hold ``values``, the ``present`` outputs of the step that brought the sequence to ``length`` tokens."""
+        self.values = values
+        self._length = length
 
     def release(self) -> None:
         """Drop the cached tensors."""
@@ -228,7 +237,7 @@ class ExportModel(OnnxHandle):
         out = np.empty((batch.size, self.vocab_size), np.float32)
         with self._lock:
             for i, (seq, tokens) in enumerate(zip(batch.sequences, batch.tokens, strict=True)):
-                if not isinstance(seq, ExportKVCache) or seq._model is not self or seq.released:
+                if not isinstance(seq, ExportKVCache) or seq.model is not self or seq.released:
                     raise BackendError(f"row {i}: not a live cache of this onnx model", backend="onnx")
                 check_row(i, tokens, seq.length, self.vocab_size, self.context_length, decode=decode)
                 out[i] = self._run(seq, tokens)
@@ -254,8 +263,7 @@ class ExportModel(OnnxHandle):
             io.bind_output(name, self.ort_device)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        seq.values = list(outputs[1:])
-        seq._length = past + new
+        seq.keep(list(outputs[1:]), past + new)
         logits = outputs[0].numpy()
         return np.asarray(logits.reshape(-1, logits.shape[-1])[-1], dtype=np.float32)
 
@@ -277,14 +285,21 @@ def _dim(value: object, *fallbacks: object) -> int | None:
     return None
 
 
-def load_export(export: Export, spec: LoadSpec, opts: LoadOptions, device: str) -> ExportModel:
-    """Open ``export`` in a session on ``device`` and wrap it in a model handle."""
+def load_export(
+    export: Export, spec: LoadSpec, device: str, *, threads: int | None, kv_dtype: str | None
+) -> ExportModel:
+    """Open ``export`` in a session on ``device`` and wrap it in a model handle.
+
+    ``threads`` and ``kv_dtype`` are the validated load options of those names
+    (:class:`~infer_backend_onnx.loading.LoadOptions`): an export's cache keeps its own precision,
+    so a ``kv_dtype`` other than it is refused.
+    """
     from infer_backend_onnx.devices import make_session
     from infer_backend_onnx.threads import cpu_budget
 
     if not export.model.is_file():
         raise ModelFormatError(f"the export's graph {export.model.name} is missing", path=export.model)
-    threads = opts.threads or cpu_budget()
+    threads = threads or cpu_budget()
     session = make_session(export.model, device, threads)
     model = ExportModel(session, export, device, {"threads": threads, "providers": tuple(session.get_providers())})
     if spec.dtype is not None and spec.dtype != model.dtype:
@@ -292,8 +307,8 @@ def load_export(export: Export, spec: LoadSpec, opts: LoadOptions, device: str) 
             "dtype", spec.dtype, f"{model.dtype!r} or none: an export runs in its own precision ({export.model})"
         )
     own = "fp16" if model.kv_dtype == np.float16 else "fp32"
-    if opts.kv_dtype is not None and opts.kv_dtype != own:
+    if kv_dtype is not None and kv_dtype != own:
         raise InvalidParameterError(
-            "kv_dtype", opts.kv_dtype, f"{own!r} or none: an export's cache has its own precision ({export.model})"
+            "kv_dtype", kv_dtype, f"{own!r} or none: an export's cache has its own precision ({export.model})"
         )
     return model

@@ -113,7 +113,7 @@ def load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
     if spec.bundle is not None:
         return _load_bundle(spec.bundle, spec, opts, device)
     assert export is not None
-    return load_export(export, spec, opts, device)
+    return load_export(export, spec, device, threads=opts.threads, kv_dtype=opts.kv_dtype)
 
 
 def kv_precision(requested: str | None, activations: str, device: str) -> str:

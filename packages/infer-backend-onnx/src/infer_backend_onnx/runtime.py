@@ -1,26 +1,11 @@
 """Running a built decoder graph: model handle, KV caches on the device, batched steps.
 
-KV memory lives in :class:`KVBlock` objects: per layer one key and one value tensor of shape
+KV memory lives in blocks placed by :class:`~infer_backend_onnx.kv_pool.KVPool` (see that module
+for which sequence goes where, and why): per layer one key and one value tensor of shape
 ``[rows, kv_heads, capacity, head_dim]`` on the session's device. The graph's
 ``GroupQueryAttention`` gets the same tensor bound as past input and present output, so each
 step writes its new positions in place: nothing is copied per token, and nothing crosses to
 numpy except the inputs (a few ints) and the logits.
-
-A sequence starts without a block; its first step puts it in one sized to the request. A
-prefill runs on a block whose rows are its sequences in order. A decode step runs on a block
-that holds every sequence of the batch, in any rows, while its other rows stand free: a
-sequence that leaves the batch frees its row without moving anyone, and a newcomer takes a
-free row, copying only its own cache (measured: with 16 requests coming and going on SmolLM2
-int4, moving every row into a new block at each change took 12% of the step time). A batch
-moves to a new block, every row copied once, only when a sequence outgrows the block (it
-doubles, never past the model's context), when more than a quarter of its rows stand free,
-or when a row still in use elsewhere is missing from the batch.
-
-Host-side blocks are anonymous memory maps rather than heap arrays. Batches change shape as
-requests come and go, and glibc keeps freed heap chunks of these sizes for reuse, so a burst of
-concurrent requests left the process hundreds of MiB above its baseline for good (measured on
-SmolLM2 int4: +190 MiB after 32 concurrent requests, +25 MiB with maps, whose pages go back
-to the OS the moment their block is freed).
 
 Contract 1.1: truncation only moves a sequence's length back (the attention reads each row up to
 its ``seqlens_k``, so positions past it are dead and the next step overwrites them); a fork gets a
@@ -39,10 +24,8 @@ for why float32 stays the CPU default).
 from __future__ import annotations
 
 import abc
-import mmap
 import threading
 import weakref
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
@@ -52,26 +35,16 @@ import numpy.typing as npt
 
 from infer.contract import Batch, KVCache, ModelHandle
 from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
+from infer_backend_onnx.kv_pool import KVBlock, KVLayout, KVPool, OnnxKVCache, host_zeros
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["KVBlock", "OnnxHandle", "OnnxKVCache", "OnnxModel", "check_row", "host_zeros"]
+__all__ = ["LOGITS_ATOL", "OnnxHandle", "OnnxModel", "check_row"]
 
 _Logits = npt.NDArray[np.float32]
 #: Largest ratio of padded to real tokens for which first prompts share one padded run.
 _MAX_PADDING = 1.25
-
-
-def host_zeros(shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
-    """A zero-filled array in its own anonymous memory map, unmapped when the array is freed.
-
-    Pages are mapped lazily, so a large array costs only what is written to it.
-    """
-    kind = np.dtype(dtype)
-    count = int(np.prod(shape))
-    buffer = mmap.mmap(-1, max(count * kind.itemsize, 1))
-    return np.frombuffer(buffer, dtype=kind, count=count).reshape(shape)
 
 
 class OnnxHandle(ModelHandle):
@@ -98,82 +71,6 @@ class OnnxHandle(ModelHandle):
     def fork(self, seq: KVCache, length: int, capacity: int) -> KVCache:
         """A new cache holding ``seq``'s first ``length`` tokens (contract 1.1)."""
         raise BackendError(f"{type(self).__name__} cannot fork a cache", backend="onnx")
-
-
-class KVBlock:
-    """KV tensors for ``rows`` sequences of up to ``capacity`` tokens, on the model's device."""
-
-    def __init__(self, model: OnnxModel, rows: int, capacity: int) -> None:
-        import onnxruntime as ort
-
-        self.rows = rows
-        self.capacity = capacity
-        shape = (rows, model.kv_heads, capacity, model.head_dim)
-        self.host: list[np.ndarray[Any, Any]] | None = None
-        if model.ort_device == "cpu":
-            self.host = [host_zeros(shape, model.kv_dtype) for _ in range(2 * model.layers)]
-            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.host]
-        else:
-            self.values = [
-                ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype, model.ort_device, 0)
-                for _ in range(2 * model.layers)
-            ]
-        self.nbytes = 2 * model.layers * int(np.prod(shape)) * np.dtype(model.kv_dtype).itemsize
-        self.decode_io: _DecodeBinding | None = None
-        #: Who holds each row (weakly: a dropped sequence frees its row like a released one).
-        self.slots: list[weakref.ref[OnnxKVCache] | None] = [None] * rows
-
-    def holder(self, row: int) -> OnnxKVCache | None:
-        """The live sequence in ``row``, or ``None`` when the row stands free."""
-        ref = self.slots[row]
-        seq = ref() if ref is not None else None
-        return seq if seq is not None and seq._block is self and seq._row == row else None
-
-    def arrays(self) -> list[np.ndarray[Any, Any]]:
-        """The KV tensors as host arrays (views on CPU, copies from a device)."""
-        return self.host if self.host is not None else [v.numpy() for v in self.values]
-
-
-class OnnxKVCache(KVCache):
-    """One sequence's cache: a row of a :class:`KVBlock`, allocated at the first step."""
-
-    __slots__ = ("__weakref__", "_block", "_length", "_model", "_released", "_requested", "_row")
-
-    def __init__(self, model: OnnxModel, capacity: int) -> None:
-        self._model = model
-        self._requested = capacity
-        self._block: KVBlock | None = None
-        self._row = 0
-        self._length = 0
-        self._released = False
-
-    @property
-    def length(self) -> int:
-        """Tokens cached so far."""
-        return self._length
-
-    @property
-    def capacity(self) -> int:
-        """Tokens the cache holds without moving (it grows on demand up to the model's context)."""
-        return max(self._requested, self._block.capacity if self._block else 0)
-
-    @property
-    def nbytes(self) -> int:
-        """This sequence's share of its block's memory."""
-        if self._block is None:
-            return 0
-        return self._block.nbytes // self._block.rows
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` was called."""
-        return self._released
-
-    def release(self) -> None:
-        """Drop this sequence's hold on its block; the block is freed with its last sequence."""
-        self._released = True
-        self._block = None
-        self._length = 0
 
 
 class _DecodeBinding:
@@ -203,7 +100,7 @@ class _DecodeBinding:
             self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         else:
             self.io.bind_output("logits", "cpu")
-        model.bind_kv(self.io, block)
+        block.bind(self.io)
 
 
 #: Declared tolerance per precision (fp32 uses the backend-wide 1e-4 of ``infer_backend_info``).
@@ -243,21 +140,34 @@ class OnnxModel(OnnxHandle):
         self.details = MappingProxyType(dict(details))
         self._lock = threading.Lock()
         self._closed = False
-        #: Never run a one-row, one-token step: int4 MatMulNBits takes another kernel path for a
-        #: single row (logits move by ~0.8 on SmolLM2), while every row of a run of two or more
-        #: rows gets bit-identical results whatever the other rows are. A lone row runs beside a
-        #: free row, so a request's tokens never depend on what else is batched with it.
-        self.pad_single_rows = pad_single_rows
+        #: Places this model's sequences in KV blocks.
+        self.kv = KVPool(
+            KVLayout(layers, kv_heads, head_dim, kv_dtype, self.ort_device, context_length),
+            pad_single_rows=pad_single_rows,
+        )
+        #: The one-token binding of each live block, made at the block's first decode step.
+        self._decode_io: weakref.WeakKeyDictionary[KVBlock, _DecodeBinding] = weakref.WeakKeyDictionary()
         #: Measured on SmolLM2 (logits up to ~28): prefill vs prefill+decode differ by 2.9e-5 at
         #: fp32, 0.032 at fp16 and 0.67 at int4 (one-row and many-row kernels round differently).
         self.logits_atol = LOGITS_ATOL.get(dtype)
+
+    @property
+    def pad_single_rows(self) -> bool:
+        """Whether a one-row, one-token step runs beside a free row.
+
+        int4 MatMulNBits takes another kernel path for a single row (logits move by ~0.8 on
+        SmolLM2), while every row of a run of two or more rows gets bit-identical results whatever
+        the other rows are. A lone row runs beside a free row, so a request's tokens never depend
+        on what else is batched with it.
+        """
+        return self.kv.min_decode_rows > 1
 
     # -- contract ----------------------------------------------------------------------------
     def new_sequence(self, capacity: int) -> OnnxKVCache:
         """An empty cache for up to ``capacity`` tokens (memory is taken at the first step)."""
         if capacity < 1:
             raise BackendError(f"a sequence needs a capacity of at least 1 token, got {capacity}", backend="onnx")
-        return OnnxKVCache(self, min(capacity, self.context_length))
+        return self.kv.new_sequence(capacity)
 
     def close(self) -> None:
         """Drop the session; caches made from this model must not be used afterwards."""
@@ -290,37 +200,20 @@ class OnnxModel(OnnxHandle):
     def truncate(self, seq: KVCache, length: int) -> bool:
         """Roll ``seq`` back to ``length`` tokens: positions past it are never read again."""
         with self._lock:
-            own = self._own(seq)
-            own._length = length
+            self._own(seq).rewind(length)
             return True
 
     def fork(self, seq: KVCache, length: int, capacity: int) -> OnnxKVCache:
         """A cache in a block of its own, holding a copy of ``seq``'s first ``length`` tokens."""
         with self._lock:
-            source = self._own(seq)
-            fork = OnnxKVCache(self, min(capacity, self.context_length))
-            # read from the source's row as if it were the fork's, then move it home
-            fork._block, fork._row, fork._length = source._block, source._row, length
-            self._new_block([fork], 1, length)
-            return fork
+            return self.kv.fork(self._own(seq), length, capacity)
 
     def _own(self, seq: KVCache) -> OnnxKVCache:
-        if not isinstance(seq, OnnxKVCache) or seq._model is not self or seq.released:
+        if not isinstance(seq, OnnxKVCache) or seq.pool is not self.kv or seq.released:
             raise BackendError("the cache was not made by this onnx model, or was released", backend="onnx")
         return seq
 
     # -- steps -------------------------------------------------------------------------------
-    def bind_kv(self, io: ort.IOBinding, block: KVBlock) -> None:
-        """Bind ``block`` as both past input and present output of every layer."""
-        from infer_backend_onnx.graph import past_names, present_names
-
-        for layer in range(self.layers):
-            for past, present, value in zip(
-                past_names(layer), present_names(layer), block.values[2 * layer : 2 * layer + 2], strict=True
-            ):
-                io.bind_ortvalue_input(past, value)
-                io.bind_ortvalue_output(present, value)
-
     def _check(self, batch: Batch, decode: bool) -> list[OnnxKVCache]:
         if self._closed:
             from infer.errors import ModelClosedError
@@ -328,7 +221,7 @@ class OnnxModel(OnnxHandle):
             raise ModelClosedError("this onnx model was closed; load it again")
         seqs: list[OnnxKVCache] = []
         for i, (seq, tokens) in enumerate(zip(batch.sequences, batch.tokens, strict=True)):
-            if not isinstance(seq, OnnxKVCache) or seq._model is not self:
+            if not isinstance(seq, OnnxKVCache) or seq.pool is not self.kv:
                 raise BackendError(f"row {i}: the cache was not made by this onnx model", backend="onnx")
             if seq.released:
                 raise BackendError(f"row {i}: the cache was released; start a new sequence", backend="onnx")
@@ -352,11 +245,11 @@ class OnnxModel(OnnxHandle):
         totals = np.array([s.length for s in seqs]) + sizes
         need = int(totals.max())
         if sizes.max() == 1:  # one token a row: its last position is its every position
-            logits = self._run_decode(self._decode_block(seqs, need), seqs, tokens, totals)
+            logits = self._run_decode(self.kv.for_decode(seqs, need), seqs, tokens, totals)
         else:
-            logits = self._run_prefill(self._place(seqs, need), tokens, sizes, totals, every=every)
+            logits = self._run_prefill(self.kv.for_prefill(seqs, need), tokens, sizes, totals, every=every)
         for seq, n in zip(seqs, sizes, strict=True):
-            seq._length += int(n)
+            seq.advance(int(n))
         return logits
 
     def _run_decode(
@@ -366,10 +259,10 @@ class OnnxModel(OnnxHandle):
         tokens: list[npt.NDArray[np.int32]],
         totals: npt.NDArray[np.int64],
     ) -> _Logits:
-        if block.decode_io is None:
-            block.decode_io = _DecodeBinding(self, block)
-        d = block.decode_io
-        rows = [s._row for s in seqs]
+        d = self._decode_io.get(block)
+        if d is None:
+            d = self._decode_io[block] = _DecodeBinding(self, block)
+        rows = [s.row for s in seqs]
         ordered = len(rows) == block.rows and rows == list(range(block.rows))
         if not ordered:
             # free rows compute a token 0 at position 0 of their own row, which nobody reads
@@ -407,77 +300,10 @@ class OnnxModel(OnnxHandle):
             picked = (np.arange(rows) * width + sizes - 1).astype(np.int64)
         io.bind_cpu_input("last_token_index", picked)
         io.bind_output("logits", "cpu")
-        self.bind_kv(io, block)
+        block.bind(io)
         self.session.run_with_iobinding(io)
         logits: _Logits = io.get_outputs()[0].numpy()
         return logits
-
-    def _place(self, seqs: list[OnnxKVCache], need: int) -> KVBlock:
-        """The block holding ``seqs`` as its rows in order, able to take ``need`` tokens per row."""
-        block = seqs[0]._block
-        if (
-            block is not None
-            and block.rows == len(seqs)
-            and block.capacity >= need
-            and all(s._block is block and s._row == i for i, s in enumerate(seqs))
-        ):
-            return block
-        return self._new_block(seqs, len(seqs), need)
-
-    def _decode_block(self, seqs: list[OnnxKVCache], need: int) -> KVBlock:
-        """A block holding every sequence of ``seqs`` in some row, its other rows free."""
-        least = 2 if self.pad_single_rows else 1  # rows a decode step runs on
-        home = seqs[0]._block
-        if (
-            home is not None
-            and home.capacity >= need
-            and home.rows == len(seqs) >= least
-            and all(s._block is home for s in seqs)
-        ):
-            return home  # the steady state: the batch fills its block
-        counts = Counter(s._block for s in seqs if s._block is not None)
-        if counts:
-            home = counts.most_common(1)[0][0]
-            if home.capacity >= need and home.rows >= least:
-                taken = {s._row for s in seqs if s._block is home}
-                newcomers = [s for s in seqs if s._block is not home]
-                free = [r for r in range(home.rows) if r not in taken and home.holder(r) is None]
-                in_use_elsewhere = home.rows - len(taken) - len(free)
-                spare = len(free) - len(newcomers)
-                # newcomers are copied into free rows of host memory; a device block moves whole
-                targets: Sequence[npt.NDArray[Any]] | None = home.host if newcomers else ()
-                fits = 0 <= spare <= max(home.rows // 4, least - len(seqs))
-                if fits and not in_use_elsewhere and targets is not None:
-                    for seq, row in zip(newcomers, free, strict=False):
-                        self._move(seq, home, row, targets)
-                    return home
-        return self._new_block(seqs, max(len(seqs), least), need)
-
-    def _new_block(self, seqs: list[OnnxKVCache], rows: int, need: int) -> KVBlock:
-        """A new block of ``rows`` rows holding ``seqs`` in its first rows, in order."""
-        current = max((s._block.capacity for s in seqs if s._block is not None), default=0)
-        capacity = max(need, *(s._requested for s in seqs))
-        if need > current > 0:
-            # Outgrown: double rather than grow token by token, but never past the context.
-            capacity = max(capacity, 2 * current)
-        capacity = min(capacity, self.context_length)
-        new = KVBlock(self, rows, capacity)
-        targets = new.host if new.host is not None else [np.zeros(v.shape(), self.kv_dtype) for v in new.values]
-        for row, seq in enumerate(seqs):
-            self._move(seq, new, row, targets)
-        if new.host is None:
-            for value, array in zip(new.values, targets, strict=True):
-                value.update_inplace(array)
-        return new
-
-    @staticmethod
-    def _move(seq: OnnxKVCache, block: KVBlock, row: int, targets: Sequence[npt.NDArray[Any]]) -> None:
-        """Copy ``seq``'s cache into ``row`` of ``targets`` (``block``'s arrays) and make it live there."""
-        if seq._block is not None and seq._length:
-            for dst, src in zip(targets, seq._block.arrays(), strict=True):
-                dst[row, :, : seq._length] = src[seq._row, :, : seq._length]
-        seq._block, seq._row = block, row
-        block.slots[row] = weakref.ref(seq)
 
 
 def check_row(

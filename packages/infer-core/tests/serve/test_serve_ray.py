@@ -156,12 +156,12 @@ def test_infer_and_serve_help_import_nothing_from_ray() -> None:
 
 
 def test_serve_flags_become_the_builders_arguments() -> None:
-    from infer.cli import _build_parser
+    from infer.cli.main import build_parser
     from infer.serve.cli import _app_options, _on_ray
     from infer.serve.ray_cli import ray_args
 
     line = "serve fake --backend fake -o latency=0.5 --min-replicas 1 --max-replicas 3 --num-gpus 1 --max-concurrency 4"
-    args = _build_parser().parse_args(line.split())
+    args = build_parser().parse_args(line.split())
     assert _on_ray(args)
     parsed = RayServeArgs.parse(ray_args(args, _app_options(args, ["*"])))
     assert parsed.options == {"latency": 0.5}
@@ -169,7 +169,7 @@ def test_serve_flags_become_the_builders_arguments() -> None:
     options = parsed.replica_options()
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
-    assert not _on_ray(_build_parser().parse_args(["serve", "fake"]))  # plain infer serve stays on uvicorn
+    assert not _on_ray(build_parser().parse_args(["serve", "fake"]))  # plain infer serve stays on uvicorn
 
 
 def _router(imbalanced_threshold: int = 8) -> Any:

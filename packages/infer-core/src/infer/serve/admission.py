@@ -25,7 +25,12 @@ __all__ = ["Admission", "Ticket"]
 
 @final
 class Admission:
-    """``max_concurrency`` slots and at most ``max_queue`` waiters; one per event loop."""
+    """``max_concurrency`` slots and at most ``max_queue`` waiters; one per event loop.
+
+    A request gets a :class:`Ticket` from :meth:`admit` and moves only through it; the ticket
+    calls :meth:`take_slot`, :meth:`start`, :meth:`leave_queue` and :meth:`finish`, which keep
+    the counts, the KV reservation and the metrics together.
+    """
 
     def __init__(
         self, max_concurrency: int, max_queue: int, metrics: ServerMetrics, kv_budget_bytes: int | None = None
@@ -79,6 +84,49 @@ class Admission:
         self._metrics.queue_depth.inc()
         return Ticket(self, kv_bytes)
 
+    # -- a ticket's moves: queued -> holding a slot -> done -------------------------------------
+    async def take_slot(self, kv_bytes: int) -> None:
+        """Wait for a slot, then for ``kv_bytes`` of the KV budget, and reserve both.
+
+        A cancelled or failed wait holds nothing. The caller stays counted as queued until
+        :meth:`start`.
+        """
+        await self._slots.acquire()
+        try:
+            budget = self.kv_budget_bytes
+            while budget is not None and self.kv_reserved_bytes + kv_bytes > budget:
+                freed = asyncio.get_running_loop().create_future()
+                self._kv_waiters.append(freed)
+                await freed
+            self.kv_reserved_bytes += kv_bytes
+            self._metrics.kv_reserved_bytes.set(self.kv_reserved_bytes)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def start(self) -> None:
+        """Count a request that took its slot as running instead of queued."""
+        self.leave_queue()
+        self._running += 1
+        self._metrics.running.inc()
+
+    def leave_queue(self) -> None:
+        """Count a request as no longer queued (it started, or gave up waiting)."""
+        self._waiting -= 1
+        self._metrics.queue_depth.dec()
+
+    def finish(self, kv_bytes: int) -> None:
+        """Give a running request's slot (to the longest waiter) and ``kv_bytes`` back."""
+        self._running -= 1
+        self._metrics.running.dec()
+        self._slots.release()
+        self.kv_reserved_bytes -= kv_bytes
+        self._metrics.kv_reserved_bytes.set(self.kv_reserved_bytes)
+        waiters, self._kv_waiters = self._kv_waiters, []
+        for freed in waiters:  # each checks again whether it fits now
+            if not freed.done():
+                freed.set_result(None)
+
 
 @final
 class Ticket:
@@ -93,50 +141,18 @@ class Ticket:
 
     async def acquire(self, timeout: float | None) -> None:
         """Wait for a slot and the KV bytes; raise :class:`asyncio.TimeoutError` after ``timeout`` seconds."""
-        a = self._admission
         try:
-            await asyncio.wait_for(self._take(), timeout)
+            await asyncio.wait_for(self._admission.take_slot(self._kv_bytes), timeout)
         except BaseException:
             self.release()
             raise
-        self._leave_queue()
+        self._admission.start()
         self._state = "running"
-        a._running += 1
-        a._metrics.running.inc()
-
-    async def _take(self) -> None:
-        a = self._admission
-        await a._slots.acquire()
-        try:
-            budget = a.kv_budget_bytes
-            while budget is not None and a.kv_reserved_bytes + self._kv_bytes > budget:
-                freed = asyncio.get_running_loop().create_future()
-                a._kv_waiters.append(freed)
-                await freed
-            a.kv_reserved_bytes += self._kv_bytes
-            a._metrics.kv_reserved_bytes.set(a.kv_reserved_bytes)
-        except BaseException:
-            a._slots.release()
-            raise
-
-    def _leave_queue(self) -> None:
-        a = self._admission
-        a._waiting -= 1
-        a._metrics.queue_depth.dec()
 
     def release(self) -> None:
         """Leave the queue or give the slot back (to the longest waiter). Idempotent."""
-        a = self._admission
         if self._state == "queued":
-            self._leave_queue()
+            self._admission.leave_queue()
         elif self._state == "running":
-            a._running -= 1
-            a._metrics.running.dec()
-            a._slots.release()
-            a.kv_reserved_bytes -= self._kv_bytes
-            a._metrics.kv_reserved_bytes.set(a.kv_reserved_bytes)
-            waiters, a._kv_waiters = a._kv_waiters, []
-            for freed in waiters:  # each checks again whether it fits now
-                if not freed.done():
-                    freed.set_result(None)
+            self._admission.finish(self._kv_bytes)
         self._state = "done"

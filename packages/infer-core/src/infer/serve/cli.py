@@ -17,9 +17,10 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
+
+from infer.cli.common import Subcommands, add_model_arguments, bounded, load_model, positive_int
 
 __all__ = ["add_serve_command"]
 
@@ -30,13 +31,12 @@ DEFAULT_GRACE = 30.0
 CONNECTION_HEADROOM = 64
 
 
-def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_serve_command(subparsers: Subcommands) -> None:
     """Add ``serve`` to the ``infer`` command's ``subparsers``.
 
-    ``model_args`` adds the arguments every model command shares (model, ``--backend``,
-    ``--device``, ``--dtype``, ``-o KEY=VALUE``), so the model is loaded as ``infer run`` loads it.
+    The model arguments are those every model command shares (:func:`infer.cli.common.add_model_arguments`),
+    so the model is loaded as ``infer run`` loads it.
     """
-    from infer.cli import _positive_int, bounded
     from infer.serve.defaults import (
         DEFAULT_BODY_TIMEOUT,
         DEFAULT_HEADER_TIMEOUT,
@@ -48,7 +48,7 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
     seconds = bounded(float, minimum=0, inclusive=False, expected="a positive number of seconds")
 
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    model_args(p)
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--name", help="model name clients send (default: MODEL as given)")
@@ -63,16 +63,16 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
         help="comma-separated origins whose browser pages may call the API ('*': any; default: none)",
     )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (must not be empty)")
-    p.add_argument("--max-concurrency", type=_positive_int, default=32, help="requests generating at once")
+    p.add_argument("--max-concurrency", type=positive_int, default=32, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=256, help="requests waiting before 429")
-    p.add_argument("--max-prompt-tokens", type=_positive_int, help="longest prompt accepted, in tokens")
+    p.add_argument("--max-prompt-tokens", type=positive_int, help="longest prompt accepted, in tokens")
     p.add_argument(
         "--max-kv-mib",
-        type=_positive_int,
+        type=positive_int,
         help="KV cache the running requests may reserve together, in MiB (prompt + max_tokens each; "
         "a request that does not fit waits, one over the whole budget gets 400; default: no limit)",
     )
-    p.add_argument("--max-body-bytes", type=_positive_int, default=2 * 1024 * 1024, help="largest request body")
+    p.add_argument("--max-body-bytes", type=positive_int, default=2 * 1024 * 1024, help="largest request body")
     timeouts = (
         ("--timeout", DEFAULT_REQUEST_TIMEOUT, "seconds a request may take, 504 past it"),
         ("--header-timeout", DEFAULT_HEADER_TIMEOUT, "seconds a connection has to send request headers"),
@@ -95,18 +95,16 @@ def add_serve_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPa
 
 def _add_scale_out_arguments(p: argparse.ArgumentParser) -> None:
     """The Ray Serve flags: any of them serves through Ray (the ``ray`` extra) instead of uvicorn."""
-    from infer.cli import _positive_int, bounded
-
     amount = bounded(float, minimum=0, inclusive=True, expected="a number >= 0")
     ray = p.add_argument_group("serving on Ray (pip install 'infer-core[ray]')")
-    ray.add_argument("--replicas", type=_positive_int, help="model replicas on Ray Serve, each loading the model")
+    ray.add_argument("--replicas", type=positive_int, help="model replicas on Ray Serve, each loading the model")
     ray.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray instance)")
     ray.add_argument(
         "--min-replicas",
         type=bounded(int, minimum=0, inclusive=True, expected="an integer >= 0"),
         help="autoscale: fewest replicas",
     )
-    ray.add_argument("--max-replicas", type=_positive_int, help="autoscale: most replicas")
+    ray.add_argument("--max-replicas", type=positive_int, help="autoscale: most replicas")
     ray.add_argument(
         "--target-ongoing-requests",
         type=amount,
@@ -159,7 +157,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from infer.cli import _load
     from infer.serve.guards import HeaderTimeoutH11, RepeatFilter
 
     if args.api_key is not None and not args.api_key.strip():
@@ -176,7 +173,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from infer.serve.ray_cli import serve_on_ray
 
         return serve_on_ray(args, _app_options(args, hosts))
-    model = _load(args)
+    model = load_model(args)
     try:
         app = create_app(model, model_name=args.name or _public_name(args.model), **_app_options(args, hosts))
         protocol = type("Protocol", (HeaderTimeoutH11,), {"header_timeout": args.header_timeout})

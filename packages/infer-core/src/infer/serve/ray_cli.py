@@ -15,20 +15,20 @@ import threading
 from types import FrameType
 from typing import Any
 
+from infer.cli.common import load_options
+
 __all__ = ["serve_on_ray"]
 
 
 def ray_args(args: argparse.Namespace, app_options: dict[str, Any]) -> dict[str, Any]:
     """The application builder's arguments (:class:`infer.serve.ray.RayServeArgs`) from the command line."""
-    from infer.cli import _options
-
     config: dict[str, Any] = {
         "model": args.model,
         "name": args.name,
         "backend": args.backend,
         "device": args.device,
         "dtype": args.dtype,
-        "options": _options(args.option),
+        "options": load_options(args.option),
         "app": app_options,
         "prefix_routing": not args.no_prefix_routing,
         "grace": args.grace,

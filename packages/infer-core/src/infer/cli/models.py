@@ -13,10 +13,12 @@ import json
 import sys
 from pathlib import Path
 
+from infer.cli.common import Subcommands
+
 __all__ = ["add_model_commands"]
 
 
-def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_model_commands(subparsers: Subcommands) -> None:
     """Register ``convert``, ``pull`` and ``list`` with handlers in ``func``."""
     p = subparsers.add_parser("convert", help="import a GGUF file into a model folder (float32 safetensors)")
     p.add_argument("gguf", type=Path, metavar="FILE.gguf", help="GGUF file to import")

@@ -13,19 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+
+from infer.cli.common import Subcommands, add_model_arguments, load_model
 
 __all__ = ["add_chat_command"]
 
 _HELP = "commands: /reset, /system TEXT, /save FILE, /exit (Ctrl-C stops an answer, Ctrl-D leaves)"
 
 
-def add_chat_command(subparsers: Any, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_chat_command(subparsers: Subcommands) -> None:
     """Add ``chat`` to the ``infer`` command's ``subparsers``."""
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (multi-turn, streamed)")
-    model_args(p)
+    add_model_arguments(p)
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens an answer may have (default 512)")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -36,9 +37,7 @@ def add_chat_command(subparsers: Any, model_args: Callable[[argparse.ArgumentPar
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from infer.cli import _load
-
-    model = _load(args, prefix_cache="auto", speculative=args.speculative)
+    model = load_model(args, prefix_cache="auto", speculative=args.speculative)
     try:
         if model.chat_template is None:
             from infer.errors import InvalidParameterError
