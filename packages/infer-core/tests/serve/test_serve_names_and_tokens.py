@@ -1,4 +1,5 @@
-"""Model names clients send (aliases, any name), ``/v1/models`` cards, ``/tokenize``, ``/detokenize``, CORS."""
+"""Model names clients send (aliases, any name), ``/v1/models`` cards, ``/tokenize``, ``/detokenize``,
+``/tokenizer_info``, CORS."""
 
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ async def test_tokenize_needs_the_key_when_one_is_set(client_for, fake_model):
     assert (await client.post("/tokenize", json={"prompt": "x"})).status_code == 401
     ok = await client.post("/tokenize", json={"prompt": "x"}, headers={"authorization": "Bearer k"})
     assert ok.status_code == 200
+
+
+async def test_tokenizer_info_gives_the_eos_token_template_and_context_behind_the_key(client_for, fake_model):
+    client = client_for(fake_model, api_key="k")
+    assert (await client.get("/tokenizer_info")).status_code == 401
+    info = (await client.get("/tokenizer_info", headers={"authorization": "Bearer k"})).json()
+    # what lm-evaluation-harness's remote tokenizer reads: the eos text must tokenize back to its id
+    assert fake_model.encode(info["eos_token"], add_special_tokens=False) == [min(fake_model.eos_token_ids)]
+    assert info["chat_template"] == fake_model.chat_template
+    assert info["model_max_length"] == fake_model.context_length
 
 
 async def test_cors_answers_preflights_for_the_given_origins_only(client_for, fake_model):

@@ -134,6 +134,8 @@ async def test_a_json_schema_text_format_constrains_the_output(client):
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
         ({"input": "x", "max_output_tokens": "many"}, "max_output_tokens"),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
+        # a part whose type is an object (found by Schemathesis: it was a 500)
+        ({"input": [{"role": "user", "content": [{"type": {}, "text": "x"}]}]}, "input[0].content[0]"),
     ],
 )
 async def test_bad_responses_requests_are_400s_naming_the_field(client, extra, param):

@@ -184,6 +184,7 @@ def create_app(
         Route("/v1/responses", server.responses, methods=["POST"]),
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
+        Route("/tokenizer_info", server.tokenizer_info, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_page, methods=["GET"]),
     ]
@@ -433,6 +434,26 @@ class _Server:
             return {"prompt": self.model.decode(tokens)}
 
         return await self._json_route(request, "/detokenize", run)
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        """``GET /tokenizer_info`` (vLLM's): special tokens, chat template and context length.
+
+        With ``/tokenize`` and ``/detokenize`` it lets a client tokenize as the server does
+        without the tokenizer files (lm-evaluation-harness's remote tokenizer reads it).
+        """
+
+        def info() -> dict[str, Any]:
+            model = self.model
+            eos = min(model.eos_token_ids, default=None)
+            return {
+                "eos_token": None if eos is None else model.tokenizer.id_to_token(eos),
+                "bos_token": None,
+                "pad_token": None,
+                "chat_template": model.chat_template,
+                "model_max_length": model.context_length,
+            }
+
+        return self._guarded(request, "/tokenizer_info", info)
 
     async def _json_route(self, request: Request, label: str, run: Any) -> Response:
         """A JSON-in, JSON-out route: key, content type and body checked; ``run(data)`` in a worker thread."""

@@ -366,7 +366,8 @@ def _response_input(value: object) -> list[dict[str, Any]]:
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if not isinstance(kind, str) or kind not in _TEXT_PARTS:  # a dict "type" is unhashable
                     _fail(
                         f"{where}.content[{j}]",
                         "only text content parts (input_text, output_text) are supported",
