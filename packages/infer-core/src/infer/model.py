@@ -486,6 +486,62 @@ class Model:
         """The asyncio twin of :meth:`stream`: ``async for event in model.astream(...)``."""
         return AsyncTokenStream(self, self._submit(prompt, messages, params, timeout, sampling))
 
+    def stream_choices(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        params: Sequence[SamplingParams],
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> list[TokenStream]:
+        """One stream per entry of ``params``, all continuing the same prompt (``n`` choices).
+
+        Where the backend declares the ``fork`` capability (contract 1.1) the prompt is prefilled
+        once: the other choices fork the first one's cache and sample from its last logits.
+        ``options`` apply to every choice, as :meth:`stream`'s keyword arguments do.
+        """
+        return [TokenStream(self, r) for r in self._submit_choices(prompt, messages, params, timeout, options)]
+
+    def astream_choices(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        params: Sequence[SamplingParams],
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> list[AsyncTokenStream]:
+        """The asyncio twin of :meth:`stream_choices`."""
+        return [AsyncTokenStream(self, r) for r in self._submit_choices(prompt, messages, params, timeout, options)]
+
+    def _submit_choices(
+        self,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Mapping[str, Any]] | None,
+        params: Sequence[SamplingParams],
+        timeout: float | None,
+        options: Mapping[str, Any],
+    ) -> list[Request]:
+        if isinstance(params, SamplingParams) or not params:
+            raise InvalidParameterError("params", params, "a non-empty list of SamplingParams, one per choice")
+        requests: list[Request] = []
+        # The scheduler sees the choices only once they are linked, so none prefills on its own.
+        with self._engine.holding():
+            try:
+                for choice in params:
+                    requests.append(self._submit(prompt, messages, choice, timeout, options))
+            except BaseException:
+                for request in requests:
+                    self._engine.cancel(request)
+                raise
+            if Capability.FORK in self._engine.capabilities:
+                first = requests[0]
+                for request in requests[1:]:
+                    if np.array_equal(request.prompt, first.prompt):
+                        request.parent = first
+        return requests
+
     def generate(
         self,
         prompt: str | Sequence[int] | None = None,
