@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from broken_backends import variant
+from broken_backends import loaded_variant
 
 import infer
-from infer.plugins import get_registry
 from infer_backend_fake import FakeModel
 from infer_conformance.probes import installed, wait_idle
 
@@ -93,17 +92,12 @@ def test_a_cancelled_first_choice_lets_the_others_prefill_alone(model):
 
 
 def test_choices_without_the_fork_capability_each_prefill_the_prompt():
-    registry = get_registry()
-    backend = registry.register_backend(
-        variant("fake-nofork", FakeModel, remove_capabilities=frozenset({infer.Capability.FORK})), name="fake-nofork"
-    )
-    try:
-        model = infer.load("fake", backend="fake-nofork")
-        with installed(PrefillCounter()) as prefills:
-            results = [s.result() for s in model.stream_choices(PROMPT, params=_seeded(2))]
-        model.close()
-    finally:
-        registry.unregister(backend.plugin)
+    gone = frozenset({infer.Capability.FORK})
+    with (
+        loaded_variant("fake-nofork", FakeModel, remove_capabilities=gone) as model,
+        installed(PrefillCounter()) as prefills,
+    ):
+        results = [s.result() for s in model.stream_choices(PROMPT, params=_seeded(2))]
     assert prefills.tokens == 2 * len(PROMPT)
     assert all(r.usage.cached_tokens == 0 for r in results)
 

@@ -38,7 +38,7 @@ from infer.log import get_logger
 from infer.prefix_cache import PrefixCache
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
 from infer.sampling import SamplerState, SamplingParams, logprobs
-from infer.speculative import NgramDrafter
+from infer.speculative import MAX_SPECULATIVE_BATCH, NgramDrafter
 from infer.stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -467,7 +467,9 @@ class Engine:
         return bool(prefill or decode)
 
     def _decode(self, requests: list[Request]) -> None:
-        drafts = [self._draft(r) for r in requests]
+        # Speculation only pays while decode is bound by reading the weights: a batch already
+        # reads them once for every row (see infer.speculative.MAX_SPECULATIVE_BATCH).
+        drafts = [self._draft(r) for r in requests] if len(requests) <= MAX_SPECULATIVE_BATCH else []
         if any(len(d) for d in drafts):
             self._verify(requests, drafts)
             return

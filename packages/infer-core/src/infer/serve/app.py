@@ -299,6 +299,7 @@ class _Server:
         self.metrics = ServerMetrics(lambda: model.active_requests)
         self.admission = Admission(max_concurrency, max_queue, self.metrics, max_kv_bytes)
         self.metrics.kv_bytes_per_token.set_function(lambda: model.kv_bytes_per_token)
+        self.metrics.prefix_cache(lambda: model.prefix_cache_stats)
         if max_kv_bytes is not None:
             self.metrics.kv_budget(max_kv_bytes)
             model.kv_bytes_per_token  # noqa: B018 (measured now, not in the event loop at the first request)
@@ -758,11 +759,12 @@ class _GenerationResponse(Response):
             if left is not None and left <= 0:
                 raise server.deadline_error("while queued for a slot")
             if job.request.max_tokens != 0:  # 0: echo alone, nothing generated
-                # All prompts at once: the model's scheduler batches their steps.
-                streams = [
-                    server.model.astream(ids, params=self._choice_params(k), timeout=left)
-                    for k, ids in enumerate(job.prompts)
-                ]
+                # All prompts at once: the model's scheduler batches their steps; a prompt's n
+                # choices share its prefill (the others fork the first one's cache).
+                n, extra = job.request.n, job.request.engine_options
+                for i in range(0, len(job.prompts), n):
+                    params = [self._choice_params(k) for k in range(i, i + n)]
+                    streams += server.model.astream_choices(job.prompts[i], params=params, timeout=left, **extra)
             server.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompts[:: job.request.n]))
             echoes = await self._echoes(left)
             if job.request.stream:

@@ -21,6 +21,7 @@ __all__ = ["serve_on_ray"]
 def ray_args(args: argparse.Namespace, app_options: dict[str, Any]) -> dict[str, Any]:
     """The application builder's arguments (:class:`infer.serve.ray.RayServeArgs`) from the command line."""
     from infer.cli import _options
+    from infer.serve.cli import engine_options
 
     config: dict[str, Any] = {
         "model": args.model,
@@ -28,7 +29,7 @@ def ray_args(args: argparse.Namespace, app_options: dict[str, Any]) -> dict[str,
         "backend": args.backend,
         "device": args.device,
         "dtype": args.dtype,
-        "options": _options(args.option),
+        "options": _options(args.option) | engine_options(args),
         "app": app_options,
         "prefix_routing": not args.no_prefix_routing,
         "grace": args.grace,
