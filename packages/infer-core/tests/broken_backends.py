@@ -7,8 +7,9 @@ weights), one defect apiece. Load one into a suite run with
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -79,6 +80,26 @@ def variant(name: str, model_class: type[Any], **info: Any) -> _Broken:
     """A backend serving ``model_class`` under ``name`` with ``info`` changed (``add_capabilities``,
     ``remove_capabilities``, ``contract_version``...): for tests that need a well-behaved variant."""
     return _Broken(name, model_class, **info)
+
+
+@contextlib.contextmanager
+def loaded_variant(
+    name: str, model_class: type[Any], *, load: Mapping[str, Any] | None = None, **info: Any
+) -> Iterator[Any]:
+    """A model loaded on :func:`variant` ``(name, model_class, **info)``, registered for the block
+    and closed and unregistered after it; ``load``: :func:`infer.load`'s keyword arguments."""
+    from infer.plugins import get_registry
+
+    registry = get_registry()
+    backend = registry.register_backend(variant(name, model_class, **info), name=name)
+    try:
+        model = infer.load("fake", backend=name, **(load or {}))
+        try:
+            yield model
+        finally:
+            model.close()
+    finally:
+        registry.unregister(backend.plugin)
 
 
 # -- wrong model maths (numpy backend: real weights) ---------------------------------------------
@@ -492,3 +513,33 @@ FORK_ONE_SHORT = _Broken("broken-fork-short", _ForkOneShort)
 ALL_LOGITS_SHIFTED = _Broken("broken-all-logits", _AllLogitsShifted)
 ALL_LOGITS_ROWS_REVERSED = _Broken("broken-all-logits-rows", _AllLogitsRowsReversed)
 SYNTHETIC_AS_DEFAULT = _Broken("broken-synthetic", FakeModel, priority=0)
+
+
+# -- well-behaved variants -------------------------------------------------------------------
+
+#: The echo model's period, and a text repeating with it.
+PERIOD = 7
+PATTERN = [30 + 5 * i for i in range(PERIOD)]
+
+
+class EchoModel(FakeModel):
+    """The fake, leaning towards the token ``PERIOD`` places back: it continues a repeating text,
+    as a model summarising or rewriting its prompt does, so prompt lookup drafts are often right."""
+
+    bias = 30.0  # wins greedy decoding; at temperature 5 it leaves about a third to the echo
+
+    def _lean(self, logits, kvs, counts):
+        rows = []
+        for kv, n in zip(kvs, counts, strict=True):
+            for i in range(n):
+                end = kv.length - n + i + 1  # context length after the row's i-th token
+                rows.append(kv._tokens[end - PERIOD] if end >= PERIOD else 0)
+        logits = logits.copy()
+        logits[np.arange(len(rows)), rows] += np.float32(self.bias)
+        return logits
+
+    def forward(self, batch):
+        return self._lean(super().forward(batch), batch.sequences, [1] * batch.size)
+
+    def forward_all(self, batch):
+        return self._lean(super().forward_all(batch), batch.sequences, [len(t) for t in batch.tokens])

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from broken_backends import variant
+from broken_backends import PATTERN, PERIOD, EchoModel, loaded_variant, variant
 
 import infer
 from infer.plugins import get_registry
@@ -16,32 +16,7 @@ from infer_conformance.probes import installed
 
 pytestmark = pytest.mark.unit
 
-PERIOD = 7
-PATTERN = [30 + 5 * i for i in range(PERIOD)]
 PROMPT = PATTERN * 4 + PATTERN[:3]
-
-
-class _Echo(FakeModel):
-    """The fake, leaning towards the token ``PERIOD`` places back: it continues a repeating text,
-    as a model summarising or rewriting its prompt does, so prompt lookup drafts are often right."""
-
-    bias = 30.0  # wins greedy decoding; at temperature 5 it leaves about a third to the echo
-
-    def _lean(self, logits, kvs, counts):
-        rows = []
-        for kv, n in zip(kvs, counts, strict=True):
-            for i in range(n):
-                end = kv.length - n + i + 1  # context length after the row's i-th token
-                rows.append(kv._tokens[end - PERIOD] if end >= PERIOD else 0)
-        logits = logits.copy()
-        logits[np.arange(len(rows)), rows] += np.float32(self.bias)
-        return logits
-
-    def forward(self, batch):
-        return self._lean(super().forward(batch), batch.sequences, [1] * batch.size)
-
-    def forward_all(self, batch):
-        return self._lean(super().forward_all(batch), batch.sequences, [len(t) for t in batch.tokens])
 
 
 class StepCounter:
@@ -61,12 +36,8 @@ class StepCounter:
 
 @pytest.fixture(scope="module")
 def echo():
-    registry = get_registry()
-    backend = registry.register_backend(variant("echo", _Echo), name="echo")
-    model = infer.load("fake", backend="echo", speculative="ngram")
-    yield model
-    model.close()
-    registry.unregister(backend.plugin)
+    with loaded_variant("echo", EchoModel, load={"speculative": "ngram"}) as model:
+        yield model
 
 
 def test_greedy_speculation_gives_the_same_tokens_in_fewer_backend_steps(echo):
@@ -179,3 +150,11 @@ def test_auto_does_not_speculate_where_verification_logits_may_differ_from_decod
         asked.close()
     finally:
         registry.unregister(backend.plugin)
+
+
+def test_requests_decoding_together_do_not_draft_and_keep_their_tokens(echo):
+    greedy = infer.SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    with installed(StepCounter()) as counter:
+        together = [s.result().token_ids for s in echo.stream_choices(PROMPT, params=[greedy, greedy])]
+    assert counter.steps["verify"] == 0 and counter.steps["decode"] > 0
+    assert together == [echo.generate(PROMPT, params=greedy).token_ids] * 2

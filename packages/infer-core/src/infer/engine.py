@@ -19,12 +19,13 @@ cancelled), never as an error of the scheduler thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
 
@@ -37,7 +38,7 @@ from infer.log import get_logger
 from infer.prefix_cache import PrefixCache
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
 from infer.sampling import SamplerState, SamplingParams, logprobs
-from infer.speculative import NgramDrafter
+from infer.speculative import MAX_SPECULATIVE_BATCH, NgramDrafter
 from infer.stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ class Request:
         "max_new",
         "next_token",
         "params",
+        "parent",
         "pos",
         "prompt",
         "sampler",
@@ -205,6 +207,9 @@ class Request:
         self.cached = 0
         #: Drafts tokens for speculative decoding, or ``None`` when the request does not speculate.
         self.drafter: NgramDrafter | None = None
+        #: Another choice of the same prompt whose prefill this request waits for, to fork its
+        #: cache instead of prefilling the prompt again (``n > 1``); ``None`` once served.
+        self.parent: Request | None = None
         self.next_token: int | None = None
         self.generated: list[int] = []
         self.text: list[str] = []
@@ -242,6 +247,7 @@ class Engine:
         self._pending: deque[Request] = deque()
         self._active: list[Request] = []
         self._closed = False
+        self._holds = 0
         self._thread: threading.Thread | None = None
         self._log = get_logger()
         self._generation = -1
@@ -277,6 +283,20 @@ class Engine:
         self._log.info(
             "request.started", request_id=request.id, backend=self.handle.backend, prompt_tokens=len(request.prompt)
         )
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Submit several requests that the scheduler must first see together (the choices of one
+        prompt, linked by :attr:`Request.parent` after submission): running requests keep
+        stepping, new ones wait until the block ends."""
+        with self._cond:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify()
 
     def cancel(self, request: Request) -> None:
         """Stop a request before its next step and release its cache."""
@@ -399,11 +419,11 @@ class Engine:
         while True:
             with self._cond:
                 # after a productive iteration go straight on; only an idle one waits
-                while not self._closed and not self._pending and not (busy or self._has_work()):
+                while not self._closed and not self._admissible() and not (busy or self._has_work()):
                     self._cond.wait(self._wait_time())
                 if self._closed:
                     return
-                while self._pending:
+                while self._admissible():
                     self._active.append(self._pending.popleft())
             try:
                 busy = self._iterate()
@@ -415,9 +435,12 @@ class Engine:
                     self._end(request, Failed(exc))
                 busy = False
 
+    def _admissible(self) -> bool:
+        return bool(self._pending) and not self._holds
+
     def _has_work(self) -> bool:
         now = time.monotonic()
-        return any(_ending(r, now) or r.channel.has_room() for r in self._active)
+        return any(_ending(r, now) or (r.channel.has_room() and not _waiting(r)) for r in self._active)
 
     def _wait_time(self) -> float | None:
         deadlines = [r.deadline for r in self._active if r.deadline is not None]
@@ -432,7 +455,7 @@ class Engine:
         for r in self._active:
             if _ending(r, now):
                 ending.append(r)
-            elif r.channel.has_room():
+            elif r.channel.has_room() and not _waiting(r):
                 (prefill if r.next_token is None else decode).append(r)
         for r in ending:
             if r.cancelled or r.channel.abandoned:
@@ -449,7 +472,9 @@ class Engine:
         return bool(prefill or decode)
 
     def _decode(self, requests: list[Request]) -> None:
-        drafts = [self._draft(r) for r in requests]
+        # Speculation only pays while decode is bound by reading the weights: a batch already
+        # reads them once for every row (see infer.speculative.MAX_SPECULATIVE_BATCH).
+        drafts = [self._draft(r) for r in requests] if len(requests) <= MAX_SPECULATIVE_BATCH else []
         if any(len(d) for d in drafts):
             self._verify(requests, drafts)
             return
@@ -553,8 +578,31 @@ class Engine:
                     self.prefix_cache.add_live(request.kv, request.prompt)
                 done.append(request)
                 rows.append(i)
+                for sibling in self._fork_siblings(request):
+                    done.append(sibling)
+                    rows.append(i)
         if done:
-            self._sample(done, logits[rows] if len(rows) != len(requests) else logits)
+            self._sample(done, logits if rows == list(range(len(requests))) else logits[rows])
+
+    def _fork_siblings(self, request: Request) -> list[Request]:
+        """The choices waiting for ``request``'s prompt, each given a fork of its cache.
+
+        They start from the same last-position logits, so the prompt is prefilled once for all
+        ``n`` choices; a sibling whose fork fails ends with that error, the others go on.
+        """
+        served = []
+        for sibling in [r for r in self._active if r.parent is request]:
+            sibling.parent = None
+            assert request.kv is not None
+            try:
+                sibling.kv = self.fork(request.kv, len(request.prompt), len(sibling.prompt) + sibling.max_new)
+            except Exception as exc:  # noqa: BLE001 - one choice's failure ends that choice only
+                self._retire(sibling, Failed(_as_typed(exc, self.handle.backend, "fork")))
+                continue
+            sibling.pos = sibling.cached = len(sibling.prompt)
+            sibling.t_prefilled = request.t_prefilled
+            served.append(sibling)
+        return served
 
     def _start(self, request: Request) -> None:
         """Give ``request`` its cache: a fork of the longest cached prefix of its prompt, or a new one."""
@@ -692,6 +740,10 @@ class Engine:
         self._end(request, outcome)
 
     def _end(self, request: Request, outcome: Done | Failed | None) -> None:
+        with self._cond:
+            for sibling in self._active:
+                if sibling.parent is request:  # it will never prefill for them: they prefill alone
+                    sibling.parent = None
         if request.kv is not None:
             try:
                 if not self._keep(request, outcome):
@@ -736,6 +788,11 @@ class Engine:
 
 
 _NO_DRAFT: npt.NDArray[np.int32] = np.zeros(0, np.int32)
+
+
+def _waiting(request: Request) -> bool:
+    """Whether ``request`` waits for a sibling choice's prefill to fork it."""
+    return request.parent is not None and request.kv is None
 
 
 def _ending(request: Request, now: float) -> bool:

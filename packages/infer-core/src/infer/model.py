@@ -646,6 +646,77 @@ class Model:
         """The asyncio twin of :meth:`generate`."""
         return await AsyncTokenStream(self, self._start(request, stream_events=False)).result()
 
+    def stream_choices(
+        self,
+        prompt: str | Sequence[int] | Sequence[PreparedRequest] | None = None,
+        *,
+        params: Sequence[SamplingParams] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> list[TokenStream]:
+        """One stream per entry of ``params``, all continuing the same prompt (``n`` choices).
+
+        Where the backend declares the ``fork`` capability (contract 1.1) the prompt is prefilled
+        once: the other choices fork the first one's cache and sample from its last logits.
+        ``options`` apply to every choice, as :meth:`stream`'s keyword arguments do. Requests
+        already prepared (:meth:`prepare`) may be given as ``prompt`` instead, alone.
+        """
+        prepared = self._prepare_choices(prompt, params, messages, timeout, options)
+        return [TokenStream(self, r) for r in self._start_choices(prepared)]
+
+    def astream_choices(
+        self,
+        prompt: str | Sequence[int] | Sequence[PreparedRequest] | None = None,
+        *,
+        params: Sequence[SamplingParams] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> list[AsyncTokenStream]:
+        """The asyncio twin of :meth:`stream_choices`."""
+        prepared = self._prepare_choices(prompt, params, messages, timeout, options)
+        return [AsyncTokenStream(self, r) for r in self._start_choices(prepared)]
+
+    def _prepare_choices(
+        self,
+        prompt: str | Sequence[int] | Sequence[PreparedRequest] | None,
+        params: Sequence[SamplingParams] | None,
+        messages: Sequence[Mapping[str, Any]] | None,
+        timeout: float | None,
+        options: Mapping[str, Any],
+    ) -> list[PreparedRequest]:
+        """The choices' prepared requests: the given ones, or one per ``params`` entry."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, PreparedRequest) for p in prompt):
+            given = {"params": params, "messages": messages, "timeout": timeout}
+            extra = sorted(k for k, v in given.items() if v is not None) + sorted(options)
+            if extra:
+                raise InvalidParameterError(extra[0], given.get(extra[0], options.get(extra[0])), _PREPARED_ALONE)
+            return list(cast("Sequence[PreparedRequest]", prompt))
+        if params is None or isinstance(params, SamplingParams) or not params:
+            raise InvalidParameterError("params", params, "a non-empty list of SamplingParams, one per choice")
+        text = cast("str | Sequence[int] | None", prompt)
+        return [self.prepare(text, messages=messages, params=p, timeout=timeout, **options) for p in params]
+
+    def _start_choices(self, prepared: Sequence[PreparedRequest]) -> list[Request]:
+        """Start the choices together, each after the first forking its cache where it can."""
+        requests: list[Request] = []
+        # The scheduler sees the choices only once they are linked, so none prefills on its own.
+        with self._engine.holding():
+            try:
+                for choice in prepared:
+                    requests.append(self._start(choice))
+            except BaseException:
+                for request in requests:
+                    self._engine.cancel(request)
+                raise
+            if Capability.FORK in self._engine.capabilities:
+                first = requests[0]
+                for request in requests[1:]:
+                    if np.array_equal(request.prompt, first.prompt):
+                        request.parent = first
+        return requests
+
     def _start(self, prepared: PreparedRequest, *, stream_events: bool = True) -> Request:
         """Hand a prepared request to the scheduler."""
         self._check_open()

@@ -78,6 +78,7 @@ async def test_completion_text_and_usage_equal_the_models_own_generation(client,
         "prompt_tokens": expected.usage.prompt_tokens,
         "completion_tokens": expected.usage.completion_tokens,
         "total_tokens": expected.usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 

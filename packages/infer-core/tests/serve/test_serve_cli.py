@@ -195,3 +195,19 @@ def test_no_cors_unless_asked(captured):
     from starlette.middleware.cors import CORSMiddleware
 
     assert all(m.cls is not CORSMiddleware for m in captured["config"].app.user_middleware)
+
+
+@pytest.mark.parametrize(
+    ("flags", "budget", "speculates"),
+    [
+        ([], 512 * 2**20, True),  # the defaults: prefix cache on (the fake can fork), speculation auto
+        (["--no-prefix-cache", "--speculative", "off"], None, False),
+        (["--prefix-cache-mib", "64", "--speculative", "ngram"], 64 * 2**20, True),
+    ],
+)
+def test_kv_reuse_flags_reach_the_model(captured, flags, budget, speculates):
+    assert main(["serve", "fake", "--backend", "fake", *flags]) == 0
+    model = captured["model"]
+    cache = model._engine.prefix_cache
+    assert (None if cache is None else cache.budget) == budget
+    assert model.speculative is speculates

@@ -137,6 +137,17 @@ def test_every_turn_of_a_conversation_has_its_first_turns_key() -> None:
     assert prefix_key(b"not json") is None
 
 
+def test_a_prompt_cache_key_keys_requests_together_whatever_their_openings() -> None:
+    a = prefix_key(json_body(model="m", prompt="first text", prompt_cache_key="tenant-7"))
+    b = prefix_key(json_body(model="m", messages=[{"role": "user", "content": "other"}], prompt_cache_key="tenant-7"))
+    assert a is not None and a == b
+    assert prefix_key(json_body(model="m", prompt="first text", prompt_cache_key="tenant-8")) != a
+    assert prefix_key(json_body(model="m", prompt="first text")) != a  # without the hint: keyed by the prompt
+    assert prefix_key(json_body(model="m", prompt="first text", prompt_cache_key="")) == prefix_key(
+        json_body(model="m", prompt="first text")
+    )
+
+
 def json_body(**fields: Any) -> bytes:
     import json
 

@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NAME = "smollm2-135m-instruct"
 CONCURRENT = 32
+#: The server's prefix cache (on by default): finished requests' KV it may keep, bounding RSS too.
+PREFIX_CACHE_MIB = 32
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,8 @@ def server():
     if onnx is None or not onnx.info.available:
         pytest.skip("the ONNX backend is not installed or cannot run here")
     pull(NAME, progress=False)
-    with ServerProcess("--dtype", "fp32", "--max-concurrency", str(CONCURRENT), model=NAME, backend="onnx") as running:
+    args = ("--dtype", "fp32", "--max-concurrency", str(CONCURRENT), "--prefix-cache-mib", str(PREFIX_CACHE_MIB))
+    with ServerProcess(*args, model=NAME, backend="onnx") as running:
         yield running
 
 
@@ -106,10 +109,12 @@ def test_memory_returns_to_its_baseline_after_rounds_of_32_streams(server):
         after.append(settled_rss(server))
     # One round's KV caches alone (32 sequences of ~60 tokens, 46 KB per token) are ~90 MiB: a
     # leak of what requests hold, or freed caches the allocator keeps, would show in every round.
-    # What stays is the runtime's arena for the larger batch shapes (measured ~25-35 MiB).
+    # What stays is the runtime's arena for the larger batch shapes (measured ~25-35 MiB) and the
+    # finished requests' caches the prefix cache keeps, within its budget.
     worst = max(after) - baseline
     rounds = [a >> 20 for a in after]
-    assert worst < 64 * 1024 * 1024, f"RSS {worst / 2**20:.1f} MiB over its baseline (rounds: {rounds} MiB)"
+    bound = (64 + PREFIX_CACHE_MIB) * 2**20
+    assert worst < bound, f"RSS {worst / 2**20:.1f} MiB over its baseline (rounds: {rounds} MiB)"
 
 
 def settled_rss(server: ServerProcess) -> int:
@@ -153,3 +158,30 @@ def test_smollm2_echo_scores_a_continuation_as_generation_reports_it(server):
     assert echo_text == best_text and echo_logprob == pytest.approx(best_logprob, abs=1e-4)
     assert first.logprobs.token_logprobs[:-1] == pytest.approx(second.logprobs.token_logprobs[: len(ids)], abs=1e-4)
     assert scored.usage.completion_tokens == 0
+
+
+def test_smollm2_repeated_chat_is_served_from_the_prefix_cache_with_the_same_text(server):
+    body = {
+        "model": NAME,
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant who answers in one sentence."},
+            {"role": "user", "content": "Name a colour of the sky."},
+        ],
+        "temperature": 0,
+        "max_tokens": 16,
+    }
+    cold = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    warm = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    prompt = warm["usage"]["prompt_tokens"]
+    # whole 16-token blocks of the prompt, all but its last token (fed again for its logits)
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] >= (prompt - 1) // 16 * 16
+    assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+    metrics = httpx.get(server.url + "/metrics", timeout=5).text
+    assert "infer_prefix_cache_hits_total" in metrics
+
+
+def test_smollm2_greedy_choices_forked_from_one_prefill_equal_a_single_answer(server):
+    body = {"model": NAME, "prompt": "The three primary colours are", "temperature": 0, "max_tokens": 12}
+    one = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()
+    three = httpx.post(server.url + "/v1/completions", json=body | {"n": 3}, timeout=120).json()
+    assert [c["text"] for c in three["choices"]] == [one["choices"][0]["text"]] * 3

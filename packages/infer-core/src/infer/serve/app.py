@@ -320,6 +320,7 @@ class _Server:
         self.metrics = ServerMetrics(lambda: model.active_requests)
         self.admission = Admission(max_concurrency, max_queue, self.metrics, max_kv_bytes)
         self.metrics.kv_bytes_per_token.set_function(lambda: model.kv_bytes_per_token)
+        self.metrics.prefix_cache(lambda: model.prefix_cache_stats)
         if max_kv_bytes is not None:
             self.metrics.kv_budget(max_kv_bytes)
             model.kv_bytes_per_token  # noqa: B018 (measured now, not in the event loop at the first request)
@@ -612,7 +613,8 @@ class _Server:
         """
         if left is not None and left <= 0:
             raise self.deadline_error("before its prompt was read")
-        options: dict[str, Any] = {**parsed.sampling, "max_prompt_bytes": self.max_prompt_bytes}
+        options: dict[str, Any] = {**parsed.sampling, **parsed.engine_options}
+        options["max_prompt_bytes"] = self.max_prompt_bytes
         if parsed.tools is not None or parsed.tool_choice is not None:
             options |= {"tools": parsed.tools, "tool_choice": parsed.tool_choice}
         if parsed.response_format is not None:
@@ -626,6 +628,7 @@ class _Server:
             for prompt in parsed.prompts:
                 if prepared:  # the sampling is the first prompt's, checked and compiled once
                     options = {"params": prepared[0].params, "max_prompt_bytes": self.max_prompt_bytes}
+                    options |= parsed.engine_options
                 prepared.append(self.model.prepare(self._fim(prompt, parsed.suffix), timeout=left, **options))
         except InferError as exc:
             raise self._prompt_error(exc, parsed) from None
@@ -808,8 +811,11 @@ class _GenerationResponse(Response):
             if left is not None and left <= 0:
                 raise server.deadline_error("while queued for a slot")
             if job.request.max_tokens != 0:  # 0: echo alone, nothing generated
-                # All prompts at once: the model's scheduler batches their steps.
-                streams = [server.model.astream(self._choice(k, left)) for k in range(len(job.prepared))]
+                # All prompts at once: the model's scheduler batches their steps; a prompt's n
+                # choices share its prefill (the others fork the first one's cache).
+                n = job.request.n
+                for i in range(0, len(job.prepared), n):
+                    streams += server.model.astream_choices([self._choice(k, left) for k in range(i, i + n)])
             server.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompts[:: job.request.n]))
             echoes = await self._echoes(left)
             if job.request.stream:

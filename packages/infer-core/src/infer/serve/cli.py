@@ -22,10 +22,15 @@ from typing import Any
 
 from infer.cli.common import Subcommands, add_model_arguments, bounded, load_model, positive_int
 
-__all__ = ["add_serve_command"]
+__all__ = ["add_serve_command", "engine_options"]
 
 #: Default seconds in-flight requests get to finish after SIGTERM.
 DEFAULT_GRACE = 30.0
+#: ``--prefix-cache-mib`` default and ``--speculative`` choices: infer.prefix_cache.DEFAULT_BUDGET
+#: and infer.speculative.MODES, restated because importing them imports numpy and ``--help``
+#: must stay instant (a test holds them equal).
+DEFAULT_PREFIX_CACHE_MIB = 512
+SPECULATIVE_MODES = ("auto", "ngram", "off")
 #: Connections beyond the slots and the queue that may be open at once (health checks, scrapes,
 #: clients being told 429); past the total uvicorn answers 503 at once.
 CONNECTION_HEADROOM = 64
@@ -89,6 +94,25 @@ def add_serve_command(subparsers: Subcommands) -> None:
         "--strict-requests", action="store_true", help="refuse unknown request fields with 400 instead of ignoring them"
     )
     p.add_argument("--grace", type=seconds, default=DEFAULT_GRACE, help="seconds to drain on SIGTERM")
+    reuse = p.add_argument_group("KV reuse")
+    reuse.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="prefill every prompt in full (default: a request starts from the longest prompt prefix "
+        "cached from earlier requests, where the backend can fork caches)",
+    )
+    reuse.add_argument(
+        "--prefix-cache-mib",
+        type=positive_int,
+        help=f"KV of finished requests kept for reuse, in MiB (default: {DEFAULT_PREFIX_CACHE_MIB})",
+    )
+    reuse.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_MODES,
+        default="auto",
+        help="n-gram speculative decoding: 'auto' (default) where the backend verifies drafts exactly, "
+        "'ngram' always (refused where the backend cannot), 'off'; requests may set their own",
+    )
     _add_scale_out_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -142,6 +166,18 @@ def _app_options(args: argparse.Namespace, hosts: list[str]) -> dict[str, Any]:
     }
 
 
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`infer.load`'s KV-reuse arguments from the command line: prefix caching on where the
+    backend can fork caches (a budget given asks for it outright), speculation as chosen."""
+    if args.no_prefix_cache:
+        prefix: bool | int | str = False
+    elif args.prefix_cache_mib is not None:
+        prefix = args.prefix_cache_mib * 2**20
+    else:
+        prefix = "auto"
+    return {"prefix_cache": prefix, "speculative": args.speculative}
+
+
 def _drained(signum: int, frame: FrameType | None) -> None:
     """SIGTERM after uvicorn's graceful shutdown: the work is done, so return and exit 0."""
 
@@ -173,7 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from infer.serve.ray_cli import serve_on_ray
 
         return serve_on_ray(args, _app_options(args, hosts))
-    model = load_model(args)
+    model = load_model(args, **engine_options(args))
     try:
         app = create_app(model, model_name=args.name or _public_name(args.model), **_app_options(args, hosts))
         protocol = type("Protocol", (HeaderTimeoutH11,), {"header_timeout": args.header_timeout})

@@ -27,12 +27,13 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
-    """OpenAI's ``usage`` object."""
+def usage_body(usage: Usage) -> dict[str, Any]:
+    """OpenAI's ``usage`` object; ``cached_tokens``: prompt tokens taken from the prefix cache."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 
@@ -157,9 +158,15 @@ class Formatter:
         return self._chunk({"index": index, "text": "", "logprobs": None, "finish_reason": reason})
 
     def total(self, completions: Sequence[Completion]) -> Usage:
-        """The usage of a response: each prompt's tokens once (choices come ``n`` per prompt), all completions'."""
-        prompt = sum(c.usage.prompt_tokens for c in completions[:: self.n])
-        return Usage(prompt, sum(c.usage.completion_tokens for c in completions))
+        """The usage of a response: each prompt's tokens once (choices come ``n`` per prompt), all completions'.
+
+        A prompt's cached tokens are its first choice's: the other choices fork that choice's
+        cache, which is the prompt computed once, not taken from earlier requests.
+        """
+        firsts = completions[:: self.n]
+        prompt = sum(c.usage.prompt_tokens for c in firsts)
+        cached = sum(c.usage.cached_tokens for c in firsts)
+        return Usage(prompt, sum(c.usage.completion_tokens for c in completions), cached_tokens=cached)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The final chunk of a stream asked to include usage: no choices, the counts."""

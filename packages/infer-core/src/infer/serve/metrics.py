@@ -15,14 +15,25 @@ Exported (``GET /metrics``)::
     infer_kv_bytes_per_token                      KV cache bytes one token of context takes on this model
     infer_kv_reserved_bytes                       KV cache bytes the running requests reserve (prompt + max_tokens)
     infer_kv_budget_bytes                         the server's KV budget (absent without one)
+    infer_prefix_cache_lookups_total              requests that looked for a cached prompt prefix
+    infer_prefix_cache_hits_total                 ... and found one
+    infer_prefix_cache_hit_rate                   hits per lookup
+    infer_prefix_cache_cached_tokens_total        prompt tokens served from the cache, not prefilled
+    infer_prefix_cache_evictions_total            cached prefixes dropped to stay within the budget
+    (the prefix-cache series are absent when the server runs without a prefix cache)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import final
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from infer.prefix_cache import PrefixStats
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
@@ -69,6 +80,10 @@ class ServerMetrics:
             "infer_kv_reserved_bytes", "KV cache bytes reserved by running requests", registry=r
         )
 
+    def prefix_cache(self, stats: Callable[[], PrefixStats | None]) -> None:
+        """Export the prefix cache's totals, read from ``stats()`` at scrape time (``None``: no cache)."""
+        self.registry.register(_PrefixCacheCollector(stats))
+
     def kv_budget(self, budget_bytes: int) -> None:
         """Export the server's KV budget (only a server with one has the gauge)."""
         Gauge("infer_kv_budget_bytes", "The server's KV cache budget", registry=self.registry).set(budget_bytes)
@@ -80,3 +95,24 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""
         return generate_latest(self.registry)
+
+
+@final
+class _PrefixCacheCollector(Collector):
+    """Reads the engine's own prefix-cache totals at each scrape: they are the truth, counted once."""
+
+    def __init__(self, stats: Callable[[], PrefixStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        for name, text, value in (
+            ("lookups", "Requests that looked for a cached prompt prefix", stats.lookups),
+            ("hits", "Lookups that found a cached prompt prefix", stats.hits),
+            ("cached_tokens", "Prompt tokens served from the prefix cache instead of prefilled", stats.cached_tokens),
+            ("evictions", "Cached prefixes released to stay within the budget", stats.evictions),
+        ):
+            yield CounterMetricFamily(f"infer_prefix_cache_{name}", text, value=value)
+        yield GaugeMetricFamily("infer_prefix_cache_hit_rate", "Prefix cache hits per lookup", value=stats.hit_rate)

@@ -22,13 +22,15 @@ __all__ = ["serve_on_ray"]
 
 def ray_args(args: argparse.Namespace, app_options: dict[str, Any]) -> dict[str, Any]:
     """The application builder's arguments (:class:`infer.serve.ray.RayServeArgs`) from the command line."""
+    from infer.serve.cli import engine_options
+
     config: dict[str, Any] = {
         "model": args.model,
         "name": args.name,
         "backend": args.backend,
         "device": args.device,
         "dtype": args.dtype,
-        "options": load_options(args.option),
+        "options": load_options(args.option) | engine_options(args),
         "app": app_options,
         "prefix_routing": not args.no_prefix_routing,
         "grace": args.grace,

@@ -80,9 +80,12 @@ def portable_scope(scope: dict[str, Any]) -> dict[str, Any]:
 def prefix_key(body: bytes) -> str | None:
     """The routing key of an OpenAI request body, or ``None`` when it names no conversation.
 
-    Chat: the model and the messages up to and including the first user message. Completions:
-    the model and the prompt's first :data:`PROMPT_KEY_CHARS` characters. The replica's app
-    validates the body; a body that is not what it expects only loses its key here.
+    A request naming a ``prompt_cache_key`` (OpenAI's cache hint) is keyed by the model and that
+    string, so requests sharing the key go to the replica holding their cached prefix whatever
+    their openings. Otherwise, chat: the model and the messages up to and including the first
+    user message; completions: the model and the prompt's first :data:`PROMPT_KEY_CHARS`
+    characters. The replica's app validates the body; a body that is not what it expects only
+    loses its key here.
     """
     try:
         data = json.loads(body)
@@ -91,8 +94,10 @@ def prefix_key(body: bytes) -> str | None:
     if not isinstance(data, dict):
         return None
     opening: Any
-    messages, prompt = data.get("messages"), data.get("prompt")
-    if isinstance(messages, list) and messages:
+    messages, prompt, hint = data.get("messages"), data.get("prompt"), data.get("prompt_cache_key")
+    if isinstance(hint, str) and hint:
+        opening = {"prompt_cache_key": hint}
+    elif isinstance(messages, list) and messages:
         users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
         opening = messages[: users[0] + 1] if users else messages[:1]
     elif isinstance(prompt, str) and prompt:

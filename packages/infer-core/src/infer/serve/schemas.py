@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn, final
 
 from infer.serve.errors import APIError
+from infer.speculative import MODES
 
 __all__ = [
     "GenerationRequest",
@@ -64,9 +65,10 @@ _CONSTRAINT_FIELDS = {
 #: The largest seed OpenAI's API admits (int64); negative ones are read modulo 2**64.
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
-# Fields accepted and deliberately without effect: they describe the caller, the account or
-# OpenAI's own storage and caching, not the generation. (``prompt_cache_key`` becomes a prefix
-# cache hint once the engine's prefix cache takes one.)
+# Fields accepted and deliberately without effect on the generation: they describe the caller,
+# the account or OpenAI's own storage. (``prompt_cache_key`` routes requests to the replica that
+# holds their cached prefix on Ray Serve, see infer.serve.routing; one server's prefix cache is
+# found by the prompt's tokens alone.)
 _IGNORED = frozenset(
     {
         "user",
@@ -107,6 +109,7 @@ _COMMON = frozenset(
         "top_k",
         "ignore_eos",
         "response_format",
+        "speculative",
         *_CONSTRAINT_FIELDS,
         *_NUMBERS,
     }
@@ -178,6 +181,14 @@ class GenerationRequest:
     n: int = 1
     #: Responses: the caller's ``metadata``, returned in the response object.
     metadata: dict[str, str] | None = None
+    #: The ``speculative`` extension (``"auto"``, ``"ngram"``, ``"off"``): this request's
+    #: speculative decoding instead of the server's ``--speculative``; ``None``: the server's.
+    speculative: str | None = None
+
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        """Per-request options of :meth:`infer.Model.astream` beyond sampling (``speculative``)."""
+        return {} if self.speculative is None else {"speculative": self.speculative}
 
     @property
     def prompt(self) -> str | list[int] | None:
@@ -291,6 +302,7 @@ _RESPONSES = frozenset(
         "include",
         "seed",
         "top_k",
+        "speculative",
         *_NUMBERS,
     }
 )
@@ -323,7 +335,7 @@ def parse_responses(data: Mapping[str, Any], *, strict: bool = False) -> Generat
     names["response_format"] = "text.format"  # where a schema that does not compile came from
     request = _request(
         "responses",
-        {"model": data.get("model", _MISSING), "stream": data.get("stream")},
+        {"model": data.get("model", _MISSING), "stream": data.get("stream"), "speculative": data.get("speculative")},
         prompts=(),
         messages=messages,
         sampling=sampling,
@@ -485,7 +497,11 @@ def _request(
     constraint_field, response_format = _response_format(data)
     if constraint_field is not None:
         names["response_format"] = constraint_field
+    speculative = _get(data, "speculative", str, None)
+    if speculative not in (None, *MODES):
+        _fail("speculative", f"speculative must be one of {list(MODES)}, got {speculative[:40]!r}")
     return GenerationRequest(
+        speculative=speculative,
         user=user[:64] if isinstance(user, str) else None,
         n=n,
         response_format=response_format,
