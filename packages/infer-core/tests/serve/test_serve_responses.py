@@ -11,6 +11,8 @@ pytest.importorskip("openai", reason="the shapes are the openai package's types"
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 from serve_support import httpx
+from test_serve_structured import TIME as CHAT_TIME
+from test_serve_structured import WEATHER as CHAT_WEATHER
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -130,8 +132,19 @@ async def test_a_json_schema_text_format_constrains_the_output(client):
     [
         ({}, "input"),
         ({"input": []}, "input"),
-        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].type"),
-        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name"),
+        (
+            {
+                "input": "x",
+                "tools": [{"type": "function", "name": "f"}],
+                "tool_choice": {"type": "function", "name": "g"},
+            },
+            "tool_choice",
+        ),
         ({"input": "x", "max_output_tokens": "many"}, "max_output_tokens"),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
         # a part whose type is an object (found by Schemathesis: it was a 500)
@@ -159,3 +172,119 @@ async def test_the_openai_client_creates_and_streams_responses(client_for, fake_
         stream = await oa.responses.create(model="fake", input="hi", max_output_tokens=8, temperature=0, stream=True)
         deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
     assert "".join(deltas) == reply.output_text
+
+
+# -- function tools -------------------------------------------------------------------------------
+
+# The chat tests' tools, in the Responses shape (flat: no "function" object).
+WEATHER, TIME = ({"type": "function", **tool["function"]} for tool in (CHAT_WEATHER, CHAT_TIME))
+CALLS = BASE | {"input": "Weather?", "tools": [WEATHER, TIME], "tool_choice": "required", "max_output_tokens": 120}
+
+
+async def test_a_required_tool_call_is_a_function_call_output_item_as_chat_would_call(client, fake_model):
+    pytest.importorskip("llguidance", reason="forced tool calls need llguidance")
+    r = await client.post("/v1/responses", json=CALLS)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    Response.model_validate(body)
+    (call,) = body["output"]  # the answer is the call alone: no message item
+    assert call["type"] == "function_call" and call["status"] == "completed"
+    assert call["call_id"].startswith("call_") and call["id"].startswith("fc_")
+    json.loads(call["arguments"])
+    expected = fake_model.generate(
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[CHAT_WEATHER, CHAT_TIME],
+        tool_choice="required",
+        max_tokens=120,
+        temperature=0.7,
+        seed=3,
+    )
+    assert (call["name"], call["arguments"]) == (expected.tool_calls[0].name, expected.tool_calls[0].arguments)
+    assert body["status"] == "completed" and body["tool_choice"] == "required"
+    assert [t["name"] for t in body["tools"]] == ["get_weather", "get_time"]
+
+
+async def test_a_named_tool_choice_calls_that_function(client):
+    pytest.importorskip("llguidance", reason="forced tool calls need llguidance")
+    body = (
+        await client.post("/v1/responses", json=CALLS | {"tool_choice": {"type": "function", "name": "get_time"}})
+    ).json()
+    assert [item["name"] for item in body["output"]] == ["get_time"]
+    assert body["tool_choice"] == {"type": "function", "name": "get_time"}
+
+
+async def test_a_streamed_function_call_sends_the_responses_call_events_with_the_whole_answers_call(client):
+    pytest.importorskip("llguidance", reason="forced tool calls need llguidance")
+    whole = (await client.post("/v1/responses", json=CALLS)).json()
+    r = await client.post("/v1/responses", json=CALLS | {"stream": True})
+    assert r.status_code == 200, r.text
+    events = events_of(r.text)
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for payload in events:
+        adapter.validate_python(payload)
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[2]["item"]["status"] == "in_progress" and events[2]["item"]["arguments"] == ""
+    expected = whole["output"][0]
+    assert events[3]["delta"] == events[4]["arguments"] == expected["arguments"]
+    done = events[5]["item"]
+    assert (done["name"], done["arguments"], done["status"]) == (expected["name"], expected["arguments"], "completed")
+    assert events[-1]["response"]["output"] == [done]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+async def test_function_call_outputs_continue_the_conversation_as_tool_messages(client, fake_model):
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": "{}"}
+    answer = {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}
+    request = BASE | {"input": [{"role": "user", "content": "Time?"}, call, answer], "tools": [TIME]}
+    body = (await client.post("/v1/responses", json=request)).json()
+    messages = [
+        {"role": "user", "content": "Time?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    expected = fake_model.generate(
+        messages=messages,
+        tools=[CHAT_TIME],
+        max_tokens=12,
+        temperature=0.7,
+        seed=3,
+    )
+    assert body["usage"]["input_tokens"] == expected.usage.prompt_tokens
+    assert body["output"][0]["content"][0]["text"] == expected.text
+
+
+async def test_a_stored_call_and_its_output_by_previous_response_id_are_the_next_turns_history(client):
+    pytest.importorskip("llguidance", reason="forced tool calls need llguidance")
+    first = (
+        await client.post("/v1/responses", json=CALLS | {"tool_choice": {"type": "function", "name": "get_time"}})
+    ).json()
+    (call,) = first["output"]
+    answer = {"type": "function_call_output", "call_id": call["call_id"], "output": "12:00"}
+    follow = BASE | {"input": [answer], "previous_response_id": first["id"], "tools": [TIME]}
+    r = await client.post("/v1/responses", json=follow)
+    assert r.status_code == 200, r.text  # the tool message answers a call the stored turn holds
+    Response.model_validate(r.json())
+
+
+async def test_with_tools_on_auto_a_text_answer_streams_as_a_message_equal_to_the_whole_answer(client):
+    request = BASE | {"input": "Weather?", "tools": [WEATHER]}  # the fake writes no call: text comes back
+    whole = (await client.post("/v1/responses", json=request)).json()
+    events = events_of((await client.post("/v1/responses", json=request | {"stream": True})).text)
+    for payload in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(payload)
+    assert [item["type"] for item in whole["output"]] == ["message"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == whole["output"][0]["content"][0]["text"] == events[-1]["response"]["output"][0]["content"][0]["text"]
+    assert events[2]["type"] == "response.output_item.added" and events[2]["item"]["type"] == "message"

@@ -493,7 +493,7 @@ class _Server:
         return await self._generation(request, "completions")
 
     async def responses(self, request: Request) -> Response:
-        """``POST /v1/responses`` (the text subset of OpenAI's Responses API)."""
+        """``POST /v1/responses`` (OpenAI's Responses API: text, function tools, structured output)."""
         return await self._generation(request, "responses")
 
     async def chat_completions(self, request: Request) -> Response:
@@ -938,8 +938,9 @@ class _GenerationResponse(Response):
         if job.request.endpoint == "chat":
             body = self.formatter.chat([with_tool_calls(c, job.tool_format) for c in completions])
         elif job.request.endpoint == "responses":
-            body = self.responses.response(completions[0])
-            self._keep(completions[0])
+            completion = with_tool_calls(completions[0], job.tool_format)
+            body = self.responses.response(completion)
+            self._keep(completion)
         else:
             body = self.formatter.completions(completions, echoes, with_logprobs=job.params.logprobs)
         await self._send_json(send, 200, _json_bytes(body), {})
@@ -977,7 +978,9 @@ class _GenerationResponse(Response):
         """Store a Responses conversation with its answer, unless the request said ``store: false``."""
         job = self.job
         if job.conversation is not None and job.request.store:
-            answer = {"role": "assistant", "content": completion.text}
+            answer: dict[str, Any] = {"role": "assistant", "content": completion.text}
+            if completion.tool_calls:
+                answer["tool_calls"] = [call.as_openai() for call in completion.tool_calls]
             self.server.conversations.put(self.formatter.id, [*job.conversation, answer])
 
     async def _stream_response(self, stream: AsyncTokenStream, send: Send) -> None:
@@ -986,19 +989,36 @@ class _GenerationResponse(Response):
         first = await anext(aiter(stream), None)  # errors before the first token get their status
         await self._send(send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         self.started = True
-        for payload in fmt.opening():
+        holder = self.holders[0]  # tools in play: text that may be a call waits (see ToolCallHolder)
+        for payload in [*fmt.opening(), *(fmt.open_message() if holder is None else ())]:
             await self._send_event(send, payload)
         events = [] if first is None else [first]
+        sent: list[str] = []
         async for item in _chain(events, stream):
             self._tick(item)
-            if item.text:
-                await self._send_event(send, fmt.delta(item.text))
+            text = item.text if holder is None else holder.feed(item.text)
+            if text:
+                await self._send_text(send, text, sent)
         completion = _finished(stream)
+        if holder is not None:
+            rest, calls = holder.finish()
+            if rest:
+                await self._send_text(send, rest, sent)
+            if calls:
+                completion = replace(
+                    completion, text="".join(sent), tool_calls=tuple(calls), finish_reason="tool_calls"
+                )
         self._keep(completion)
         closing = list(fmt.closing(completion))
         for payload in closing[:-1]:
             await self._send_event(send, payload)
         await self._send_event(send, closing[-1], last=True)
+
+    async def _send_text(self, send: Send, text: str, sent: list[str]) -> None:
+        """A piece of a Responses stream's text (its message item opened first if need be), noted in ``sent``."""
+        for payload in [*self.responses.open_message(), self.responses.delta(text)]:
+            await self._send_event(send, payload)
+        sent.append(text)
 
     async def _send_event(self, send: Send, payload: dict[str, Any], *, last: bool = False) -> None:
         await self._send(send, {"type": "http.response.body", "body": responses_event(payload), "more_body": not last})

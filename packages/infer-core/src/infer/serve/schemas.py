@@ -162,7 +162,7 @@ class GenerationRequest:
     ignored: tuple[str, ...] = ()
     #: The output constraint (a ``response_format`` value), compiled against the model by the app.
     response_format: dict[str, Any] | None = None
-    #: Chat: the ``tools`` and ``tool_choice`` as sent (checked by :func:`infer.tools.plan_tools`).
+    #: Chat and Responses: ``tools`` and ``tool_choice`` in the chat shape (checked by :func:`infer.tools.plan_tools`).
     tools: list[Any] | None = None
     tool_choice: Any = None
     #: The ``user`` field, for the server's log.
@@ -298,6 +298,7 @@ _RESPONSES = frozenset(
         "text",
         "tools",
         "tool_choice",
+        "parallel_tool_calls",
         "truncation",
         "include",
         "seed",
@@ -311,19 +312,18 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 
 def parse_responses(data: Mapping[str, Any], *, strict: bool = False) -> GenerationRequest:
-    """Check a ``/v1/responses`` body (the text subset); ``strict`` refuses unknown fields."""
+    """Check a ``/v1/responses`` body (text, function tools, ``text.format``); ``strict`` refuses unknown fields."""
     ignored = _check_fields(data, _RESPONSES, strict=strict)
     sampling, names = _sampling(data)
     max_tokens = _get(data, "max_output_tokens", int, None)
     sampling["max_tokens"] = max_tokens
     names["max_tokens"] = "max_output_tokens"
     messages = _response_input(data.get("input", _MISSING))
-    if data.get("tools"):
-        _fail(
-            "tools",
-            "tools are not supported on /v1/responses yet; use /v1/chat/completions for tool calls",
-            code="unsupported_parameter",
-        )
+    tools = _response_tools(data.get("tools"))
+    for i in range(len(tools)):  # the core checks the chat shape; errors name the Responses fields
+        names[f"tools[{i}].function"] = f"tools[{i}]"
+        for key in ("name", "description", "parameters"):
+            names[f"tools[{i}].function.{key}"] = f"tools[{i}].{key}"
     truncation = data.get("truncation")
     if truncation not in (None, "disabled"):
         _fail("truncation", "only truncation 'disabled' is supported: a prompt too long for the context is a 400")
@@ -351,7 +351,35 @@ def parse_responses(data: Mapping[str, Any], *, strict: bool = False) -> Generat
         store=_get(data, "store", bool, True),
         metadata=metadata,
         user=data["user"][:64] if isinstance(data.get("user"), str) else None,
+        tools=tools or None,
+        tool_choice=_response_tool_choice(data.get("tool_choice")) if tools else None,
     )
+
+
+def _response_tools(value: object) -> list[dict[str, Any]]:
+    """Responses ``tools`` (flat function tools) in the chat shape :func:`infer.tools.plan_tools` checks."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _type_error("tools", "a list of function tools", value)
+    out = []
+    for i, tool in enumerate(value):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            _unsupported_type(
+                f"tools[{i}]", kind, "only function tools are served here: hosted tools run on OpenAI's servers"
+            )
+        assert isinstance(tool, dict)
+        function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _response_tool_choice(value: object) -> object:
+    """Responses ``tool_choice`` in the chat shape: ``{"type": "function", "name": N}`` names a function."""
+    if isinstance(value, dict) and value.get("type") == "function" and "function" not in value:
+        return {"type": "function", "function": {"name": value.get("name")}}
+    return value
 
 
 def _response_input(value: object) -> list[dict[str, Any]]:
@@ -362,33 +390,71 @@ def _response_input(value: object) -> list[dict[str, Any]]:
         return [{"role": "user", "content": _utf8("input", value)}]
     if not isinstance(value, list) or not value:
         _type_error("input", "a string or a non-empty list of messages", value)
-    messages = []
+    messages: list[dict[str, Any]] = []
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             _type_error(where, "a message object with role and content", item)
         kind = item.get("type", "message")
+        if kind == "function_call":
+            _function_call_item(item, where, messages)
+            continue
+        if kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                _type_error(f"{where}.call_id", "the call_id of the function_call it answers", item.get("call_id"))
+            output = _response_text(item.get("output"), f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+            continue
         if kind != "message":
-            _fail(
-                f"{where}.type",
-                f"input items of type {kind!r} are not supported: only messages",
-                code="unsupported_parameter",
+            _unsupported_type(
+                where, kind, "only message, function_call and function_call_output input items are served"
             )
-        content = item.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if not isinstance(kind, str) or kind not in _TEXT_PARTS:  # a dict "type" is unhashable
-                    _fail(
-                        f"{where}.content[{j}]",
-                        "only text content parts (input_text, output_text) are supported",
-                        code="unsupported_parameter",
-                    )
-                texts.append(part.get("text"))
-            content = "\n".join(t if isinstance(t, str) else "" for t in texts)
+        content = _response_text(item.get("content"), f"{where}.content")
         messages.append({"role": item.get("role"), "content": content})
     return _messages(messages)
+
+
+def _unsupported_type(where: str, kind: object, served: str) -> NoReturn:
+    """A 400 naming ``where.type``, quoting the type sent (cut short) and what is served instead."""
+    shown = kind[:40] if isinstance(kind, str) else _kind(kind)
+    _fail(f"{where}.type", f"type {shown!r} is not supported: {served}", code="unsupported_parameter")
+
+
+def _response_text(value: object, where: str) -> object:
+    """Text parts (``input_text``, ``output_text``) joined by newlines; a string or other value as it is."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str) or kind not in _TEXT_PARTS:  # a dict "type" is unhashable
+            _fail(
+                f"{where}[{j}]",
+                "only text content parts (input_text, output_text) are supported",
+                code="unsupported_parameter",
+            )
+        texts.append(part.get("text"))
+    return "\n".join(t if isinstance(t, str) else "" for t in texts)
+
+
+def _function_call_item(item: dict[str, Any], where: str, messages: list[dict[str, Any]]) -> None:
+    """A Responses ``function_call`` input item: a call on the assistant turn before it (or a new turn)."""
+    call = {
+        "id": _get(item, "call_id", str, None, prefix=f"{where}."),
+        "type": "function",
+        "function": {
+            "name": _get(item, "name", str, None, prefix=f"{where}."),
+            "arguments": _get(item, "arguments", str, None, prefix=f"{where}."),
+        },
+    }
+    missing = [key for key in ("call_id", "name", "arguments") if item.get(key) is None]
+    if missing:
+        _fail(f"{where}.{missing[0]}", f"a function_call item needs {missing[0]}", code="missing_required_parameter")
+    last = messages[-1] if messages else None
+    if last is not None and last.get("role") == "assistant":
+        last.setdefault("tool_calls", []).append(call)  # parallel calls, or text then calls: one turn
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
 def _text_format(value: object) -> dict[str, Any] | None:
