@@ -11,7 +11,7 @@ from test_cli import infer_cli
 
 import infer
 from infer.errors import InvalidParameterError
-from infer.evaluate import GREEDY_TOKENS, PROMPTS, eval_chunks, evaluate, greedy_agreement, perplexity
+from infer.evaluate import GREEDY_TOKENS, PROMPTS, eval_chunks, evaluate, greedy_agreement, perplexity, scoring
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +27,10 @@ def test_chunks_are_the_same_fixed_cut_of_the_pydoc_text_every_time(fake: infer.
     assert fake.decode(first[0]).startswith(topics[sorted(topics)[0]][:20])
 
 
-def test_perplexity_scored_by_decode_steps_equals_one_prefill_per_prefix(fake: infer.Model) -> None:
+@pytest.mark.parametrize("by", ["decode", "all_logits"])
+def test_perplexity_scored_either_way_equals_one_prefill_per_prefix(fake: infer.Model, by: str) -> None:
     chunks = eval_chunks(fake, 2, chunk_tokens=12)
-    got, scored, best = perplexity(fake, chunks)
+    got, scored, best = perplexity(fake, chunks, by=by)
     # Independent path: a fresh prefill of every prefix, its last-token logits scoring the next token.
     nll, tops = 0.0, []
     for chunk in chunks:
@@ -42,6 +43,18 @@ def test_perplexity_scored_by_decode_steps_equals_one_prefill_per_prefix(fake: i
     assert scored == 2 * 11
     assert got == pytest.approx(math.exp(nll / scored), rel=1e-9)
     assert best.reshape(-1).tolist() == tops
+
+
+def test_a_backend_with_all_position_logits_is_scored_by_one_prefill_per_chunk(fake: infer.Model) -> None:
+    assert scoring(fake) == "all_logits"  # the fake declares the all_logits capability
+    report = evaluate(fake, chunks=1, chunk_tokens=32)
+    assert report.scoring == "all_logits"
+    assert report.perplexity == pytest.approx(perplexity(fake, eval_chunks(fake, 1, chunk_tokens=32), by="decode")[0])
+
+
+def test_an_unknown_scoring_way_is_refused(fake: infer.Model) -> None:
+    with pytest.raises(InvalidParameterError, match="by"):
+        perplexity(fake, eval_chunks(fake, 1, chunk_tokens=8), by="sideways")
 
 
 def test_a_model_agrees_with_itself_everywhere(fake: infer.Model) -> None:

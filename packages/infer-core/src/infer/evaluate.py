@@ -5,9 +5,12 @@ Two measurements on a loaded :class:`~infer.model.Model`:
 * **perplexity** on fixed text that ships with every Python: the pydoc topic texts
   (:mod:`pydoc_data.topics`), sorted by topic name and joined, tokenized and cut into chunks of
   :data:`CHUNK_TOKENS` tokens, of which the first ``chunks`` are scored. Every chunk starts a
-  fresh sequence; each token after the first is scored given the ones before it. The contract
-  returns the logits of each row's last token only, so positions are scored one decode step at a
-  time, all chunks batched together (one step scores one token of every chunk).
+  fresh sequence; each token after the first is scored given the ones before it. A backend with
+  the ``all_logits`` capability (contract 1.1) scores a chunk in one prefill that returns every
+  position's logits; otherwise the contract returns each row's last-token logits only, and
+  positions are scored one decode step at a time, all chunks batched together (one step scores
+  one token of every chunk). The report names the way taken (``scoring``): on int4-style kernels
+  whose many-row and one-row paths round differently, the two differ in the last digits.
 * **greedy agreement** with a reference precision of the same model: fixed prompts are continued
   greedily by both, and the report gives how many leading tokens agree, on average, and the share
   of scored text positions where both rank the same token first.
@@ -42,6 +45,7 @@ __all__ = [
     "greedy_agreement",
     "perplexity",
     "prompt_logprobs",
+    "scoring",
 ]
 
 #: Tokens per scored chunk.
@@ -79,6 +83,8 @@ class EvalReport:
     perplexity: float
     #: Seconds the perplexity pass took.
     seconds: float
+    #: How positions were scored: ``"all_logits"`` (one prefill per chunk) or ``"decode"`` (a step per position).
+    scoring: str = "decode"
     #: The reference precision, its perplexity on the same chunks, and the agreements (``None`` without a reference).
     reference_dtype: str | None = None
     reference_perplexity: float | None = None
@@ -128,14 +134,35 @@ def _log_softmax_at(logits: npt.NDArray[np.float32], targets: Sequence[int]) -> 
     return picked
 
 
-def perplexity(model: Model, chunks: Sequence[Sequence[int]]) -> tuple[float, int, npt.NDArray[np.int64]]:
+def scoring(model: Model) -> str:
+    """How :func:`perplexity` scores ``model``: ``"all_logits"`` where its backend returns every
+    position's logits from a prefill (the ``all_logits`` capability), else ``"decode"``."""
+    from infer.contract import Capability, usable_capabilities
+
+    return "all_logits" if Capability.ALL_LOGITS in usable_capabilities(model.info, model.handle) else "decode"
+
+
+#: Rows of logits turned into log-probabilities at a time (a 262k vocabulary makes a 512-row chunk 0.5 GB).
+_ROWS_AT_ONCE: Final = 64
+
+
+def perplexity(
+    model: Model, chunks: Sequence[Sequence[int]], *, by: str | None = None
+) -> tuple[float, int, npt.NDArray[np.int64]]:
     """Perplexity of ``model`` on ``chunks``, the tokens scored, and its top-ranked token at each scored position.
 
-    All chunks run as one batch: a prefill of their first tokens, then one decode step per position.
+    ``by``: ``"all_logits"`` scores each chunk in one all-position prefill, ``"decode"`` runs all
+    chunks as one batch, a prefill of their first tokens then a decode step per position;
+    ``None`` takes :func:`scoring`'s choice.
     """
     width = len(chunks[0])
     if any(len(c) != width for c in chunks) or width < 2:
         raise InvalidParameterError("chunks", [len(c) for c in chunks], "chunks of one length, at least 2 tokens")
+    by = by or scoring(model)
+    if by not in ("all_logits", "decode"):
+        raise InvalidParameterError("by", by, "'all_logits', 'decode' or None")
+    if by == "all_logits":
+        return _perplexity_all_logits(model, chunks)
     caches = [model.new_sequence(width) for _ in chunks]
     try:
         logits = model.run_prefill(caches, [[c[0]] for c in chunks])
@@ -150,6 +177,24 @@ def perplexity(model: Model, chunks: Sequence[Sequence[int]]) -> tuple[float, in
     finally:
         for cache in caches:
             cache.release()
+    scored = len(chunks) * (width - 1)
+    return math.exp(nll / scored), scored, best
+
+
+def _perplexity_all_logits(model: Model, chunks: Sequence[Sequence[int]]) -> tuple[float, int, npt.NDArray[np.int64]]:
+    width = len(chunks[0])
+    nll = 0.0
+    best = np.empty((len(chunks), width - 1), np.int64)
+    for i, chunk in enumerate(chunks):
+        cache = model.new_sequence(width)
+        try:
+            (logits,) = model.run_prefill_all([cache], [chunk])
+        finally:
+            cache.release()
+        for start in range(0, width - 1, _ROWS_AT_ONCE):
+            stop = min(start + _ROWS_AT_ONCE, width - 1)
+            nll -= float(_log_softmax_at(logits[start:stop], chunk[start + 1 : stop + 1]).sum())
+            best[i, start:stop] = logits[start:stop].argmax(axis=-1)
     scored = len(chunks) * (width - 1)
     return math.exp(nll / scored), scored, best
 
@@ -211,8 +256,10 @@ def evaluate(
 ) -> EvalReport:
     """Perplexity of ``model`` on the fixed text and, given a ``reference``, the agreements with it."""
     ids = eval_chunks(model, chunks, chunk_tokens=chunk_tokens)
+    # A model and its reference are scored the same way, so their perplexities share rounding paths.
+    by = scoring(model) if reference is None or scoring(reference) == scoring(model) else "decode"
     started = time.perf_counter()
-    ppl, scored, best = perplexity(model, ids)
+    ppl, scored, best = perplexity(model, ids, by=by)
     seconds = time.perf_counter() - started
     report = EvalReport(
         dtype=model.dtype,
@@ -223,10 +270,11 @@ def evaluate(
         scored_tokens=scored,
         perplexity=ppl,
         seconds=round(seconds, 3),
+        scoring=by,
     )
     if reference is None:
         return report
-    ref_ppl, _, ref_best = perplexity(reference, ids)
+    ref_ppl, _, ref_best = perplexity(reference, ids, by=by)
     return EvalReport(
         **{
             **report.as_dict(),
