@@ -49,11 +49,15 @@ async def load_round(server: ServerProcess, expected: list[str]) -> int:
         done = asyncio.Event()
 
         async def watch() -> None:
+            # A client of its own: from the shared pool it could pick a connection a stream left idle
+            # past the server's keep-alive (5 s, reached on a loaded machine), which the server closes
+            # as the request goes out. Its one connection, polled every 50 ms, never idles that long.
             nonlocal peak
-            while not done.is_set():
-                health = (await client.get("/health")).json()
-                peak = max(peak, health["running"])
-                await asyncio.sleep(0.05)
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as health_client:
+                while not done.is_set():
+                    health = (await health_client.get("/health")).json()
+                    peak = max(peak, health["running"])
+                    await asyncio.sleep(0.05)
 
         watcher = asyncio.ensure_future(watch())
         jobs = [run_stream(client, *request_body(n % DISTINCT)) for n in range(CONCURRENT)]
