@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from infer.bundle import Bundle
-from infer.contract import CONTRACT_VERSION, Batch, LoadSpec, ModelHandle, token_rows
+from infer.contract import CONTRACT_VERSION, Batch, Capability, LoadSpec, ModelHandle, token_rows
 from infer.errors import BackendUnavailableError
 from infer_backend_coreml import plugin
 from infer_backend_coreml.runtime import CoreMLModel
@@ -30,7 +30,9 @@ def test_backend_info_declares_devices_dtypes_and_one_row_batches() -> None:
     assert info.devices == ("ane", "gpu", "cpu")
     assert info.dtypes == ("fp16", "fp32", "int4")
     assert info.max_batch_size == 1
-    assert info.contract_version == CONTRACT_VERSION  # 1.1's KV capabilities are optional: none declared
+    assert info.contract_version == CONTRACT_VERSION
+    # of 1.1's optional KV capabilities, the one a Core ML state can honour without a new graph
+    assert info.capabilities == frozenset({Capability.TRUNCATE})
 
 
 def test_backend_ranks_below_onnx_as_the_default() -> None:

@@ -95,3 +95,45 @@ def test_closed_model_refuses_new_work(folded_model: Callable[..., CoreMLModel])
         _feed(model, seq, [1])
     with pytest.raises(ModelClosedError):
         model.new_sequence(8)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_truncate_then_decode_equals_never_having_fed_the_dropped_tokens(
+    folded_model: Callable[..., CoreMLModel], dtype: str
+) -> None:
+    import numpy as np
+
+    model = folded_model(dtype)
+    rolled, fresh = model.new_sequence(16), model.new_sequence(16)
+    _feed(model, rolled, [1, 2, 3, 4, 5, 6])  # a padded chunk, then more: stale keys past 3 in the state
+    assert model.truncate(rolled, 3) is True
+    assert rolled.length == 3
+    _feed(model, fresh, [1, 2, 3])
+    np.testing.assert_array_equal(_feed(model, rolled, [9], decode=True), _feed(model, fresh, [9], decode=True))
+    # and a prefill after the roll-back, over the positions the dropped tokens held
+    np.testing.assert_array_equal(_feed(model, rolled, [7, 8, 2]), _feed(model, fresh, [7, 8, 2]))
+    assert rolled.length == fresh.length == 7
+
+
+def test_truncate_refuses_a_sequence_it_did_not_make_or_released(folded_model: Callable[..., CoreMLModel]) -> None:
+    model, other = folded_model(), folded_model()
+    seq = other.new_sequence(8)
+    _feed(other, seq, [1, 2])
+    with pytest.raises(BackendError, match="not made by this"):
+        model.truncate(seq, 1)
+    seq.release()
+    with pytest.raises(BackendError, match="released"):
+        other.truncate(seq, 1)
+
+
+def test_the_truncate_hook_answers_for_core_ml_handles_only(
+    folded_model: Callable[..., CoreMLModel],
+) -> None:
+    from infer_backend_coreml import plugin
+
+    model = folded_model()
+    seq = model.new_sequence(8)
+    _feed(model, seq, [1, 2, 3])
+    assert plugin.infer_truncate(model, seq, 0) is True
+    assert seq.length == 0
+    assert plugin.infer_truncate(object(), seq, 0) is None  # another backend's handle

@@ -14,7 +14,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from infer.contract import CONTRACT_VERSION, BackendInfo, Batch, LoadSpec, ModelHandle
+from infer.contract import CONTRACT_VERSION, BackendInfo, Batch, Capability, KVCache, LoadSpec, ModelHandle
 from infer.errors import BackendUnavailableError, InvalidParameterError
 from infer.hookspecs import hookimpl
 from infer_backend_coreml.options import DTYPES, device_of, parse_compute_units, parse_options
@@ -78,7 +78,11 @@ def infer_backend_info() -> BackendInfo:
         contract_version=CONTRACT_VERSION,
         devices=("ane", "gpu", "cpu"),
         dtypes=DTYPES,
-        capabilities=frozenset(),
+        # TRUNCATE only: a cache rolls back by its length alone. FORK would copy Core ML states
+        # (no copy API to test off macOS) and ALL_LOGITS needs a prefill function returning
+        # every row, which the package does not build: without it verification costs a decode
+        # step per token, so declaring it would only slow speculation down.
+        capabilities=frozenset({Capability.TRUNCATE}),
         max_batch_size=1,
         logits_atol=FP16_LOGITS_ATOL,
         priority=PRIORITY,
@@ -167,3 +171,9 @@ def infer_prefill(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] |
 def infer_decode(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | None:
     """Decode for this backend's handles; ``None`` for others."""
     return model.decode(batch) if isinstance(model, CoreMLModel) else None
+
+
+@hookimpl
+def infer_truncate(model: ModelHandle, sequence: KVCache, length: int) -> bool | None:
+    """Truncate for this backend's handles; ``None`` for others."""
+    return model.truncate(sequence, length) if isinstance(model, CoreMLModel) else None

@@ -136,6 +136,11 @@ class CoreMLSequence(KVCache):
     def _advance(self, tokens: int) -> None:
         self._length += tokens
 
+    def _truncate(self, length: int) -> None:
+        # Nothing to erase: a query at position p attends to keys <= p only, and the next step
+        # writes positions length, length + 1, ... before any query can see them.
+        self._length = length
+
 
 class CoreMLModel(ModelHandle):
     """A built package loaded for prediction; see :mod:`infer_backend_coreml.runtime`."""
@@ -215,6 +220,20 @@ class CoreMLModel(ModelHandle):
                     seq._advance(piece.size)
                 out[i] = logits.reshape(-1)
         return out
+
+    def truncate(self, sequence: KVCache, length: int) -> bool:
+        """Roll ``sequence`` back to its first ``length`` tokens (the ``truncate`` capability).
+
+        The core checks ``length`` against what the cache holds (``Model.truncate``); here only
+        that the cache is this model's and alive.
+        """
+        if not isinstance(sequence, CoreMLSequence) or sequence._owner is not self:
+            raise BackendError("truncate: the sequence was not made by this Core ML model", backend=BACKEND)
+        if sequence.released:
+            raise BackendError("truncate: the sequence was released; start a new one", backend=BACKEND)
+        with self._lock:
+            sequence._truncate(length)
+        return True
 
     def decode(self, batch: Batch) -> npt.NDArray[np.float32]:
         """Feed one token per row; logits ``[B, vocab]``."""
