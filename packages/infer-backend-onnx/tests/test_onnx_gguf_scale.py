@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+# Writing, importing and building 2.5 GB takes several minutes on a small shared machine: past
+# the suite's default 300 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[3]
 _CHILD = """
