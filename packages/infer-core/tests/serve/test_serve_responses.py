@@ -10,7 +10,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 pytest.importorskip("openai", reason="the shapes are the openai package's types")
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-from serve_support import httpx
+from serve_support import REPO, httpx
 from test_serve_structured import TIME as CHAT_TIME
 from test_serve_structured import WEATHER as CHAT_WEATHER
 
@@ -288,3 +288,39 @@ async def test_with_tools_on_auto_a_text_answer_streams_as_a_message_equal_to_th
     text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     assert text == whole["output"][0]["content"][0]["text"] == events[-1]["response"]["output"][0]["content"][0]["text"]
     assert events[2]["type"] == "response.output_item.added" and events[2]["item"]["type"] == "message"
+
+
+# -- against OpenAI's own schemas (the vendored OpenAPI document) -----------------------------------
+
+
+def _openai_schema(name: str):
+    """A validator for component ``name`` of OpenAI's OpenAPI document (tests/openapi/)."""
+    import jsonschema
+    import referencing.jsonschema
+    from referencing import Registry, Resource
+
+    document = json.loads((REPO / "tests" / "openapi" / "openai-served.json").read_text())
+    resource = Resource.from_contents(document, default_specification=referencing.jsonschema.DRAFT202012)
+    registry = Registry().with_resource("urn:openai", resource)
+    return jsonschema.Draft202012Validator({"$ref": f"urn:openai#/components/schemas/{name}"}, registry=registry)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"input": "Say hi"},
+        {"input": "", "temperature": 0, "user": "u-1"},  # an empty answer: Schemathesis found nulls here
+        {"input": "Weather?", "tools": [WEATHER], "tool_choice": "required", "max_output_tokens": 120},
+    ],
+    ids=["text", "empty", "function-call"],
+)
+async def test_bodies_and_every_stream_event_validate_against_openais_response_schemas(client, extra):
+    if "tools" in extra:
+        pytest.importorskip("llguidance", reason="forced tool calls need llguidance")
+    body = (await client.post("/v1/responses", json=BASE | extra)).json()
+    problems = [e.message for e in _openai_schema("Response").iter_errors(body)]
+    assert not problems, problems
+    events = events_of((await client.post("/v1/responses", json=BASE | extra | {"stream": True})).text)
+    stream_event = _openai_schema("ResponseStreamEvent")
+    for event in events:
+        assert stream_event.is_valid(event), event["type"]

@@ -119,7 +119,7 @@ class ResponsesFormatter:
             spec = fmt.get("json_schema") or {}
             text_format = {"type": fmt["type"], **spec}
         tools = [_function_tool(t) for t in req.tools or ()]
-        return {
+        body = {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
@@ -144,6 +144,8 @@ class ResponsesFormatter:
             "user": req.user,
             "metadata": req.metadata or {},
         }
+        # OpenAI's schema types both as non-null: absent, not null, until there is one.
+        return {key: value for key, value in body.items() if value is not None or key not in ("usage", "user")}
 
     def output(self, completion: Completion) -> list[dict[str, Any]]:
         """The output items: the message (unless the answer is calls alone), then each call."""
@@ -217,7 +219,9 @@ class ResponsesFormatter:
             yield self._event("response.output_item.added", output_index=index, item=function_call(call, "in_progress"))
             where = {"item_id": item["id"], "output_index": index}
             yield self._event("response.function_call_arguments.delta", **where, delta=call.arguments)
-            yield self._event("response.function_call_arguments.done", **where, arguments=call.arguments)
+            yield self._event(
+                "response.function_call_arguments.done", **where, name=call.name, arguments=call.arguments
+            )
             yield self._event("response.output_item.done", output_index=index, item=item)
         body = self.response(completion)
         yield self._event(f"response.{body['status']}", response=body)
