@@ -1,10 +1,13 @@
 """Benchmark child: this project's ONNX backend, driven through its hooks (no engine, greedy argmax).
 
-Run by run.py with the project's environment: ``python child_infer.py JOB.json DTYPE [THREADS [KV_DTYPE]]``.
+Run by run.py with the project's environment:
+``python child_infer.py JOB.json DTYPE [THREADS [KV_DTYPE [KEY=VALUE...]]]``; each ``KEY=VALUE`` is
+a further backend option, its value read as JSON (``batch_invariant=false``).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,8 @@ def main() -> None:
         options["threads"] = int(sys.argv[3])
     if len(sys.argv) > 4:
         options["kv_dtype"] = sys.argv[4]
+    extra = dict(pair.split("=", 1) for pair in sys.argv[5:])
+    options |= {key: json.loads(value) for key, value in extra.items()}
     bundle = Bundle.open(Path(job["bundle"]))
     started = time.perf_counter()
     spec = LoadSpec(backend="onnx", ref=str(bundle.path), path=bundle.path, bundle=bundle, dtype=dtype)
@@ -57,7 +62,9 @@ def main() -> None:
     result = measure(generate, prefill, job)
     emit(
         {
-            "system": f"infer onnx {dtype}" + (f" kv {sys.argv[4]}" if len(sys.argv) > 4 else ""),
+            "system": f"infer onnx {dtype}"
+            + (f" kv {sys.argv[4]}" if len(sys.argv) > 4 else "")
+            + "".join(f" {pair}" for pair in sys.argv[5:]),
             "load_s": load_s,
             "details": {k: str(v) for k, v in model.details.items()},
             **result,

@@ -102,6 +102,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeat the ours/anchor pair this many times")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also run ours with this backend option (e.g. batch_invariant=false), reported beside the default",
+    )
+    parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -120,8 +127,20 @@ def main() -> None:
             anchor = child(
                 [args.anchor_python, "child_genai.py", str(job_path), str(args.work / f"genai-{dtype}")], args.clock
             )
-            results.append({"dtype": dtype, "ours": ours, "anchor": anchor})
+            variants = {
+                v: child(
+                    [sys.executable, "child_infer.py", str(job_path), dtype, str(args.threads), "fp32", v], args.clock
+                )
+                for v in args.variant
+            }
+            results.append({"dtype": dtype, "ours": ours, "anchor": anchor, "variants": variants})
             report(dtype, ours, anchor, args.threads, args.clock)
+            for name, r in variants.items():
+                print(
+                    f"{'infer onnx ' + name:34s}{r['decode_tok_s']:>13.1f}   decode ratio to the anchor "
+                    f"{r['decode_tok_s'] / anchor['decode_tok_s']:.2f}, to the default "
+                    f"{r['decode_tok_s'] / ours['decode_tok_s']:.2f}"
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
