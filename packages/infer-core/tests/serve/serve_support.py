@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,32 @@ import pytest
 httpx = pytest.importorskip("httpx2", reason="the server tests need httpx2 (installed with openai)")
 
 REPO = Path(__file__).resolve().parents[4]
+
+
+@functools.cache
+def openai_schema(name: str) -> Any:
+    """A JSON-schema validator for component ``name`` of OpenAI's OpenAPI document, as vendored
+    (trimmed to the served operations) in ``tests/openapi/``."""
+    import jsonschema
+    import referencing.jsonschema
+    from referencing import Registry, Resource
+
+    document = json.loads((REPO / "tests" / "openapi" / "openai-served.json").read_text(encoding="utf-8"))
+    resource = Resource.from_contents(
+        _nullable_as_null(document), default_specification=referencing.jsonschema.DRAFT202012
+    )
+    registry: Registry[Any] = Registry().with_resource("urn:openai", resource)
+    return jsonschema.Draft202012Validator({"$ref": f"urn:openai#/components/schemas/{name}"}, registry=registry)
+
+
+def _nullable_as_null(node: Any) -> Any:
+    """OpenAPI 3.0's ``nullable: true`` (which OpenAI's 3.1 document still uses) as JSON Schema: or null."""
+    if isinstance(node, list):
+        return [_nullable_as_null(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _nullable_as_null(value) for key, value in node.items() if key != "nullable"}
+    return {"anyOf": [out, {"type": "null"}]} if node.get("nullable") is True else out
 
 
 def free_port() -> int:

@@ -1,10 +1,10 @@
 """Every body and stream chunk in OpenAI's published response shapes; the headers stock clients read.
 
-OpenAI's OpenAPI document cannot be fetched here, so the shapes are checked two ways: each body
-is validated by the pydantic types of the official ``openai`` package (generated from that
-document: field types, enums such as ``finish_reason`` and ``object``), and the fields the
-document marks *required* (which those types relax to optional) are checked by name, from
-:data:`REQUIRED` below (copied from the document's ``required`` lists).
+Each body is checked three ways: against OpenAI's OpenAPI document itself (vendored, trimmed,
+in ``tests/openapi/``), by the pydantic types of the official ``openai`` package (generated
+from that document: field types, enums such as ``finish_reason`` and ``object``), and for the
+fields the document marks *required* (which those types relax to optional) by name, from
+:data:`REQUIRED` below.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 pytest.importorskip("openai", reason="the shapes are the openai package's types")
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from serve_support import sse_data
+from serve_support import openai_schema, sse_data
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -72,6 +72,13 @@ def check_shape(body: dict, *, chunk: bool = False) -> None:
         assert all(c["finish_reason"] in (None, "stop", "length") for c in body["choices"])
         body = body | {"choices": [c | {"finish_reason": c["finish_reason"] or "stop"} for c in body["choices"]]}
     kind.model_validate(body)
+    schema = {
+        "chat.completion": "CreateChatCompletionResponse",
+        "chat.completion.chunk": "CreateChatCompletionStreamResponse",
+        "text_completion": "CreateCompletionResponse",
+    }[body["object"]]
+    problems = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in openai_schema(schema).iter_errors(body)]
+    assert not problems, f"{body['object']} against OpenAI's {schema}: {problems}"
     for path, names in REQUIRED[body["object"]].items():
         for item in _at(body, path):
             assert names <= set(item), f"{body['object']} {path or 'body'} lacks {sorted(names - set(item))}"

@@ -48,8 +48,12 @@ schema = schemathesis.openapi.from_path(DOCUMENT)
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    """``infer serve`` on the fake backend, behind an API key."""
-    with ServerProcess("--api-key", KEY) as proc:
+    """``infer serve`` on the fake backend, behind an API key, answering whatever model name is sent.
+
+    Generated requests name OpenAI's models: with only its own name the server would answer
+    nearly all of them 404, and the generation paths (streams included) would go unchecked.
+    """
+    with ServerProcess("--api-key", KEY, "--any-model-name") as proc:
         yield proc
 
 
@@ -72,8 +76,11 @@ def test_the_vendored_document_holds_exactly_the_served_operations():
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
 )
 def test_openai_documented_requests_get_no_5xx_and_responses_match_openai_schemas(case, server):
-    case.call_and_validate(
-        base_url=f"{server.url}/v1",
-        headers={"Authorization": f"Bearer {KEY}"},
-        checks=[*CHECKS, ignored_auth],
-    )
+    checks = [*CHECKS, ignored_auth]
+    if isinstance(case.body, dict) and case.body.get("stream") is True:
+        # Schemathesis reads a text/event-stream ``schema`` as describing each event's envelope
+        # ({"event", "data"}), while OpenAI's document gives the schema of each event's JSON data;
+        # every stream would fail. The data are checked against OpenAI's schemas by
+        # test_serve_responses and test_serve_openai_shapes instead.
+        checks.remove(response_schema_conformance)
+    case.call_and_validate(base_url=f"{server.url}/v1", headers={"Authorization": f"Bearer {KEY}"}, checks=checks)

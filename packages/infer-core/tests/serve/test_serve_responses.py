@@ -10,7 +10,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 pytest.importorskip("openai", reason="the shapes are the openai package's types")
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-from serve_support import REPO, httpx
+from serve_support import httpx, openai_schema
 from test_serve_structured import TIME as CHAT_TIME
 from test_serve_structured import WEATHER as CHAT_WEATHER
 
@@ -293,18 +293,6 @@ async def test_with_tools_on_auto_a_text_answer_streams_as_a_message_equal_to_th
 # -- against OpenAI's own schemas (the vendored OpenAPI document) -----------------------------------
 
 
-def _openai_schema(name: str):
-    """A validator for component ``name`` of OpenAI's OpenAPI document (tests/openapi/)."""
-    import jsonschema
-    import referencing.jsonschema
-    from referencing import Registry, Resource
-
-    document = json.loads((REPO / "tests" / "openapi" / "openai-served.json").read_text())
-    resource = Resource.from_contents(document, default_specification=referencing.jsonschema.DRAFT202012)
-    registry = Registry().with_resource("urn:openai", resource)
-    return jsonschema.Draft202012Validator({"$ref": f"urn:openai#/components/schemas/{name}"}, registry=registry)
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -318,9 +306,9 @@ async def test_bodies_and_every_stream_event_validate_against_openais_response_s
     if "tools" in extra:
         pytest.importorskip("llguidance", reason="forced tool calls need llguidance")
     body = (await client.post("/v1/responses", json=BASE | extra)).json()
-    problems = [e.message for e in _openai_schema("Response").iter_errors(body)]
+    problems = [e.message for e in openai_schema("Response").iter_errors(body)]
     assert not problems, problems
     events = events_of((await client.post("/v1/responses", json=BASE | extra | {"stream": True})).text)
-    stream_event = _openai_schema("ResponseStreamEvent")
+    stream_event = openai_schema("ResponseStreamEvent")
     for event in events:
         assert stream_event.is_valid(event), event["type"]
