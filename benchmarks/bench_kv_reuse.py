@@ -239,7 +239,13 @@ def anchors(model: Any, args: argparse.Namespace) -> dict[str, Any]:
             runs["genai int4"] = ["genai", args.genai_int4]
         for name, tail in runs.items():
             cmd = [args.anchor_python, "child_lookup.py", str(job_path), *tail]
-            done = subprocess.run(cmd, cwd=HERE / "onnx", capture_output=True, text=True, check=False)
+            try:
+                done = subprocess.run(
+                    cmd, cwd=HERE / "onnx", capture_output=True, text=True, check=False, timeout=args.anchor_timeout
+                )
+            except subprocess.TimeoutExpired:
+                out[name] = {"error": f"did not finish within {args.anchor_timeout:g} s"}
+                continue
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 out[name] = {"error": (done.stderr or done.stdout)[-1500:]}
@@ -257,6 +263,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--anchor-python", default="/work/.venv-anchors/bin/python", help="'' skips the anchors")
     parser.add_argument("--genai-int4", help="an onnxruntime-genai int4 export of the same model (see ANCHORS.md)")
+    parser.add_argument("--anchor-timeout", type=float, default=1800, help="seconds each anchor child may take")
     args = parser.parse_args()
     if not args.model:
         parser.error("give MODEL or set INFER_SMOLLM2_GGUF")
@@ -278,13 +285,13 @@ def main() -> None:
                 "verify_cost_in_decode_steps": verify_cost(cold),
                 "verify_agreement": verify_agreement(cold),
             }
+            print(json.dumps({dtype: report[dtype]}, indent=1), flush=True)  # before the anchors: they are slow
             if args.anchor_python and "anchors" not in report:
                 report["anchors"] = anchors(cold, args)  # the same prompt ids whatever infer's dtype
                 print(json.dumps({"anchors": report["anchors"]}, indent=1), flush=True)
         finally:
             model.close()
             cold.close()
-        print(json.dumps({dtype: report[dtype]}, indent=1), flush=True)
     print(json.dumps(report))
 
 
