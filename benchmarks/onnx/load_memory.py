@@ -15,7 +15,9 @@ ONNX Runtime session settings:
 * ``prepacked-file``: the session saves the optimized graph with its prepacked weights written to
   the external data file (``session.save_external_prepacked_constant_initializers``), and a
   second session loads that file, so the prepacked weights are mapped from disk;
-* ``no-arena``: ``session.enable_cpu_mem_arena`` off (the arena keeps freed scratch buffers).
+* ``no-arena``: ``session.enable_cpu_mem_arena`` off (the arena keeps freed scratch buffers);
+* ``parallel-prepack``: ``session.prepack.enable_parallel`` (prepacking spread over the intra-op
+  threads: a faster load with two or more ``--threads``, perhaps a higher peak).
 
 Memory figures do not depend on the machine's load; step times do (compare within one run).
 """
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("default", "no-prepack", "prepacked-file", "no-arena")
+CONFIGS = ("default", "no-prepack", "prepacked-file", "no-arena", "parallel-prepack")
 #: Where resident memory is read: after ``import infer`` (and onnxruntime), before the session is
 #: made (the bundle and its GGUF metadata open), after it, when ``infer.load`` returns (the core's
 #: tokenizer and engine), after the decode steps.
@@ -60,6 +62,8 @@ def _child(gguf: Path, dtype: str, config: str, threads: int, work: Path) -> dic
         entries["session.disable_prepacking"] = "1"
     elif config == "no-arena":
         entries["session.enable_cpu_mem_arena"] = "0"
+    elif config == "parallel-prepack":
+        entries["session.prepack.enable_parallel"] = "1"
 
     class Session(base_session):  # type: ignore[misc,valid-type]
         """The backend's session, with ``config``'s settings added to its options."""
@@ -79,7 +83,9 @@ def _child(gguf: Path, dtype: str, config: str, threads: int, work: Path) -> dic
     import infer
 
     imported = _status()
+    started = time.perf_counter()
     model = infer.load(gguf, backend="onnx", dtype=dtype, threads=threads)
+    load_s = time.perf_counter() - started
     loaded = _status()
     ids = model.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
     cache = model.new_sequence(len(ids) + 40)
@@ -97,6 +103,7 @@ def _child(gguf: Path, dtype: str, config: str, threads: int, work: Path) -> dic
         "loaded": loaded,
         "stepped": stepped,
         "peak_mib": stepped["VmHWM"],
+        "load_s": load_s,
         "decode_step_ms": statistics.median(steps[1:]) * 1e3,
     }
 
@@ -160,15 +167,15 @@ def main() -> None:
         results.append(json.loads(out.rsplit("RESULT ", 1)[1]))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{args.gguf.name} ({gguf_mib:.1f} MiB), dtype {args.dtype}; MiB, anonymous + file pages")
-    header = "imports | bundle open | session made | load returned | decode | peak | peak / GGUF | decode step ms"
+    header = "imports | bundle open | session made | load returned | decode | peak | peak / GGUF | load s | step ms"
     print(f"| config | {header} |")
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
     base_step = results[0]["decode_step_ms"]
     for r in results:
         cells = [f"{r[k]['RssAnon']:.0f} + {r[k]['RssFile']:.0f}" for k in STAGES]
         print(
             f"| {r['config']} | {' | '.join(cells)} | {r['peak_mib']:.0f} | {r['peak_mib'] / gguf_mib:.2f}x"
-            f" | {r['decode_step_ms']:.2f} ({r['decode_step_ms'] / base_step:.2f}x) |"
+            f" | {r['load_s']:.2f} | {r['decode_step_ms']:.2f} ({r['decode_step_ms'] / base_step:.2f}x) |"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -58,7 +58,7 @@ def main() -> None:
     os.environ["INFER_HOME"] = str(home)
 
     import infer
-    from infer.evaluate import eval_chunks, perplexity
+    from infer.evaluate import eval_chunks, perplexity, scoring
 
     results: dict[str, dict[str, Any]] = {}
     chunks: list[list[int]] | None = None
@@ -68,9 +68,10 @@ def main() -> None:
         try:
             chunks = chunks or eval_chunks(model, args.chunks)
             ppl, scored, best[dtype] = perplexity(model, chunks)
+            how = scoring(model)
         finally:
             model.close()
-        results[f"infer {dtype}"] = {"perplexity": ppl, "scored_tokens": scored}
+        results[f"infer {dtype}"] = {"perplexity": ppl, "scored_tokens": scored, "scoring": how}
         print(json.dumps({dtype: results[f"infer {dtype}"]}), flush=True)
     assert chunks is not None
     anchor = llamacpp(args.anchor_python, args.gguf, chunks, args.threads, home)

@@ -46,8 +46,10 @@ def main() -> None:
     job = prepare(args.work, args.gguf, args.anchor_python, [], args.threads)  # no GenAI exports needed
     job_path = args.work / "job.json"
     job_path.write_text(json.dumps(job))
-    systems = {f"infer {d}": [sys.executable, "child_infer.py", str(job_path), d, str(args.threads)]
-               for d in args.dtypes.split(",")}
+    systems = {
+        f"infer {d}": [sys.executable, "child_infer.py", str(job_path), d, str(args.threads)]
+        for d in args.dtypes.split(",")
+    }
     systems["llama.cpp"] = [args.anchor_python, "child_llamacpp.py", str(job_path), str(args.gguf), str(args.threads)]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
     for _ in range(args.rounds):
@@ -60,8 +62,10 @@ def main() -> None:
     print(f"{args.gguf.name}, {setup}, medians (ratio to llama.cpp)")
     print(f"{'':16s}" + "".join(f"{k:>24s}" for k in KEYS) + f"{'same tokens':>14s}")
     for name, m in medians.items():
-        same = next((i for i, (a, b) in enumerate(zip(tokens[name], tokens["llama.cpp"], strict=False)) if a != b),
-                    len(tokens[name]))
+        same = next(
+            (i for i, (a, b) in enumerate(zip(tokens[name], tokens["llama.cpp"], strict=False)) if a != b),
+            len(tokens[name]),
+        )
         cells = "".join(f"{m[k]:>14.1f} ({m[k] / anchor[k]:5.2f}x)" for k in KEYS)
         print(f"{name:16s}{cells}{same:>14d}")
     if args.json:
