@@ -43,7 +43,7 @@ at the precision it really computes: the backend says which in its ``details``, 
 (``Q5_*``, ``Q6_K``, ``Q8_*``) ``int8``, ``F16`` and ``BF16`` their float bounds (a GGUF's half
 weights may have been rounded from float32 originals), ``F32`` ``fp32``. Types below 4 bits
 have no bound: a backend cannot be certified on them until one is argued for here. SmolLM2's
-Q4_1 GGUF (``Q4_1`` matrices, ``F32`` norms) is graded at ``int4``.
+Q4_1 GGUF (``Q4_1`` matrices, a ``Q8_0`` table, ``F32`` norms) is graded at ``int4``.
 
 The declared ``logits_atol`` tightens the floating-point bounds. For quantized precisions it
 describes the backend's self-consistency (prefill against decode, batched against alone), not
