@@ -12,7 +12,7 @@ import pytest
 import infer
 import infer_conformance.suite
 from infer_conformance.certificate import Certificate
-from infer_conformance.tolerances import BOUNDS, bound_for, grade_logits
+from infer_conformance.tolerances import BOUNDS, bound_for, grade_logits, model_precision
 
 pytestmark = pytest.mark.unit
 
@@ -58,6 +58,26 @@ def test_a_cache_in_a_looser_precision_grades_float_weights_on_the_cache_bound()
 def test_a_precision_without_a_bound_is_refused_by_name():
     with pytest.raises(KeyError, match="fp7"):
         bound_for("fp7", 1e-4)
+
+
+def test_a_native_model_is_graded_at_the_precision_it_reports_computing():
+    assert model_precision("fp16", {"compute_dtype": "native"}) == "fp16"
+    # A float bundle loaded native computes float32 and says so.
+    assert model_precision("native", {"compute_dtype": "fp32"}) == "fp32"
+    # A GGUF: the coarsest of its weight types decides, whatever else it holds.
+    native = {"compute_dtype": "native"}
+    assert model_precision("native", {**native, "weight_types": ("F32", "Q4_1")}) == "int4"
+    assert model_precision("native", {**native, "weight_types": ("F32", "Q6_K", "Q8_0")}) == "int8"
+    assert model_precision("native", {**native, "weight_types": ("Q4_K", "Q6_K")}) == "int4"
+    assert model_precision("native", {**native, "weight_types": ("F16", "F32")}) == "fp16"
+    assert model_precision("native", {**native, "weight_types": ("F32",)}) == "fp32"
+
+
+def test_a_native_model_that_does_not_say_what_it_computes_or_holds_an_unbounded_type_is_refused():
+    with pytest.raises(KeyError, match="neither a compute_dtype"):
+        model_precision("native", {"compute_dtype": "native"})
+    with pytest.raises(KeyError, match="weights of type Q2_K"):
+        model_precision("native", {"weight_types": ("F32", "Q2_K")})
 
 
 def test_grading_fails_logits_off_by_more_than_the_bound_and_names_the_logit():

@@ -34,6 +34,17 @@ on the looser of the two bounds: float32 weights with a float16 cache on the fp1
 backend so configured is 5.9e-3 from the tiny Llama's reference, against 6.7e-6 with a float32
 cache), greedy still compared exactly. A quantized precision keeps its own, looser, grading.
 
+Native precision: a backend may load a model at ``"native"``, the file's own precision (the ONNX
+backend's default for a GGUF: its quantized blocks run as stored). The suite grades such a model
+at the precision it really computes: the backend says which in its ``details``, either as
+``compute_dtype`` naming a bound above (a float bundle loaded native computes ``fp32``) or as
+``weight_types``, the GGML types of its weights. The coarsest weight type decides: 4-bit types
+(``Q4_0``, ``Q4_1``, ``Q4_K``, ``IQ4_*``) take the ``int4`` bound, 5- to 8-bit types
+(``Q5_*``, ``Q6_K``, ``Q8_*``) ``int8``, ``F16`` and ``BF16`` their float bounds (a GGUF's half
+weights may have been rounded from float32 originals), ``F32`` ``fp32``. Types below 4 bits
+have no bound: a backend cannot be certified on them until one is argued for here. SmolLM2's
+Q4_1 GGUF (``Q4_1`` matrices, a ``Q8_0`` table, ``F32`` norms) is graded at ``int4``.
+
 The declared ``logits_atol`` tightens the floating-point bounds. For quantized precisions it
 describes the backend's self-consistency (prefill against decode, batched against alone), not
 its distance from float32 weights, so the suite's bound stands alone there.
@@ -41,13 +52,23 @@ its distance from float32 weights, so the suite's bound stands alone there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BOUNDS", "Bound", "assert_consistent", "bound_for", "grade_logits", "model_bound"]
+__all__ = [
+    "BOUNDS",
+    "WEIGHT_TYPE_PRECISION",
+    "Bound",
+    "assert_consistent",
+    "bound_for",
+    "grade_logits",
+    "model_bound",
+    "model_precision",
+]
 
 
 @dataclass(frozen=True)
@@ -80,6 +101,56 @@ BOUNDS: Final[dict[str, Bound]] = {
 }
 
 
+#: The precision a weight of each GGML type is graded at (see the module docstring); ordered
+#: finest first, so the coarsest type a model holds is the one latest in this table.
+WEIGHT_TYPE_PRECISION: Final[dict[str, str]] = {
+    "F64": "fp32",
+    "F32": "fp32",
+    "F16": "fp16",
+    "BF16": "bf16",
+    "Q8_0": "int8",
+    "Q8_1": "int8",
+    "Q8_K": "int8",
+    "Q6_K": "int8",
+    "Q5_0": "int8",
+    "Q5_1": "int8",
+    "Q5_K": "int8",
+    "Q4_0": "int4",
+    "Q4_1": "int4",
+    "Q4_K": "int4",
+    "IQ4_NL": "int4",
+    "IQ4_XS": "int4",
+}
+_COARSENESS: Final = ("fp32", "fp16", "bf16", "int8", "int4")
+
+
+def model_precision(dtype: str, details: Mapping[str, Any]) -> str:
+    """The precision a model loaded at ``dtype`` is graded at: ``dtype`` itself, or for ``"native"``
+    what the backend's ``details`` say it computes (``compute_dtype``, else ``weight_types``).
+
+    Raises :class:`KeyError` saying what is missing when a native model does not say, or holds a
+    weight type the suite has no bound for.
+    """
+    if dtype != "native":
+        return dtype
+    compute = details.get("compute_dtype")
+    if compute in BOUNDS:
+        return str(compute)
+    types = details.get("weight_types")
+    if not types:
+        raise KeyError(
+            "the model was loaded at dtype 'native' but its details name neither a compute_dtype the suite "
+            f"knows ({', '.join(BOUNDS)}) nor its weight_types: the backend must report what it computes"
+        )
+    unknown = sorted(t for t in types if t not in WEIGHT_TYPE_PRECISION)
+    if unknown:
+        raise KeyError(
+            f"the suite has no golden bound for weights of type {', '.join(unknown)}; "
+            f"known: {', '.join(WEIGHT_TYPE_PRECISION)}"
+        )
+    return max((WEIGHT_TYPE_PRECISION[t] for t in types), key=_COARSENESS.index)
+
+
 def bound_for(dtype: str, declared_atol: float, kv_dtype: str | None = None) -> Bound:
     """The bound for ``dtype``, tightened by the backend's declared tolerance for floating-point precisions.
 
@@ -101,8 +172,10 @@ def bound_for(dtype: str, declared_atol: float, kv_dtype: str | None = None) -> 
 
 
 def model_bound(model: Any) -> Bound:
-    """:func:`bound_for` a loaded :class:`infer.Model`: its dtype, declared tolerance and cache precision."""
-    return bound_for(model.dtype, model.logits_atol, model.handle.details.get("kv_dtype"))
+    """:func:`bound_for` a loaded :class:`infer.Model`: the precision it computes at (:func:`model_precision`),
+    its declared tolerance and its cache precision."""
+    details = model.handle.details
+    return bound_for(model_precision(model.dtype, details), model.logits_atol, details.get("kv_dtype"))
 
 
 def grade_logits(got: npt.NDArray[np.floating], golden: npt.NDArray[np.floating], bound: Bound, what: str) -> None:

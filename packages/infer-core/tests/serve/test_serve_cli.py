@@ -135,13 +135,13 @@ def test_an_empty_api_key_is_refused_at_start(captured, capsys, key):
 
 
 def test_the_served_name_of_a_model_path_is_its_last_part_not_the_path(tmp_path):
-    from infer.serve.cli import _public_name
+    from infer.serve.cli import public_model_name
 
     folder = tmp_path / "secret-home" / "my-model"
     folder.mkdir(parents=True)
-    assert _public_name(str(folder)) == "my-model"
-    assert _public_name(str(folder) + "/") == "my-model"
-    assert _public_name("hf:org/name") == "hf:org/name"  # not a path: kept as given
+    assert public_model_name(str(folder)) == "my-model"
+    assert public_model_name(str(folder) + "/") == "my-model"
+    assert public_model_name("hf:org/name") == "hf:org/name"  # not a path: kept as given
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from typing import Any
 
 from infer.cli.common import Subcommands, add_model_arguments, bounded, load_model, positive_int
 
-__all__ = ["add_serve_command", "engine_options"]
+__all__ = ["add_serve_command", "engine_options", "public_model_name"]
 
 #: Default seconds in-flight requests get to finish after SIGTERM.
 DEFAULT_GRACE = 30.0
@@ -211,7 +211,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return serve_on_ray(args, _app_options(args, hosts))
     model = load_model(args, **engine_options(args))
     try:
-        app = create_app(model, model_name=args.name or _public_name(args.model), **_app_options(args, hosts))
+        app = create_app(model, model_name=args.name or public_model_name(args.model), **_app_options(args, hosts))
         protocol = type("Protocol", (HeaderTimeoutH11,), {"header_timeout": args.header_timeout})
         config = uvicorn.Config(
             app,
@@ -245,8 +245,11 @@ def _allowed_hosts(given: str | None, listen: str) -> list[str]:
     return [*DEFAULT_ALLOWED_HOSTS, *([] if wildcard else [listen])]
 
 
-def _public_name(ref: str) -> str:
-    """The name clients see for ``ref``: a path's last part, so no answer reveals the filesystem."""
+def public_model_name(ref: str) -> str:
+    """The model name clients see for ``ref``: a path's last part, so no answer reveals the filesystem.
+
+    Used by ``infer serve`` and by each Ray Serve replica, so both name a model alike.
+    """
     from pathlib import Path
 
     path = Path(ref)

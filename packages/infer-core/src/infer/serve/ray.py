@@ -208,13 +208,13 @@ class _Replica:
     def __init__(self, args: RayServeArgs) -> None:
         import infer
         from infer.serve.app import create_app
-        from infer.serve.cli import _public_name
+        from infer.serve.cli import public_model_name
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         bind_process_fields(replica=self.replica_id)
         self.log = get_logger()
         self.model = infer.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, **args.options)
-        self.app = create_app(self.model, model_name=args.name or _public_name(args.model), **args.app)
+        self.app = create_app(self.model, model_name=args.name or public_model_name(args.model), **args.app)
         self.grace = args.grace
         self._metrics = _ReplicaMetrics()
         self.log.info("serve.replica_ready", backend=self.model.backend)
