@@ -54,7 +54,7 @@ def test_an_unknown_command_is_explained_and_the_chat_goes_on(monkeypatch, capsy
 
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on():
-    args = [sys.executable, "-m", "infer.cli", *CHAT[:4], "--max-tokens", "400", "-o", "latency=0.02", "--stats"]
+    args = [sys.executable, "-m", "infer.cli", *CHAT[:4], "--max-tokens", "400", "-o", "latency=0.1", "--stats"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
