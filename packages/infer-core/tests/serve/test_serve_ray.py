@@ -171,11 +171,15 @@ def test_serve_flags_become_the_builders_arguments() -> None:
     from infer.serve.cli import _app_options, _on_ray
     from infer.serve.ray_cli import ray_args
 
-    line = "serve fake --backend fake -o latency=0.5 --min-replicas 1 --max-replicas 3 --num-gpus 1 --max-concurrency 4"
+    line = (
+        "serve fake --backend fake -o latency=0.5 --min-replicas 1 --max-replicas 3 --num-gpus 1 --max-concurrency 4"
+        " --prefix-cache-mib 64 --speculative ngram"
+    )
     args = build_parser().parse_args(line.split())
     assert _on_ray(args)
     parsed = RayServeArgs.parse(ray_args(args, _app_options(args, ["*"])))
-    assert parsed.options == {"latency": 0.5}
+    # Load options and the KV-reuse flags reach every replica's infer.load.
+    assert parsed.options == {"latency": 0.5, "prefix_cache": 64 * 2**20, "speculative": "ngram"}
     assert parsed.app["max_concurrency"] == 4
     options = parsed.replica_options()
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
