@@ -245,7 +245,7 @@ def _assert_same_distribution(device: Counter[int], reference: Counter[int]) -> 
 # -- token masks (contract 1.2) -------------------------------------------------------------------
 
 
-def _masked(model, rows, banned_top):
+def _masked(model: infer.Model, rows: npt.NDArray[np.float32], banned_top: int) -> npt.NDArray[np.bool_]:
     """Each row's mask: a seeded random half of the vocabulary, minus the row's ``banned_top``
     likeliest tokens (so a sampler that ignores the mask picks banned tokens at once)."""
     rng = np.random.default_rng(5)
@@ -256,7 +256,7 @@ def _masked(model, rows, banned_top):
     return masks
 
 
-def _with_masks(states, masks):
+def _with_masks(states: list[SamplerState], masks: npt.NDArray[np.bool_]) -> list[SamplerState]:
     for state, mask in zip(states, masks, strict=True):
         state.token_mask = mask
     return states
@@ -268,7 +268,9 @@ def _with_masks(states, masks):
     [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=40), SamplingParams(temperature=1.3)],
     ids=["greedy", "temperature+top_k", "temperature"],
 )
-def test_the_device_sampler_never_draws_a_masked_token(suite, model, params):
+def test_the_device_sampler_never_draws_a_masked_token(
+    suite: SuiteConfig, model: infer.Model, params: SamplingParams
+) -> None:
     require(model.info, Cap.DEVICE_SAMPLING)
     require(model.info, Cap.TOKEN_MASK)
     logits = np.repeat(_rows(model) * np.float32(0.25), 4, axis=0)
@@ -287,7 +289,9 @@ def test_the_device_sampler_never_draws_a_masked_token(suite, model, params):
 
 
 @pytest.mark.certifies("capability:token_mask")
-def test_the_device_sampler_keeps_the_distribution_of_the_allowed_tokens(suite, model):
+def test_the_device_sampler_keeps_the_distribution_of_the_allowed_tokens(
+    suite: SuiteConfig, model: infer.Model
+) -> None:
     require(model.info, Cap.DEVICE_SAMPLING)
     require(model.info, Cap.TOKEN_MASK)
     # Masking renormalises over the allowed tokens: it must not flatten or sharpen them.
@@ -297,7 +301,8 @@ def test_the_device_sampler_keeps_the_distribution_of_the_allowed_tokens(suite, 
     device_state = _with_masks(_states([params], [], model.vocab_size, seeds=[21]), mask)
     reference_state = _with_masks(_states([params], [], model.vocab_size, seeds=[22]), mask)
     sampler = _device_sampler(suite)
-    device, reference = Counter(), Counter()
+    device: Counter[int] = Counter()
+    reference: Counter[int] = Counter()
     for _ in range(3000):
         device[int(np.asarray(sampler(logits=row.copy(), params=[params], states=device_state))[0])] += 1
         reference[int(sample(row.copy(), [params], reference_state)[0])] += 1

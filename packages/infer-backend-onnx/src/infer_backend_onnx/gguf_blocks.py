@@ -77,7 +77,8 @@ class BlockWeight:
 
 def _f16(blocks: _U8, start: int) -> _F32:
     """The float16 field at byte ``start`` of every block, as float32 ``[rows, n_blocks]``."""
-    return blocks[..., start : start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+    halves: npt.NDArray[np.float16] = blocks[..., start : start + 2].copy().view(np.float16)
+    return halves[..., 0].astype(np.float32)
 
 
 def _nibbles(qs: _U8) -> _U8:
