@@ -53,8 +53,18 @@ def test_an_unknown_command_is_explained_and_the_chat_goes_on(monkeypatch, capsy
     assert "prompt tokens" in out.err  # the next line was still answered
 
 
+_CHAT_WITH_CTRL_C = (
+    "import signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "from infer.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on():
-    args = [sys.executable, "-m", "infer.cli", *CHAT[:4], "--max-tokens", "400", "-o", "latency=0.1", "--stats"]
+    # Ctrl-C as from a terminal: a test run started as a background job of a non-interactive shell
+    # has SIGINT ignored, and an ignored signal stays ignored across exec; the child restores it.
+    args = [sys.executable, "-c", _CHAT_WITH_CTRL_C, *CHAT[:4], "--max-tokens", "400", "-o", "latency=0.1", "--stats"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
