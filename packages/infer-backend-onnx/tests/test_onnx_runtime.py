@@ -288,3 +288,49 @@ def test_with_pairing_a_lone_sequence_decodes_beside_a_free_row(load_tiny: Loade
     step(model, [cache], [[9]], decode=True)
     block = cache.block
     assert block is not None and block.rows == 2 and block.holder(1) is None
+
+
+def test_a_kept_cache_holds_its_own_tokens_and_leaves_its_batchs_block_free(build_dir) -> None:
+    """With prefix caching, a request finishing in a decode batch is kept as a copy of exactly its
+    tokens: the batch keeps its block (no move for a row still in use), and once every request is
+    done no batch block stays pinned by a kept row that the budget counts as a fraction of it."""
+    import threading
+    import weakref
+
+    import infer
+    from infer_backend_onnx.kv_pool import KVBlock
+    from infer_conformance.fixtures import TINY_LLAMA
+
+    model = infer.load(str(TINY_LLAMA), backend="onnx", prefix_cache=True, cache_dir=build_dir, threads=1)
+    blocks: list[weakref.ref[KVBlock]] = []
+    made = KVBlock.__init__
+
+    def tracked(self: KVBlock, *args: object, **kwargs: object) -> None:
+        made(self, *args, **kwargs)  # type: ignore[arg-type]
+        blocks.append(weakref.ref(self))
+
+    try:
+        KVBlock.__init__ = tracked  # type: ignore[method-assign]
+        params = {"temperature": 0, "ignore_eos": True}
+        lengths = [4, 9, 14, 20]  # finishing one after another while the others decode
+        threads = [
+            threading.Thread(target=model.generate, args=([*PROMPT[:12], i],), kwargs=params | {"max_tokens": n})
+            for i, n in enumerate(lengths)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        kept = [entry.kv for entry in model._engine.prefix_cache._entries.values()]  # type: ignore[union-attr]
+        assert len(kept) == len(lengths)
+        for kv in kept:
+            assert isinstance(kv, OnnxKVCache) and kv.block is not None
+            assert (kv.block.rows, kv.block.capacity) == (1, kv.length)
+        gc.collect()
+        alive = {id(b()) for b in blocks if b() is not None}
+        assert alive == {id(kv.block) for kv in kept}  # nothing else is held
+        assert model.prefix_cache_stats is not None
+        assert model._engine.prefix_cache.nbytes == sum(kv.block.nbytes for kv in kept)  # type: ignore[union-attr]
+    finally:
+        KVBlock.__init__ = made  # type: ignore[method-assign]
+        model.close()

@@ -116,16 +116,20 @@ def test_a_failed_requests_cache_is_not_reused():
         model.close()
 
 
-def test_closing_the_model_releases_every_cached_kv():
+def test_a_finished_request_is_kept_as_a_compact_copy_released_when_the_model_closes():
     model = infer.load("fake", backend="fake", prefix_cache=True)
     made = []
     original = model.handle.new_sequence
     model.handle.new_sequence = lambda capacity: made.append(original(capacity)) or made[-1]
-    model.generate([*SYSTEM, 1], **GREEDY)
+    result = model.generate([*SYSTEM, 1], **GREEDY)
     wait_idle(model)
-    assert made and not any(kv.released for kv in made)  # kept for reuse...
+    kept = [entry.kv for entry in model._engine.prefix_cache._entries.values()]
+    held = len(SYSTEM) + 1 + len(result.token_ids) - 1  # the last token drawn was never fed
+    # the request's own cache (sized for the whole request) goes; a copy of what it held stays
+    assert [kv.released for kv in made] == [True]
+    assert [(kv.length, kv.capacity, kv.released) for kv in kept] == [(held, held, False)]
     model.close()
-    assert all(kv.released for kv in made)  # ...until the model goes
+    assert kept[0].released
 
 
 def test_prefix_cache_on_a_backend_without_fork_is_refused_by_name():

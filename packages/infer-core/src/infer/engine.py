@@ -746,8 +746,11 @@ class Engine:
                     sibling.parent = None
         if request.kv is not None:
             try:
-                if not self._keep(request, outcome):
-                    request.kv.release()
+                self._keep(request, outcome)
+            except Exception as exc:  # noqa: BLE001 - a failed keep loses only the reuse, never the scheduler
+                self._log.error("prefix_cache.keep_failed", request_id=request.id, error=f"{type(exc).__name__}: {exc}")
+            try:
+                request.kv.release()
             except Exception as exc:  # noqa: BLE001 - the scheduler outlives a backend's failed release
                 self._log.error("engine.release_failed", request_id=request.id, error=f"{type(exc).__name__}: {exc}")
         request.next_token = None
@@ -769,22 +772,27 @@ class Engine:
             fields |= {"draft_proposed": request.drafter.proposed, "draft_accepted": request.drafter.accepted}
         self._log.info("request.finished", **fields)
 
-    def _keep(self, request: Request, outcome: Done | Failed | None) -> bool:
-        """Hand a finished request's cache to the prefix index; return whether it took it.
+    def _keep(self, request: Request, outcome: Done | Failed | None) -> None:
+        """Hand a compact copy of a finished request's cache to the prefix index.
 
+        The copy (``infer_fork`` of exactly the tokens held) is what the index keeps, never the
+        request's own cache: that one sits in memory sized for the whole request and, on batching
+        backends, shared with the rest of its batch, so keeping it would pin all of that while
+        the budget counted only its share. The caller releases the request's cache either way.
         A failed request's cache is never kept: the failure may have left it half-written.
         """
         kv, cache = request.kv, self.prefix_cache
         if cache is None or kv is None or kv.released:
-            return False
-        if isinstance(outcome, Failed):
-            cache.forget(kv)
-            return False
+            return
+        cache.forget(kv)  # indexed while live; the copy replaces it
+        if isinstance(outcome, Failed) or Capability.FORK not in self.capabilities:
+            return
         held = np.concatenate([request.prompt[: request.pos], np.asarray(request.generated, np.int32)])[: kv.length]
-        if len(held) != kv.length:  # tokens the engine cannot name: never index them
-            cache.forget(kv)
-            return False
-        return cache.adopt(kv, held)
+        if len(held) != kv.length or not cache.worth_keeping(len(held)):
+            return  # tokens the engine cannot name are never indexed; too short to be hit
+        kept = self.fork(kv, len(held), len(held))
+        if not cache.adopt(kept, held):
+            kept.release()
 
 
 _NO_DRAFT: npt.NDArray[np.int32] = np.zeros(0, np.int32)

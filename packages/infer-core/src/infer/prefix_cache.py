@@ -130,6 +130,10 @@ class PrefixCache:
         with self._lock:
             self._put(_Entry(tokens, kv, live=True))
 
+    def worth_keeping(self, length: int) -> bool:
+        """Whether a cache of ``length`` tokens could be hit at all (it holds a whole block)."""
+        return length >= BLOCK
+
     def adopt(self, kv: KVCache, tokens: npt.NDArray[np.int32]) -> bool:
         """Take ownership of a finished request's cache holding ``tokens``; return whether it was kept.
 
@@ -138,7 +142,7 @@ class PrefixCache:
         """
         with self._lock:
             self._drop(id(kv), release=False)
-            if len(tokens) < BLOCK or kv.nbytes > self.budget:
+            if not self.worth_keeping(len(tokens)) or kv.nbytes > self.budget:
                 return False
             self._put(_Entry(tokens, kv, live=False))
             self._evict()

@@ -38,8 +38,8 @@ def smollm2_server(*args: str) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def server():
-    # Without the prefix cache: the memory test counts what requests leave behind, and a kept
-    # cache pins its whole ONNX KV block (see cached_server).
+    # Without the prefix cache: the memory test counts what requests leave behind, and kept
+    # caches are left behind on purpose (up to the cache's budget).
     with smollm2_server("--max-concurrency", str(CONCURRENT), "--no-prefix-cache") as running:
         yield running
 
@@ -164,9 +164,7 @@ def test_smollm2_echo_scores_a_continuation_as_generation_reports_it(server):
 
 @pytest.fixture(scope="module")
 def cached_server():
-    """The server as started by default: prefix cache on. (With it, RSS settled ~100 MiB over the
-    baseline after rounds of 32 streams with a 32 MiB budget, flat round to round: a kept cache
-    pins the ONNX KV block its batch shared, which ``nbytes`` does not count.)"""
+    """The server as started by default: prefix cache on."""
     with smollm2_server() as running:
         yield running
 
