@@ -53,7 +53,7 @@ def random_blocks(qtype: str, rows: int, k: int, seed: int = 0) -> npt.NDArray[n
 def graph_weight(builder_args: Any, raw: RawTensor, accuracy_level: int, tmp_path: Path) -> npt.NDArray[np.float32]:
     """The ``[N, K]`` weight a built ``MatMulNBits`` (+ offsets) graph multiplies by: its output for the identity.
 
-    The input is ``[batch, sequence, K]`` as in the decoder (the offset product reshapes by it).
+    The input is ``[tokens, K]`` as in the decoder (the offset product is a 2-D ``Gemm``).
     """
     n, k = raw.shape
     block = from_gguf(raw)
@@ -67,8 +67,8 @@ def graph_weight(builder_args: Any, raw: RawTensor, accuracy_level: int, tmp_pat
     graph = helper.make_graph(
         builder.nodes,
         "w",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "m", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "m", n])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
         builder.initializers,
     )
     model = helper.make_model(
@@ -78,8 +78,8 @@ def graph_weight(builder_args: Any, raw: RawTensor, accuracy_level: int, tmp_pat
     path.write_bytes(model.SerializeToString())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert y  # the builder named its output
-    out: npt.NDArray[np.float32] = session.run(None, {"x": np.eye(k, dtype=np.float32)[None]})[0]
-    return np.ascontiguousarray(out[0].T)
+    out: npt.NDArray[np.float32] = session.run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+    return np.ascontiguousarray(out.T)
 
 
 @pytest.mark.parametrize("qtype", sorted(EXACT_TYPES))

@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the graph this module writes changes, so cached builds are rebuilt.
-BUILDER_VERSION: Final = "3"
+BUILDER_VERSION: Final = "5"
 #: Precisions :func:`build_decoder` can write, default first (``native``: a GGUF's own quant types).
 DTYPES: Final = ("fp32", "fp16", "int4", "native")
 #: Precisions of the KV cache :class:`GraphConfig` accepts (int8 is absent: ONNX Runtime's
@@ -252,6 +252,8 @@ class _GraphBuilder:
         self._shared: set[str] = set()
         self.act_dtype = np.float16 if config.dtype == "fp16" else np.float32
         self.kv_dtype = np.float16 if config.cache == "fp16" else np.float32
+        #: ``[batch, sequence, -1]`` of the step's input ids, for attention's input (set by :meth:`build`).
+        self.rows_shape = ""
 
     # -- plumbing ---------------------------------------------------------------------------
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
@@ -322,8 +324,7 @@ class _GraphBuilder:
         if block.offsets is not None:
             (shift,) = self.op("Gather", [self.const(name + ".gather_offsets", block.offsets[..., None]), "input_ids"])
             (y,) = self.op("Add", [y, shift])
-        shape = self.const(name + ".shape", np.array([0, 0, q.k], np.int64), external=False)
-        (x,) = self.op("Reshape", [y, shape])
+        (x,) = self.op("Reshape", [y, self.shared(f"token_rows_shape.{q.k}", np.array([-1, q.k], np.int64))])
         return x, packed
 
     def native_linear(
@@ -365,7 +366,6 @@ class _GraphBuilder:
         bias: npt.NDArray[np.float32] | None,
         *,
         bits: int = 4,
-        rank: int = 3,
     ) -> str:
         """``x @ w.T + bias`` with ``w`` in Hugging Face layout ``[out, in]``."""
         if self.config.dtype == "int4":
@@ -373,12 +373,12 @@ class _GraphBuilder:
 
             fitted = fit_grid(w, self.config.block_size, bits=bits) if self.config.exact_grid else None
             if fitted is not None:
-                return self.blocks_linear(x, name, fitted[0], fitted[1], bias, rank=rank)
+                return self.blocks_linear(x, name, fitted[0], fitted[1], bias)
             if bits == 4 and self.config.fit:
                 from infer_backend_onnx.quantize import fit_affine
 
                 q4, offsets = fit_affine(w, self.config.block_size, bits=4)
-                return self.blocks_linear(x, name, q4, offsets, bias, rank=rank)
+                return self.blocks_linear(x, name, q4, offsets, bias)
             q = quantize(w, self.config.block_size, bits=bits, symmetric=self.config.symmetric)
             inputs = [x, self.const(name + ".qweight", q.packed), self.const(name + ".scales", q.scales)]
             # Symmetric blocks use the op's default zero point: no tensor to read.
@@ -409,13 +409,12 @@ class _GraphBuilder:
         offsets: npt.NDArray[np.float32] | None,
         bias: npt.NDArray[np.float32] | None,
         *,
-        rank: int = 3,
         packed: str | None = None,
     ) -> str:
         """``x @ (offsets + scales * (codes - 2**(bits-1))).T``: the codes through ``MatMulNBits``
         (default zero point), the per-block offsets, when any, as a small product with the sums of
-        ``x`` over each block. ``rank``: of ``x`` (3 in the layers, 2 at the output head);
-        ``packed``: an initializer already holding ``q.packed`` (a tied head shares the lookup's)."""
+        ``x`` over each block. ``packed``: an initializer already holding ``q.packed`` (a tied
+        head shares the lookup's)."""
         n, k = q.packed.shape[0], q.k
         inputs = [
             x,
@@ -437,14 +436,13 @@ class _GraphBuilder:
         )
         if offsets is None:
             return y
+        # The block sums as a product with a 0/1 matrix (one per K and block size, shared):
+        # one small node where a Reshape and a ReduceSum took two, 120 times a step.
         blocks = k // q.block_size
-        keep = [0] * (rank - 1)  # Reshape's 0: the leading dimensions as they are
-        shape = self.const(f"{name}.block_shape", np.array([*keep, blocks, q.block_size], np.int64), external=False)
-        (xb,) = self.op("Reshape", [x, shape])
-        axes = self.const(f"{name}.block_axis", np.array([-1], np.int64), external=False)
-        (sums,) = self.op("ReduceSum", [xb, axes], keepdims=0)
-        (shift,) = self.op("MatMul", [sums, self.const(name + ".offsets", np.ascontiguousarray(offsets.T))])
-        (out,) = self.op("Add", [y, shift])
+        ones = np.kron(np.eye(blocks, dtype=np.float32), np.ones((q.block_size, 1), np.float32))
+        (sums,) = self.op("MatMul", [x, self.shared(f"block_sums.{k}.{q.block_size}", ones)])
+        # sums @ offsets + y in one node (the graph's activations are [tokens, features])
+        (out,) = self.op("Gemm", [sums, self.const(name + ".offsets", np.ascontiguousarray(offsets.T)), y])
         return out
 
     def attention(self, bundle: Bundle, layer: int, x: str, cos: str, sin: str) -> str:
@@ -478,6 +476,8 @@ class _GraphBuilder:
         past_k, past_v = past_names(layer)
         rotary = s.rope_layers[layer]
         cast = self.kv_dtype != self.act_dtype
+        # GroupQueryAttention reads [batch, sequence, features]; the rest of the graph, [tokens, features]
+        qkv_inputs = [self.op("Reshape", [t, self.rows_shape])[0] if t else t for t in qkv_inputs]
         if cast:
             to = helper.np_dtype_to_tensor_dtype(np.dtype(self.kv_dtype))
             qkv_inputs = [self.op("Cast", [t], to=to)[0] if t else t for t in qkv_inputs]
@@ -498,14 +498,16 @@ class _GraphBuilder:
         node.output[1], node.output[2] = present_names(layer)
         if cast:
             (out,) = self.op("Cast", [out], to=helper.np_dtype_to_tensor_dtype(np.dtype(self.act_dtype)))
+        q_size = s.num_attention_heads * s.head_dim
+        (out,) = self.op("Reshape", [out, self.shared(f"token_rows_shape.{q_size}", np.array([-1, q_size], np.int64))])
         o_bias = self.weight(bundle, p + "o_proj.bias") if s.o_bias else None
         return self.project(bundle, out, p + "o_proj", [p + "o_proj.weight"], o_bias)
 
     def head_norm(self, bundle: Bundle, x: str, weight: str) -> str:
-        """RMSNorm over each head of ``x`` ``[batch, sequence, heads * head_dim]``, shape kept."""
+        """RMSNorm over each head of ``x`` ``[tokens, heads * head_dim]``, shape kept."""
         d = self.spec.head_dim
-        per_head = self.shared("head_shape", np.array([0, 0, -1, d], np.int64))
-        flat = self.shared("heads_flat_shape", np.array([0, 0, -1], np.int64))
+        per_head = self.shared("head_shape", np.array([0, -1, d], np.int64))
+        flat = self.shared("heads_flat_shape", np.array([0, -1], np.int64))
         (heads,) = self.op("Reshape", [x, per_head])
         (normed,) = self.rms_norm(heads, self.norm_weight(bundle, weight))
         (out,) = self.op("Reshape", [normed, flat])
@@ -603,6 +605,14 @@ class _GraphBuilder:
             # In the activation dtype, as transformers scales Gemma's embeddings.
             scale = self.const("embedding_scale", np.array(s.embedding_scale, dtype=dt), external=False)
             (x,) = self.op("Mul", [x, scale])
+        # Activations are [tokens, features] from here: every product is then a 2-D one (Gemm can
+        # add block offsets in the same node); attention gets [batch, sequence, features] back.
+        flat_shape = self.shared(f"token_rows_shape.{s.hidden_size}", np.array([-1, s.hidden_size], dtype=np.int64))
+        if embed_block is None:
+            (x,) = self.op("Reshape", [x, flat_shape])
+        (ids_shape,) = self.op("Shape", ["input_ids"])
+        minus_one = self.const("minus_one", np.array([-1], np.int64), external=False)
+        (self.rows_shape,) = self.op("Concat", [ids_shape, minus_one], axis=0)
         rope = self.rope_tables()
 
         def norm_weight(name: str) -> str:
@@ -624,9 +634,7 @@ class _GraphBuilder:
                 mlp, residual, norm_weight(nxt if layer + 1 < s.num_hidden_layers else "model.norm.weight")
             )
         # Only the rows' last tokens reach the output head.
-        flat_shape = self.const("flat_shape", np.array([-1, s.hidden_size], dtype=np.int64), external=False)
-        (flat,) = self.op("Reshape", [h, flat_shape])
-        (last,) = self.op("Gather", [flat, "last_token_index"], axis=0)
+        (last,) = self.op("Gather", [h, "last_token_index"], axis=0)
         head_name = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
         head_block = None
         if native:
@@ -635,12 +643,10 @@ class _GraphBuilder:
             head_block = embed_block
         if head_block is not None:
             shared = embed_codes if s.tie_word_embeddings else None
-            logits = self.blocks_linear(
-                last, "lm_head", head_block.weight, head_block.offsets, None, rank=2, packed=shared
-            )
+            logits = self.blocks_linear(last, "lm_head", head_block.weight, head_block.offsets, None, packed=shared)
         elif self.config.dtype == "int4":
             head_w = self.weight(bundle, head_name)
-            logits = self.linear(last, "lm_head", head_w, None, bits=self.config.head_bits, rank=2)
+            logits = self.linear(last, "lm_head", head_w, None, bits=self.config.head_bits)
         else:
             head = embed if s.tie_word_embeddings else self.const(head_name, self.weight(bundle, head_name).astype(dt))
             # Gemm with transB reads the [vocab, hidden] table as stored: tied heads share it with the lookup.
