@@ -34,6 +34,27 @@ LONG_TEXT = (
 )
 
 
+def float32_checkpoint(work: Path, gguf: Path, anchor_python: str) -> Path:
+    """The GGUF's weights dequantized to a float32 Hugging Face checkpoint by transformers, in the
+    anchor environment (shared/ANCHORS.md's recipe): GenAI's builder reads safetensors, and infer's
+    own import keeps the GGUF as it is."""
+    out = work / "smollm2-hf"
+    if not (out / "config.json").is_file():
+        script = (
+            "import sys, torch\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "folder, name, out = sys.argv[1:4]\n"
+            "tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)\n"
+            "m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)\n"
+            "del m.config.quantization_config\n"
+            "m.hf_quantizer = None\n"
+            "m.save_pretrained(out)\n"
+            "tok.save_pretrained(out)\n"
+        )
+        subprocess.run([anchor_python, "-c", script, str(gguf.parent), gguf.name, str(out)], check=True)
+    return out
+
+
 def prepare(work: Path, gguf: Path, anchor_python: str, dtypes: list[str], threads: int) -> dict[str, Any]:
     """Import the GGUF, tokenise the prompts, build the GenAI exports; return the job."""
     from tokenizers import Tokenizer
@@ -57,7 +78,7 @@ def prepare(work: Path, gguf: Path, anchor_python: str, dtypes: list[str], threa
                     "-m",
                     "onnxruntime_genai.models.builder",
                     "-i",
-                    str(bundle),
+                    str(float32_checkpoint(work, gguf, anchor_python)),
                     "-o",
                     str(export),
                     "-p",
