@@ -126,8 +126,9 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="also run ours with this backend option (e.g. batch_invariant=false), reported beside the default",
+        metavar="KEY=VALUE ...",
+        help="also run ours with these backend options, space-separated (e.g. 'int4_fit=false head_bits=4'), "
+        "reported beside the default",
     )
     parser.add_argument(
         "--clock",
@@ -150,7 +151,8 @@ def main() -> None:
             )
             variants = {
                 v: child(
-                    [sys.executable, "child_infer.py", str(job_path), dtype, str(args.threads), "fp32", v], args.clock
+                    [sys.executable, "child_infer.py", str(job_path), dtype, str(args.threads), "fp32", *v.split()],
+                    args.clock,
                 )
                 for v in args.variant
             }
