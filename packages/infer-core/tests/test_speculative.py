@@ -10,7 +10,7 @@ from broken_backends import PATTERN, PERIOD, EchoModel, loaded_variant, variant
 
 import infer
 from infer.plugins import get_registry
-from infer.speculative import NgramDrafter
+from infer.speculative import MAX_DRAFT, NgramDrafter
 from infer_backend_fake import FakeModel
 from infer_conformance.probes import installed
 
@@ -158,3 +158,19 @@ def test_requests_decoding_together_do_not_draft_and_keep_their_tokens(echo):
         together = [s.result().token_ids for s in echo.stream_choices(PROMPT, params=[greedy, greedy])]
     assert counter.steps["verify"] == 0 and counter.steps["decode"] > 0
     assert together == [echo.generate(PROMPT, params=greedy).token_ids] * 2
+
+
+def test_a_match_reaching_far_back_is_drafted_at_its_length_from_its_own_occurrence():
+    passage = list(range(10, 40))
+    # [27, 28, 29] occurs twice before the tail; only the first is preceded by the tail's own
+    # history (the passage), so its continuation is copied, as far as the match is long.
+    context = np.array([*passage, 5, 99, 27, 28, 29, 7, 6, *passage[:20]], np.int32)
+    draft = NgramDrafter().draft(context, 32)
+    assert draft.tolist() == [*passage[20:30], 5, 99, 27, 28, 29, 7]  # 16 = MAX_DRAFT tokens
+    assert len(draft) == MAX_DRAFT
+
+
+def test_a_short_match_still_drafts_k_tokens():
+    drafter = NgramDrafter()
+    context = np.array([1, 2, 3, 9, 8, 7, 6, 5, 4, 1, 2, 3], np.int32)
+    assert drafter.draft(context, 32).tolist() == [9, 8, 7, 6][: drafter.k]

@@ -38,7 +38,7 @@ from infer.log import get_logger
 from infer.prefix_cache import PrefixCache
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
 from infer.sampling import SamplerState, SamplingParams, logprobs
-from infer.speculative import MAX_SPECULATIVE_BATCH, NgramDrafter
+from infer.speculative import MAX_DRAFT, MAX_SPECULATIVE_BATCH, NgramDrafter
 from infer.stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -495,7 +495,7 @@ class Engine:
         limit = min(
             request.max_new - len(request.generated) - 1,  # never past max_tokens
             kv.capacity - kv.length - 1,  # the pending token goes in too
-            request.channel.room() - 1 if request.stream_events else drafter.k,  # never past the buffer
+            request.channel.room() - 1 if request.stream_events else MAX_DRAFT,  # never past the buffer
         )
         context = np.concatenate([request.prompt, np.asarray(request.generated, np.int32)])
         return drafter.draft(context, limit)
