@@ -62,8 +62,10 @@ _MIN_NGRAM: Final = 2
 #: 1.73x, and no loss on open-ended text.
 _K_START: Final = 4
 MAX_DRAFT: Final = 16
-#: Furthest back a match is followed when choosing between occurrences.
+#: Furthest back a match is followed when choosing between occurrences, and how many of the
+#: latest occurrences are compared (a common bigram recurs hundreds of times in a long prompt).
 _MAX_MATCH: Final = 64
+_MAX_CANDIDATES: Final = 16
 #: Below this share of drafted tokens accepted (a running average), drafting pauses. Measured on
 #: SmolLM2 fp32 with the ONNX backend (loaded machine): verifying k = 1, 2, 4, 8 drafted tokens
 #: costs 1.1, 1.2, 1.35, 1.65 decode steps, so a draft pays for itself from about a quarter of its
@@ -128,7 +130,7 @@ def _longest_match(context: npt.NDArray[np.int32], starts: npt.NDArray[np.intp],
     end = len(context) - n  # the tail's own start
     history = context[max(0, end - _MAX_MATCH) : end][::-1]  # the tokens before the tail, nearest first
     best_start, best_len = int(starts[-1]), -1
-    for start in starts[::-1][:_MAX_MATCH]:  # latest first
+    for start in starts[::-1][:_MAX_CANDIDATES]:  # latest first
         before = context[max(0, start - len(history)) : start][::-1]
         size = min(len(before), len(history))
         differs = np.flatnonzero(before[:size] != history[:size])
