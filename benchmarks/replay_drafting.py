@@ -35,8 +35,9 @@ def greedy_outputs(model_ref: str, path: Path) -> dict[str, dict[str, list[int]]
     if path.is_file():
         data: dict[str, dict[str, list[int]]] = json.loads(path.read_text())
         return data
-    import infer
     from bench_kv_reuse import GROUNDED, OPEN_ENDED
+
+    import infer
 
     model = infer.load(model_ref, dtype="fp32")
     data = {}
