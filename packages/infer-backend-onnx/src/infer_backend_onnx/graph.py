@@ -324,7 +324,7 @@ class _GraphBuilder:
         if block.offsets is not None:
             (shift,) = self.op("Gather", [self.const(name + ".gather_offsets", block.offsets[..., None]), "input_ids"])
             (y,) = self.op("Add", [y, shift])
-        (x,) = self.op("Reshape", [y, self.shared(f"token_rows_shape.{q.k}", np.array([-1, q.k], np.int64))])
+        (x,) = self.op("Reshape", [y, self.token_rows(q.k)])
         return x, packed
 
     def native_linear(
@@ -438,9 +438,7 @@ class _GraphBuilder:
             return y
         # The block sums as a product with a 0/1 matrix (one per K and block size, shared):
         # one small node where a Reshape and a ReduceSum took two, 120 times a step.
-        blocks = k // q.block_size
-        ones = np.kron(np.eye(blocks, dtype=np.float32), np.ones((q.block_size, 1), np.float32))
-        (sums,) = self.op("MatMul", [x, self.shared(f"block_sums.{k}.{q.block_size}", ones)])
+        (sums,) = self.op("MatMul", [x, self.block_sums(k, q.block_size)])
         # sums @ offsets + y in one node (the graph's activations are [tokens, features])
         (out,) = self.op("Gemm", [sums, self.const(name + ".offsets", np.ascontiguousarray(offsets.T)), y])
         return out
@@ -499,7 +497,7 @@ class _GraphBuilder:
         if cast:
             (out,) = self.op("Cast", [out], to=helper.np_dtype_to_tensor_dtype(np.dtype(self.act_dtype)))
         q_size = s.num_attention_heads * s.head_dim
-        (out,) = self.op("Reshape", [out, self.shared(f"token_rows_shape.{q_size}", np.array([-1, q_size], np.int64))])
+        (out,) = self.op("Reshape", [out, self.token_rows(q_size)])
         o_bias = self.weight(bundle, p + "o_proj.bias") if s.o_bias else None
         return self.project(bundle, out, p + "o_proj", [p + "o_proj.weight"], o_bias)
 
@@ -530,6 +528,19 @@ class _GraphBuilder:
             self._shared.add(name)
             self.const(name, array, external=False)
         return name
+
+    def token_rows(self, width: int) -> str:
+        """The ``Reshape`` target ``[-1, width]``: the graph's ``[tokens, features]`` layout."""
+        name = f"token_rows_shape.{width}"
+        return name if name in self._shared else self.shared(name, np.array([-1, width], np.int64))
+
+    def block_sums(self, k: int, block_size: int) -> str:
+        """A ``[k, k // block_size]`` 0/1 matrix: ``x @`` it sums ``x`` over each block of ``block_size``."""
+        name = f"block_sums.{k}.{block_size}"
+        if name in self._shared:
+            return name
+        ones = np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32))
+        return self.shared(name, ones)
 
     def mlp(self, bundle: Bundle, layer: int, x: str) -> str:
         s = self.spec
@@ -607,9 +618,8 @@ class _GraphBuilder:
             (x,) = self.op("Mul", [x, scale])
         # Activations are [tokens, features] from here: every product is then a 2-D one (Gemm can
         # add block offsets in the same node); attention gets [batch, sequence, features] back.
-        flat_shape = self.shared(f"token_rows_shape.{s.hidden_size}", np.array([-1, s.hidden_size], dtype=np.int64))
         if embed_block is None:
-            (x,) = self.op("Reshape", [x, flat_shape])
+            (x,) = self.op("Reshape", [x, self.token_rows(s.hidden_size)])
         (ids_shape,) = self.op("Shape", ["input_ids"])
         minus_one = self.const("minus_one", np.array([-1], np.int64), external=False)
         (self.rows_shape,) = self.op("Concat", [ids_shape, minus_one], axis=0)
