@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from infer.contract import Capability
 from infer.errors import InvalidParameterError
 
 #: Values of the ``kv_dtype`` option (kept in step with :data:`infer_backend_onnx.graph.KV_DTYPES`,
@@ -20,6 +21,8 @@ KV_DTYPES: Final = ("fp32", "fp16")
 if TYPE_CHECKING:
     from infer.bundle import Bundle
     from infer.contract import LoadSpec, ModelHandle
+    from infer_backend_onnx.build_cache import CacheEntry
+    from infer_backend_onnx.graph import GraphConfig
 
 __all__ = ["KV_DTYPES", "LoadOptions", "kv_precision", "load", "parse_options"]
 
@@ -34,7 +37,11 @@ OPTIONS: Final = {
     "exact_grid": "true or false (int4: keep weights already on a 4-bit grid, e.g. from a Q4_1 GGUF, exact)",
     "batch_invariant": "true or false (default true: int4 never runs a lone row, so batching never changes results)",
     "kv_dtype": "fp32 or fp16 (KV cache precision; default: the activations', fp16 on cuda and fp32 on cpu)",
+    "draft": "none, native or int4 (a second graph of the same weights at that precision, on the same KV "
+    "cache, drafting speculative tokens for an fp32 or fp16 model; default none)",
 }
+#: Values of the ``draft`` option.
+DRAFTS: Final = ("none", "native", "int4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,8 @@ class LoadOptions:
     batch_invariant: bool = True
     #: ``None``: the graph's activation precision (see :func:`kv_precision`).
     kv_dtype: str | None = None
+    #: The draft graph's precision, or ``"none"``.
+    draft: str = "none"
 
 
 def parse_options(options: Mapping[str, Any]) -> LoadOptions:
@@ -85,7 +94,11 @@ def parse_options(options: Mapping[str, Any]) -> LoadOptions:
     kv_dtype = options.get("kv_dtype")
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
         raise InvalidParameterError("kv_dtype", kv_dtype, OPTIONS["kv_dtype"])
+    draft = options.get("draft", "none")
+    if draft not in DRAFTS:
+        raise InvalidParameterError("draft", draft, OPTIONS["draft"])
     return LoadOptions(
+        draft=draft,
         kv_dtype=kv_dtype,
         exact_grid=exact_grid,
         int4_fit=int4_fit,
@@ -113,6 +126,8 @@ def load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
     if spec.bundle is not None:
         return _load_bundle(spec.bundle, spec, opts, device)
     assert export is not None
+    if opts.draft != "none":
+        raise InvalidParameterError("draft", opts.draft, "none for an ONNX export (drafts are built from a bundle's weights)")
     return load_export(export, spec, device, threads=opts.threads, kv_dtype=opts.kv_dtype)
 
 
@@ -133,9 +148,8 @@ def kv_precision(requested: str | None, activations: str, device: str) -> str:
 
 def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str) -> ModelHandle:
     from infer.gguf_tensors import GGUFWeights
-    from infer_backend_onnx.build_cache import cache_root, cached_build
     from infer_backend_onnx.devices import make_session
-    from infer_backend_onnx.graph import BUILDER_VERSION, GraphConfig, build_decoder
+    from infer_backend_onnx.plugin import CAPABILITIES
     from infer_backend_onnx.runtime import LOGITS_ATOL, OnnxModel
     from infer_backend_onnx.threads import cpu_budget
 
@@ -150,27 +164,15 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     # "native" never rounds the weights again: a GGUF's own blocks, or a float bundle's weights
     # as float32 (exact for F32, F16 and BF16 files alike).
     graph_dtype = "fp32" if dtype == "native" and not gguf else dtype
-    config = GraphConfig(
-        dtype=graph_dtype,
-        block_size=opts.block_size,
-        head_bits=opts.head_bits,
-        exact_grid=opts.exact_grid,
-        fit=opts.int4_fit,
-        accuracy_level=opts.accuracy_level,
-        kv_dtype=kv_precision(opts.kv_dtype, "fp16" if graph_dtype == "fp16" else "fp32", device),
-    )
-    content = bundle.content_hash()
-    key = f"{content[:24]}-{config.key}-v{BUILDER_VERSION}"
+    config = _graph_config(graph_dtype, opts, kv_precision(opts.kv_dtype, "fp16" if graph_dtype == "fp16" else "fp32", device))
+    draft = _draft_config(opts, config, gguf) if opts.draft != "none" else None
     started = time.perf_counter()
-    entry = cached_build(
-        cache_root(opts.cache_dir),
-        key,
-        lambda folder: build_decoder(bundle, config, folder),
-        {"bundle": str(bundle.path), "content_hash": content, "graph": config.key, "builder_version": BUILDER_VERSION},
-    )
+    entry = _built(bundle, config, opts)
+    draft_entry = _built(bundle, draft, opts) if draft is not None else None
     prepared = time.perf_counter()
     threads = opts.threads or cpu_budget()
-    session = make_session(entry.model_path, device, threads)
+    # A model and its draft graph take turns on the same cores: one thread pool for both.
+    session = make_session(entry.model_path, device, threads, shared_pool=draft_entry is not None)
     s = bundle.spec
     context = min(spec.context_length or s.max_position_embeddings, s.max_position_embeddings)
     model = OnnxModel(
@@ -186,6 +188,9 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         # int4 MatMulNBits with int8 activations takes another path for a single row than for
         # many: single-row steps are paired with a scratch row (see OnnxModel.pad_single_rows).
         pad_single_rows=config.dtype in ("int4", "native") and opts.batch_invariant,
+        draft_session=(
+            make_session(draft_entry.model_path, device, threads, shared_pool=True) if draft_entry is not None else None
+        ),
         details={
             "graph": str(entry.model_path),
             "cache_hit": not entry.built,
@@ -196,11 +201,54 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
             "batch_invariant": config.dtype not in ("int4", "native") or opts.batch_invariant,
             "compute_dtype": config.dtype,
             "kv_dtype": config.cache,
+            "draft": opts.draft,
             # What "native" computes is the file's own types (Q4_1, F32...): the conformance suite grades by them.
             **({"weight_types": tuple(sorted({bundle.weights.info(n).dtype for n in bundle.weights}))} if gguf else {}),
         },
     )
+    if draft is None:
+        model.capabilities = CAPABILITIES - {Capability.DRAFT}
     # A cache rounded below the activations' precision rounds the logits like that precision does.
     declared = [LOGITS_ATOL.get(config.dtype), LOGITS_ATOL.get(config.cache) if config.kv_dtype else None]
     model.logits_atol = max((a for a in declared if a is not None), default=None)
     return model
+
+
+def _graph_config(dtype: str, opts: LoadOptions, kv_dtype: str) -> GraphConfig:
+    from infer_backend_onnx.graph import GraphConfig
+
+    return GraphConfig(
+        dtype=dtype,
+        block_size=opts.block_size,
+        head_bits=opts.head_bits,
+        exact_grid=opts.exact_grid,
+        fit=opts.int4_fit,
+        accuracy_level=opts.accuracy_level,
+        kv_dtype=kv_dtype,
+    )
+
+
+def _draft_config(opts: LoadOptions, model: GraphConfig, gguf: bool) -> GraphConfig:
+    """The draft graph's configuration: ``opts.draft``'s precision, the model's cache layout."""
+    if model.dtype not in ("fp32", "fp16"):
+        raise InvalidParameterError(
+            "draft", opts.draft, f"none for a {model.dtype} model (a draft pays only below the model's own precision)"
+        )
+    if opts.draft == "native" and not gguf:
+        raise InvalidParameterError("draft", opts.draft, "int4 (native drafts read a GGUF file's own blocks)")
+    # The same cache tensors serve both graphs: the draft's cache precision is the model's.
+    return _graph_config(opts.draft, opts, model.cache)
+
+
+def _built(bundle: Bundle, config: GraphConfig, opts: LoadOptions) -> CacheEntry:
+    """``config``'s graph of ``bundle``, from the build cache (built on first use)."""
+    from infer_backend_onnx.build_cache import cache_root, cached_build
+    from infer_backend_onnx.graph import BUILDER_VERSION, build_decoder
+
+    content = bundle.content_hash()
+    return cached_build(
+        cache_root(opts.cache_dir),
+        f"{content[:24]}-{config.key}-v{BUILDER_VERSION}",
+        lambda folder: build_decoder(bundle, config, folder),
+        {"bundle": str(bundle.path), "content_hash": content, "graph": config.key, "builder_version": BUILDER_VERSION},
+    )

@@ -18,9 +18,20 @@ if TYPE_CHECKING:
 
     from infer.contract import Batch, KVCache, LoadSpec, ModelHandle
 
-__all__ = ["infer_backend_info", "infer_decode", "infer_load", "infer_prefill"]
+__all__ = ["CAPABILITIES", "infer_backend_info", "infer_decode", "infer_draft", "infer_load", "infer_prefill"]
 
 NAME: Final = "onnx"
+#: What the backend declares; a model loaded without a draft graph narrows it to all but ``DRAFT``.
+CAPABILITIES: Final = frozenset(
+    {
+        Capability.BATCH,
+        Capability.DETERMINISTIC,
+        Capability.TRUNCATE,
+        Capability.FORK,
+        Capability.ALL_LOGITS,
+        Capability.DRAFT,
+    }
+)
 
 
 def _version() -> str:
@@ -48,9 +59,7 @@ def infer_backend_info() -> BackendInfo:
         contract_version=infer.CONTRACT_VERSION,
         devices=DEVICES,
         dtypes=DTYPES,
-        capabilities=frozenset(
-            {Capability.BATCH, Capability.DETERMINISTIC, Capability.TRUNCATE, Capability.FORK, Capability.ALL_LOGITS}
-        ),
+        capabilities=CAPABILITIES,
         max_batch_size=64,
         # Measured on SmolLM2-135M (logits up to ~28) at fp32, the default: prefill+decode vs one
         # prefill 2.9e-5, chunked prefill and ragged batch vs single rows 0 (bit-identical).
@@ -114,3 +123,11 @@ def infer_fork(model: ModelHandle, sequence: KVCache, length: int, capacity: int
     from infer_backend_onnx.runtime import OnnxHandle
 
     return model.fork(sequence, length, capacity) if isinstance(model, OnnxHandle) else None
+
+
+@infer.hookimpl
+def infer_draft(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | None:
+    """A draft step through the model's draft graph (contract 1.3); ``None`` for any other model."""
+    from infer_backend_onnx.runtime import OnnxHandle
+
+    return model.draft(batch) if isinstance(model, OnnxHandle) else None

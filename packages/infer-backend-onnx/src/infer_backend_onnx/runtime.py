@@ -13,6 +13,12 @@ block of its own with the prefix copied in (a row copy, as when a newcomer joins
 all-position logits ask the graph's final ``Gather`` for every real position of the chunk instead
 of each row's last one, so no second graph is built.
 
+Contract 1.3: a model loaded with a draft graph (the same weights at a lower precision, e.g. a
+GGUF's own 4-bit blocks under a float32 model) runs draft steps through it on the very same KV
+blocks: the draft session binds the same tensors, so drafting needs no prefill and no copy of
+the prompt's cache, and sees the full-precision keys and values of every verified position. The
+positions a draft step writes are rewritten by the verification step that follows.
+
 Long contexts: a block's capacity costs memory, not time. The attention op reads each row's own
 ``seqlens_k + 1`` keys, so capacity beyond them is never read, and a short row batched with a
 long one does not pay for it (measured on SmolLM2 native, one thread: a decode step with 6,000
@@ -72,6 +78,10 @@ class OnnxHandle(ModelHandle):
         """A new cache holding ``seq``'s first ``length`` tokens (contract 1.1)."""
         raise BackendError(f"{type(self).__name__} cannot fork a cache", backend="onnx")
 
+    def draft(self, batch: Batch) -> _Logits:
+        """A decode step through the draft graph (contract 1.3)."""
+        raise BackendError(f"{type(self).__name__} has no draft graph: load it with draft='native' or 'int4'", backend="onnx")
+
 
 class _DecodeBinding:
     """An IO binding for one-token steps on a block, bound once and reused every step.
@@ -80,7 +90,7 @@ class _DecodeBinding:
     new token ids and lengths into them and runs.
     """
 
-    def __init__(self, model: OnnxModel, block: KVBlock) -> None:
+    def __init__(self, model: OnnxModel, block: KVBlock, session: ort.InferenceSession) -> None:
         import onnxruntime as ort
 
         rows = block.rows
@@ -88,7 +98,7 @@ class _DecodeBinding:
         self.seqlens = np.zeros(rows, np.int32)
         self.total = np.zeros((), np.int32)
         self.last = np.arange(rows, dtype=np.int64)
-        self.io = model.session.io_binding()
+        self.io = session.io_binding()
         self._keep = [self.input_ids, self.seqlens, self.total, self.last]
         for name, array in zip(
             ("input_ids", "seqlens_k", "total_sequence_length", "last_token_index"), self._keep, strict=True
@@ -124,6 +134,7 @@ class OnnxModel(OnnxHandle):
         dtype: str,
         details: Mapping[str, Any],
         pad_single_rows: bool = False,
+        draft_session: ort.InferenceSession | None = None,
     ) -> None:
         from infer_backend_onnx.devices import ort_device
 
@@ -147,6 +158,9 @@ class OnnxModel(OnnxHandle):
         )
         #: The one-token binding of each live block, made at the block's first decode step.
         self._decode_io: weakref.WeakKeyDictionary[KVBlock, _DecodeBinding] = weakref.WeakKeyDictionary()
+        #: The draft graph's session (contract 1.3) and its one-token bindings, on the same blocks.
+        self.draft_session = draft_session
+        self._draft_io: weakref.WeakKeyDictionary[KVBlock, _DecodeBinding] = weakref.WeakKeyDictionary()
         #: Measured on SmolLM2 (logits up to ~28): prefill vs prefill+decode differ by 2.9e-5 at
         #: fp32, 0.032 at fp16 and 0.67 at int4 (one-row and many-row kernels round differently).
         self.logits_atol = LOGITS_ATOL.get(dtype)
@@ -172,7 +186,7 @@ class OnnxModel(OnnxHandle):
     def close(self) -> None:
         """Drop the session; caches made from this model must not be used afterwards."""
         self._closed = True
-        self.session = None
+        self.session = self.draft_session = None
 
     def prefill(self, batch: Batch) -> _Logits:
         """Feed each row's tokens; logits of each row's last token, ``[B, vocab]``."""
@@ -181,6 +195,12 @@ class OnnxModel(OnnxHandle):
     def decode(self, batch: Batch) -> _Logits:
         """Feed one token per row; next-token logits ``[B, vocab]``."""
         return self._forward(batch, decode=True)
+
+    def draft(self, batch: Batch) -> _Logits:
+        """One token a row through the draft graph, on the same caches: approximate next-token logits."""
+        if self.draft_session is None:
+            return super().draft(batch)
+        return self._forward(batch, decode=True, draft=True)
 
     def prefill_all(self, batch: Batch) -> _Logits:
         """Feed each row's tokens; logits of every position, ``[sum of row lengths, vocab]``."""
@@ -231,21 +251,24 @@ class OnnxModel(OnnxHandle):
             raise BackendError("a sequence appears twice in one batch", backend="onnx")
         return seqs
 
-    def _forward(self, batch: Batch, *, decode: bool) -> _Logits:
+    def _forward(self, batch: Batch, *, decode: bool, draft: bool = False) -> _Logits:
         with self._lock:
             seqs = self._check(batch, decode)
             sizes = [t.size for t in batch.tokens]
             out = np.empty((batch.size, self.vocab_size), np.float32)
             for rows in _groups(seqs, sizes):
-                out[rows] = self._run([seqs[r] for r in rows], [batch.tokens[r] for r in rows])
+                out[rows] = self._run([seqs[r] for r in rows], [batch.tokens[r] for r in rows], draft=draft)
             return out
 
-    def _run(self, seqs: list[OnnxKVCache], tokens: list[npt.NDArray[np.int32]], *, every: bool = False) -> _Logits:
+    def _run(
+        self, seqs: list[OnnxKVCache], tokens: list[npt.NDArray[np.int32]], *, every: bool = False, draft: bool = False
+    ) -> _Logits:
         sizes = np.array([t.size for t in tokens])
         totals = np.array([s.length for s in seqs]) + sizes
         need = int(totals.max())
         if sizes.max() == 1:  # one token a row: its last position is its every position
-            logits = self._run_decode(self.kv.for_decode(seqs, need), seqs, tokens, totals)
+            block = self.kv.for_decode(seqs, need)
+            logits = self._run_decode(block, seqs, tokens, totals, draft=draft)
         else:
             logits = self._run_prefill(self.kv.for_prefill(seqs, need), tokens, sizes, totals, every=every)
         for seq, n in zip(seqs, sizes, strict=True):
@@ -258,10 +281,13 @@ class OnnxModel(OnnxHandle):
         seqs: list[OnnxKVCache],
         tokens: list[npt.NDArray[np.int32]],
         totals: npt.NDArray[np.int64],
+        *,
+        draft: bool = False,
     ) -> _Logits:
-        d = self._decode_io.get(block)
+        session, bindings = (self.draft_session, self._draft_io) if draft else (self.session, self._decode_io)
+        d = bindings.get(block)
         if d is None:
-            d = self._decode_io[block] = _DecodeBinding(self, block)
+            d = bindings[block] = _DecodeBinding(self, block, session)
         rows = [s.row for s in seqs]
         ordered = len(rows) == block.rows and rows == list(range(block.rows))
         if not ordered:
@@ -271,7 +297,7 @@ class OnnxModel(OnnxHandle):
         d.input_ids[rows, 0] = [int(t[0]) for t in tokens]
         d.seqlens[rows] = totals - 1
         d.total[()] = totals.max()
-        self.session.run_with_iobinding(d.io)
+        session.run_with_iobinding(d.io)
         logits: _Logits = d.logits if d.logits is not None else d.io.get_outputs()[0].numpy()
         return logits.copy() if ordered else logits[rows]
 

@@ -18,6 +18,11 @@ Contract 1.2 adds :attr:`Capability.TOKEN_MASK`: a backend that samples on its d
 output) to the backend's sampler: those rows are drawn by the core's host sampling chain, the
 others still on the device, so a 1.0 or 1.1 device sampler keeps working and constrained output
 stays correct on it.
+
+Contract 1.3 adds :attr:`Capability.DRAFT` (``infer_draft``): a decode step through a cheaper
+approximation of the same model (its weights quantized further) on the same caches. The engine
+drafts speculative tokens with it; every position a draft step writes is overwritten by the
+all-position verification step that follows, so the approximation never reaches the output.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ __all__ = [
     "Capability",
     "KV_CAPABILITIES",
     "MASK_CAPABILITIES",
+    "DRAFT_CAPABILITIES",
     "KVCache",
     "LoadSpec",
     "ModelHandle",
@@ -56,7 +62,7 @@ __all__ = [
 
 #: The version of the backend contract this infer-core speaks. A backend declares the version it
 #: implements in :attr:`BackendInfo.contract_version`; a different major is refused.
-CONTRACT_VERSION: Final = "1.2"
+CONTRACT_VERSION: Final = "1.3"
 
 
 def contract_compatible(declared: str, core: str = CONTRACT_VERSION) -> bool:
@@ -67,7 +73,8 @@ def contract_compatible(declared: str, core: str = CONTRACT_VERSION) -> bool:
 def usable_capabilities(info: BackendInfo, handle: ModelHandle | None = None) -> frozenset[Capability]:
     """The capabilities the core may use on ``handle``: those declared, narrowed by the handle's
     own :attr:`ModelHandle.capabilities`; a backend built for an older minor gets none of the
-    capabilities added after it (1.0: none of 1.1's; 1.1: not 1.2's token masks)."""
+    capabilities added after it (1.0: none of 1.1's; 1.1: not 1.2's token masks; 1.2: not 1.3's
+    draft steps)."""
     major, _, minor = info.contract_version.partition(".")
     declared = info.capabilities
     version = (int(major), int(minor) if minor.isdigit() else 0)
@@ -75,6 +82,8 @@ def usable_capabilities(info: BackendInfo, handle: ModelHandle | None = None) ->
         declared -= KV_CAPABILITIES
     if version < (1, 2):
         declared -= MASK_CAPABILITIES
+    if version < (1, 3):
+        declared -= DRAFT_CAPABILITIES
     if handle is not None and handle.capabilities is not None:
         declared &= handle.capabilities
     return declared
@@ -103,12 +112,17 @@ class Capability(str, enum.Enum):
     #: the backend's ``infer_sample`` (:attr:`DEVICE_SAMPLING`) honours ``SamplerState.token_mask``,
     #: so constrained rows may be sampled on its device (contract 1.2).
     TOKEN_MASK = "token_mask"
+    #: ``infer_draft`` decodes through a cheaper approximation of the model on the same caches,
+    #: for drafting speculative tokens (contract 1.3).
+    DRAFT = "draft"
 
 
 #: The capabilities added in contract 1.1, which a backend built for 1.0 cannot declare.
 KV_CAPABILITIES: Final = frozenset({Capability.TRUNCATE, Capability.FORK, Capability.ALL_LOGITS})
 #: The capability added in contract 1.2, which a backend built for 1.0 or 1.1 cannot declare.
 MASK_CAPABILITIES: Final = frozenset({Capability.TOKEN_MASK})
+#: The capability added in contract 1.3, which a backend built for an earlier minor cannot declare.
+DRAFT_CAPABILITIES: Final = frozenset({Capability.DRAFT})
 
 
 @final

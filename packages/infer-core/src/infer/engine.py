@@ -38,7 +38,7 @@ from infer.log import get_logger
 from infer.prefix_cache import PrefixCache
 from infer.results import Completion, FinishReason, Timings, TokenEvent, Usage
 from infer.sampling import SamplerState, SamplingParams, logprobs
-from infer.speculative import MAX_DRAFT, MAX_SPECULATIVE_BATCH, NgramDrafter
+from infer.speculative import MAX_DRAFT, MAX_SPECULATIVE_BATCH, NGRAM_TRUST, NgramDrafter, StepDrafter
 from infer.stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -150,6 +150,7 @@ class Request:
         "channel",
         "deadline",
         "decoder",
+        "draft_source",
         "drafter",
         "eos_ids",
         "events",
@@ -163,6 +164,7 @@ class Request:
         "pos",
         "prompt",
         "sampler",
+        "step_drafter",
         "stops",
         "stream_events",
         "t_first",
@@ -207,6 +209,10 @@ class Request:
         self.cached = 0
         #: Drafts tokens for speculative decoding, or ``None`` when the request does not speculate.
         self.drafter: NgramDrafter | None = None
+        #: Drafts through the backend's draft steps (contract 1.3), where it has them.
+        self.step_drafter: StepDrafter | None = None
+        #: Which of the two made the draft being verified.
+        self.draft_source: NgramDrafter | StepDrafter | None = None
         #: Another choice of the same prompt whose prefill this request waits for, to fork its
         #: cache instead of prefilling the prompt again (``n > 1``); ``None`` once served.
         self.parent: Request | None = None
@@ -370,6 +376,11 @@ class Engine:
             rows += check_all_logits(out, [len(t) for t in part.tokens], self.handle.vocab_size, self.handle.backend)
         return tuple(rows)
 
+    def step_draft(self, batch: Batch) -> npt.NDArray[np.float32]:
+        """Run ``infer_draft`` on ``batch`` (one token a row): approximate next-token logits (contract 1.3)."""
+        out = self._capability_call(Capability.DRAFT, self.hooks.draft, batch)
+        return check_logits(out, batch.size, self.handle.vocab_size, self.handle.backend)
+
     def truncate(self, sequence: KVCache, length: int) -> None:
         """Roll ``sequence`` back to its first ``length`` tokens (``infer_truncate``)."""
         self._capability_call(Capability.TRUNCATE, self.hooks.truncate, sequence, length)
@@ -393,7 +404,7 @@ class Engine:
         backend = self.handle.backend
         if capability not in self.capabilities:
             raise BackendError(
-                f"backend {backend!r} does not declare the {capability.value!r} capability (contract 1.1)",
+                f"backend {backend!r} does not declare the {capability.value!r} capability",
                 backend=backend,
             )
         names = caller.spec.argnames
@@ -475,6 +486,11 @@ class Engine:
         # Speculation only pays while decode is bound by reading the weights: a batch already
         # reads them once for every row (see infer.speculative.MAX_SPECULATIVE_BATCH).
         drafts = [self._draft(r) for r in requests] if len(requests) <= MAX_SPECULATIVE_BATCH else []
+        if drafts and any(r.next_token is None for r in requests):  # a draft step failed: that request ended
+            kept = [i for i, r in enumerate(requests) if r.next_token is not None]
+            requests, drafts = [requests[i] for i in kept], [drafts[i] for i in kept]
+            if not requests:
+                return
         if any(len(d) for d in drafts):
             self._verify(requests, drafts)
             return
@@ -498,7 +514,32 @@ class Engine:
             request.channel.room() - 1 if request.stream_events else MAX_DRAFT,  # never past the buffer
         )
         context = np.concatenate([request.prompt, np.asarray(request.generated, np.int32)])
-        return drafter.draft(context, limit)
+        draft = drafter.draft(context, limit)
+        steps = request.step_drafter
+        if steps is not None and limit > 0 and (not len(draft) or drafter.rate < NGRAM_TRUST):
+            request.draft_source = steps
+            return self._draft_steps(request, steps, limit)
+        request.draft_source = drafter
+        return draft
+
+    def _draft_steps(self, request: Request, steps: StepDrafter, limit: int) -> npt.NDArray[np.int32]:
+        """Draft by the backend's draft steps (contract 1.3), then roll the cache back to where it
+        was: verification feeds the drafted positions again."""
+        kv, token = request.kv, request.next_token
+        assert kv is not None and token is not None
+        start, drafted = kv.length, []
+        try:
+            for _ in range(min(steps.k, limit)):
+                logits = self.step_draft(Batch((kv,), (np.array((token,), np.int32),)))
+                token, sure = steps.choose(logits[0])
+                drafted.append(token)
+                if not sure:
+                    break
+            self.truncate(kv, start)
+        except InferError as exc:
+            self._retire(request, Failed(exc))
+            return _NO_DRAFT
+        return np.array(drafted, np.int32)
 
     def _verify(self, requests: list[Request], drafts: list[npt.NDArray[np.int32]]) -> None:
         """Feed each pending token and its draft in one all-position step; keep what sampling confirms.
@@ -536,8 +577,8 @@ class Engine:
             if not hit or request.next_token is None:  # a mismatch, or the request ended
                 break
             kept += 1
-        if request.drafter is not None and len(draft):
-            request.drafter.update(len(draft), kept)
+        if request.draft_source is not None and len(draft):
+            request.draft_source.update(len(draft), kept)
 
     def _decode_alone(self, request: Request) -> None:
         """Step a request that decodes alone back to back, while nothing else needs the scheduler.
@@ -770,6 +811,9 @@ class Engine:
             fields["finish_reason"] = "cancelled"
         if request.drafter is not None:
             fields |= {"draft_proposed": request.drafter.proposed, "draft_accepted": request.drafter.accepted}
+        if request.step_drafter is not None:
+            steps = request.step_drafter
+            fields |= {"draft_step_proposed": steps.proposed, "draft_step_accepted": steps.accepted}
         self._log.info("request.finished", **fields)
 
     def _keep(self, request: Request, outcome: Done | Failed | None) -> None:

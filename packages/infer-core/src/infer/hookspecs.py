@@ -9,7 +9,8 @@ A backend is a module or object registered under the entry-point group ``infer.b
 It implements :func:`infer_backend_info` and :func:`infer_load`, and :func:`infer_prefill` /
 :func:`infer_decode` for the handles it returns (contract 1.1 adds optional
 :func:`infer_truncate`, :func:`infer_fork` and :func:`infer_prefill_all`, each behind a declared
-capability; contract 1.2 lets a device sampler declare that it honours token masks). The core
+capability; contract 1.2 lets a device sampler declare that it honours token masks; contract 1.3
+adds optional :func:`infer_draft`, cheap approximate decode steps for drafting). The core
 routes prefill, decode and sample calls for a model only to the backend that loaded it (plus
 any ``wrapper=True`` hookimpls, which see every backend's calls: use them for timing, tracing
 or fault injection).
@@ -162,4 +163,24 @@ def infer_prefill_all(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float3
 
     Implement it when declaring :attr:`infer.Capability.ALL_LOGITS` (contract 1.1). Called only
     for handles this backend returned (and on every wrapper). Stops at the first non-None result.
+    """
+
+
+# -- contract 1.3: draft steps ----------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def infer_draft(model: ModelHandle, batch: Batch) -> npt.NDArray[np.float32] | None:
+    """Like :func:`infer_decode` (one token per row, next-token logits ``[B, vocab]``), through a
+    cheaper approximation of the same model, e.g. its weights quantized further.
+
+    It advances each row's cache by one position, as decode does, but what it writes there is
+    approximate: the core truncates the drafted positions away and feeds them again through
+    :func:`infer_prefill_all` before any of them counts, so after that verification the cache
+    must be exactly what it would have been without the draft steps. Used to draft speculative
+    tokens cheaply; the logits only choose which tokens to propose, never which are emitted.
+
+    Implement it when declaring :attr:`infer.Capability.DRAFT` (contract 1.3), together with
+    ``TRUNCATE`` and ``ALL_LOGITS``. Called only for handles this backend returned. Stops at the
+    first non-None result.
     """

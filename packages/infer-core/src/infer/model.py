@@ -48,7 +48,7 @@ from infer.log import get_logger
 from infer.prefix_cache import DEFAULT_BUDGET, PrefixCache, PrefixStats
 from infer.results import Completion, TokenEvent
 from infer.sampling import SamplingParams
-from infer.speculative import AUTO_SPECULATION_ATOL, MODES, NgramDrafter
+from infer.speculative import AUTO_SPECULATION_ATOL, MODES, NgramDrafter, StepDrafter
 from infer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -93,7 +93,9 @@ def load(
     tokens by prompt lookup and verifies them in one step (needs the ``truncate`` and
     ``all_logits`` capabilities), ``"auto"`` does so where the backend can and the model's
     ``logits_atol`` is at most 1e-3 (so the tokens are those of plain decoding; at int4, say, it
-    stays off), ``"off"`` (the default) never. See :mod:`infer.speculative`.
+    stays off), ``"off"`` (the default) never. Where the backend declares draft steps (contract
+    1.3, e.g. the ONNX backend's ``draft="native"`` option under an fp32 model), a speculating
+    request also drafts through them. See :mod:`infer.speculative`.
     Remaining keyword arguments are backend options (see the backend's documentation).
     """
     from infer.plugins import get_registry
@@ -738,6 +740,8 @@ class Model:
         request.tool_format = prepared.tool_format
         if prepared.speculative:
             request.drafter = NgramDrafter()
+            if Capability.DRAFT in self._engine.capabilities:
+                request.step_drafter = StepDrafter()
         self._engine.submit(request)
         return request
 

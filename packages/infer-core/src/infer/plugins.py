@@ -38,6 +38,7 @@ _ROUTED_HOOKS = (
     "infer_truncate",
     "infer_fork",
     "infer_prefill_all",
+    "infer_draft",
 )
 
 
@@ -76,6 +77,8 @@ class RoutedHooks:
     truncate: Any
     fork: Any
     prefill_all: Any
+    #: Contract 1.3: approximate decode steps, called only when the backend declares ``DRAFT``.
+    draft: Any
     #: ``infer_sample`` without any backend's own sampler: the core's default chain and the
     #: plugins wrapping it. Constrained rows go here when the backend does not declare
     #: :attr:`~infer.Capability.TOKEN_MASK` (contract 1.2).
@@ -204,7 +207,7 @@ class Registry:
         host_sample = self.pm.subset_hook_caller("infer_sample", list(plugins.values()))
         for name, (plugin, version, info) in self._infos.items():
             others = [p for n, p in plugins.items() if n != name]
-            load, prefill, decode, sample, truncate, fork, prefill_all = (
+            load, prefill, decode, sample, truncate, fork, prefill_all, draft = (
                 self.pm.subset_hook_caller(h, others) for h in _ROUTED_HOOKS
             )
             hooks = RoutedHooks(
@@ -215,6 +218,7 @@ class Registry:
                 truncate=truncate,
                 fork=fork,
                 prefill_all=prefill_all,
+                draft=draft,
                 pm=self.pm,
                 host_sample=host_sample,
             )
