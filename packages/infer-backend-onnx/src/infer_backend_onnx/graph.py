@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 
+from infer.contract import Capability
 from infer.errors import InvalidParameterError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -73,6 +74,17 @@ __all__ = [
 BUILDER_VERSION: Final = "5"
 #: Precisions :func:`build_decoder` can write, default first (``native``: a GGUF's own quant types).
 DTYPES: Final = ("fp32", "fp16", "int4", "native")
+#: What models of these graphs can do; one loaded without a draft graph has all but ``DRAFT``.
+CAPABILITIES: Final = frozenset(
+    {
+        Capability.BATCH,
+        Capability.DETERMINISTIC,
+        Capability.TRUNCATE,
+        Capability.FORK,
+        Capability.ALL_LOGITS,
+        Capability.DRAFT,
+    }
+)
 #: Precisions of the KV cache :class:`GraphConfig` accepts (int8 is absent: ONNX Runtime's
 #: ``GroupQueryAttention`` takes past keys and values in the query's float type only).
 KV_DTYPES: Final = ("fp32", "fp16")

@@ -149,7 +149,7 @@ def kv_precision(requested: str | None, activations: str, device: str) -> str:
 def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str) -> ModelHandle:
     from infer.gguf_tensors import GGUFWeights
     from infer_backend_onnx.devices import make_session
-    from infer_backend_onnx.plugin import CAPABILITIES
+    from infer_backend_onnx.graph import CAPABILITIES
     from infer_backend_onnx.runtime import LOGITS_ATOL, OnnxModel
     from infer_backend_onnx.threads import cpu_budget
 

@@ -18,20 +18,9 @@ if TYPE_CHECKING:
 
     from infer.contract import Batch, KVCache, LoadSpec, ModelHandle
 
-__all__ = ["CAPABILITIES", "infer_backend_info", "infer_decode", "infer_draft", "infer_load", "infer_prefill"]
+__all__ = ["infer_backend_info", "infer_decode", "infer_draft", "infer_load", "infer_prefill"]
 
 NAME: Final = "onnx"
-#: What the backend declares; a model loaded without a draft graph narrows it to all but ``DRAFT``.
-CAPABILITIES: Final = frozenset(
-    {
-        Capability.BATCH,
-        Capability.DETERMINISTIC,
-        Capability.TRUNCATE,
-        Capability.FORK,
-        Capability.ALL_LOGITS,
-        Capability.DRAFT,
-    }
-)
 
 
 def _version() -> str:
@@ -49,7 +38,7 @@ def infer_backend_info() -> BackendInfo:
     from importlib.util import find_spec
 
     from infer_backend_onnx.devices import DEVICES
-    from infer_backend_onnx.graph import DTYPES
+    from infer_backend_onnx.graph import CAPABILITIES, DTYPES
 
     # find_spec locates the runtime without importing it: discovery stays fast.
     missing = [name for name in ("onnx", "onnxruntime") if find_spec(name) is None]
