@@ -138,8 +138,12 @@ def test_smollm2_calls_a_required_tool_with_arguments_that_fit_its_schema(smollm
         "properties": {"city": {"type": "string", "maxLength": 40}},
         "required": ["city"],
     }
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                               "parameters": parameters}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": "Weather in a city", "parameters": parameters},
+        }
+    ]
     with infer.load(smollm2, backend="onnx", dtype="int4") as model:
         reply = model.generate(
             messages=[{"role": "user", "content": "What is the weather in Paris?"}],

@@ -140,9 +140,11 @@ def bench_outlines(tok_json: str, vocab: int, eos: int, walks: dict[str, list[in
 
 def outlines_vocabulary(outlines_core: Any, hf: Any, eos: int) -> Any:
     """outlines-core's Vocabulary built from the Hugging Face tokenizer's token strings."""
-    return outlines_core.Vocabulary.from_pretrained_tokenizer(hf) if hasattr(
-        outlines_core.Vocabulary, "from_pretrained_tokenizer"
-    ) else _vocab_from_hf(outlines_core, hf, eos)
+    return (
+        outlines_core.Vocabulary.from_pretrained_tokenizer(hf)
+        if hasattr(outlines_core.Vocabulary, "from_pretrained_tokenizer")
+        else _vocab_from_hf(outlines_core, hf, eos)
+    )
 
 
 def _vocab_from_hf(outlines_core: Any, hf: Any, eos: int) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -24,6 +25,28 @@ from infer_backend_numpy import plugin as numpy_backend
 from infer_conformance.reference import ReferenceModel
 
 Cap = infer.Capability
+
+
+class StepCounter:
+    """Counts the model steps a generation takes, by kind: decode, draft and verify (wrappers)."""
+
+    def __init__(self) -> None:
+        self.steps: Counter[str] = Counter()
+
+    @infer.hookimpl(wrapper=True)
+    def infer_decode(self, model: Any, batch: Any) -> Any:
+        self.steps["decode"] += 1
+        return (yield)
+
+    @infer.hookimpl(wrapper=True)
+    def infer_draft(self, model: Any, batch: Any) -> Any:
+        self.steps["draft"] += 1
+        return (yield)
+
+    @infer.hookimpl(wrapper=True)
+    def infer_prefill_all(self, model: Any, batch: Any) -> Any:
+        self.steps["verify"] += 1
+        return (yield)
 
 
 class _Broken:
@@ -66,6 +89,10 @@ class _Broken:
     @infer.hookimpl
     def infer_prefill_all(self, model: infer.ModelHandle, batch: infer.Batch) -> Any:
         return model.forward_all(batch) if isinstance(model, self.model_class) else None
+
+    @infer.hookimpl
+    def infer_draft(self, model: infer.ModelHandle, batch: infer.Batch) -> Any:
+        return model.draft(batch) if isinstance(model, self.model_class) and hasattr(model, "draft") else None
 
     @infer.hookimpl
     def infer_truncate(self, model: infer.ModelHandle, sequence: infer.KVCache, length: int) -> Any:
@@ -543,3 +570,6 @@ class EchoModel(FakeModel):
 
     def forward_all(self, batch):
         return self._lean(super().forward_all(batch), batch.sequences, [len(t) for t in batch.tokens])
+
+    def draft(self, batch):
+        return self._lean(super().draft(batch), batch.sequences, [1] * batch.size)

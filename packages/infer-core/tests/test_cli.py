@@ -121,8 +121,9 @@ def test_run_with_a_json_schema_file_prints_json_that_validates(tmp_path):
     assert set(json.loads(result.stdout)) == {"ok"}
 
 
-@pytest.mark.parametrize(("content", "message"), [(None, "cannot read"), ("{not json", "not JSON"),
-                                                  ('{"type": "bogus"}', "bogus")])
+@pytest.mark.parametrize(
+    ("content", "message"), [(None, "cannot read"), ("{not json", "not JSON"), ('{"type": "bogus"}', "bogus")]
+)
 def test_a_bad_schema_file_is_one_line_naming_the_problem_with_exit_2(tmp_path, content, message):
     path = tmp_path / "schema.json"
     if content is not None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pytest
-from broken_backends import PATTERN, PERIOD, EchoModel, loaded_variant, variant
+from broken_backends import PATTERN, PERIOD, EchoModel, StepCounter, loaded_variant, variant
 
 import infer
 from infer.plugins import get_registry
@@ -17,21 +15,6 @@ from infer_conformance.probes import installed
 pytestmark = pytest.mark.unit
 
 PROMPT = PATTERN * 4 + PATTERN[:3]
-
-
-class StepCounter:
-    def __init__(self) -> None:
-        self.steps = Counter()
-
-    @infer.hookimpl(wrapper=True)
-    def infer_decode(self, model, batch):
-        self.steps["decode"] += 1
-        return (yield)
-
-    @infer.hookimpl(wrapper=True)
-    def infer_prefill_all(self, model, batch):
-        self.steps["verify"] += 1
-        return (yield)
 
 
 @pytest.fixture(scope="module")

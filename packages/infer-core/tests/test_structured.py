@@ -120,11 +120,15 @@ def test_constrained_and_free_requests_batched_together_each_keep_their_own_rule
         results[name] = fake.generate(name, **kw)  # type: ignore[arg-type]
 
     threads = [
-        threading.Thread(target=run, args=("free",), kwargs={"max_tokens": 24, "temperature": 0.9, "seed": 11,
-                                                              "ignore_eos": True}),
+        threading.Thread(
+            target=run, args=("free",), kwargs={"max_tokens": 24, "temperature": 0.9, "seed": 11, "ignore_eos": True}
+        ),
         *(
-            threading.Thread(target=run, args=(f"json{i}",), kwargs={"response_format": PERSON, "temperature": 0.9,
-                                                                     "seed": i, "max_tokens": 200})
+            threading.Thread(
+                target=run,
+                args=(f"json{i}",),
+                kwargs={"response_format": PERSON, "temperature": 0.9, "seed": i, "max_tokens": 200},
+            )
             for i in range(3)
         ),
     ]
@@ -139,8 +143,9 @@ def test_constrained_and_free_requests_batched_together_each_keep_their_own_rule
 
 def test_logprobs_of_constrained_tokens_are_the_models_own_not_renormalised(fake):
     prompt = fake.encode("x")
-    events = list(fake.stream(prompt, response_format={"type": "regex", "pattern": "[0-9]{4}"}, temperature=0,
-                              logprobs=True))
+    events = list(
+        fake.stream(prompt, response_format={"type": "regex", "pattern": "[0-9]{4}"}, temperature=0, logprobs=True)
+    )
     assert len(events) == 5 and events[4].token_id in fake.eos_token_ids
     assert fake.decode([e.token_id for e in events[:4]]).isdigit()
     kv = fake.new_sequence(len(prompt) + 1)
@@ -185,8 +190,9 @@ _schema = st.recursive(
     _leaf,
     lambda inner: st.one_of(
         st.lists(inner, max_size=1).map(
-            lambda items: {"type": "array", "items": items[0], "maxItems": 2} if items else {"type": "array",
-                                                                                              "maxItems": 0}
+            lambda items: (
+                {"type": "array", "items": items[0], "maxItems": 2} if items else {"type": "array", "maxItems": 0}
+            )
         ),
         st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), inner, min_size=1, max_size=3).map(
             lambda props: {

@@ -146,8 +146,9 @@ def test_required_choice_forces_one_valid_call_of_a_given_tool(fake, fmt):
 
 def test_a_named_choice_calls_that_tool_only(fake):
     tools = check_tools([WEATHER, TIME])
-    spec = call_grammar(tools, check_tool_choice({"type": "function", "function": {"name": "get_time"}}, tools),
-                        "hermes")
+    spec = call_grammar(
+        tools, check_tool_choice({"type": "function", "function": {"name": "get_time"}}, tools), "hermes"
+    )
     reply = fake.generate("x", response_format=spec, temperature=1.0, seed=9, max_tokens=200)
     assert re.fullmatch(r'<tool_call>\n\{"name": "get_time", "arguments": \{\}\}\n</tool_call>', reply.text)
 
@@ -192,8 +193,9 @@ def test_a_conversation_with_earlier_calls_and_tool_results_renders_and_continue
 
 def test_tool_choice_none_sends_no_tools_and_parses_nothing(fake):
     plain = fake.generate(messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=8)
-    none = fake.generate(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="none",
-                         temperature=0, max_tokens=8)
+    none = fake.generate(
+        messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=8
+    )
     assert none.token_ids == plain.token_ids and none.tool_calls == ()
 
 
@@ -201,8 +203,12 @@ def test_tools_with_a_plain_prompt_or_a_forced_call_with_a_response_format_are_r
     with pytest.raises(InvalidParameterError, match="messages"):
         fake.generate("hi", tools=[WEATHER])
     with pytest.raises(InvalidParameterError) as caught:
-        fake.generate(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="required",
-                      response_format={"type": "json_object"})
+        fake.generate(
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[WEATHER],
+            tool_choice="required",
+            response_format={"type": "json_object"},
+        )
     assert caught.value.parameter == "response_format"
 
 

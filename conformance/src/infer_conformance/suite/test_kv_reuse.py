@@ -1,4 +1,5 @@
-"""Contract 1.1 KV capabilities: truncate, fork and all-position logits, each tested when declared.
+"""Contract 1.1 KV capabilities: truncate, fork and all-position logits, each tested when declared;
+and contract 1.3's draft steps, tested when the model under test has them.
 
 Each is an equivalence with what the 1.0 contract already guarantees: a truncated cache behaves
 as if the dropped tokens had never been fed, a fork as a prefill of the same prefix, and the
@@ -190,3 +191,45 @@ def test_requests_served_from_the_prefix_cache_give_the_plain_greedy_tokens(
             _assert_same_greedy(hit, plain, model, f"tail {tail}")
     finally:
         cached.close()
+
+
+# -- draft steps (contract 1.3) ---------------------------------------------------------------
+
+
+def _require_draft(model: infer.Model) -> None:
+    if Cap.DRAFT not in model.capabilities:
+        pytest.skip(
+            f"this model on {model.backend!r} has no draft steps (the 'draft' capability; "
+            "load it with the backend option that gives it a draft, e.g. --infer-option draft=int4 on onnx)"
+        )
+
+
+@pytest.mark.certifies("capability:draft")
+def test_drafted_positions_leave_no_trace_once_truncated_and_verified(model: infer.Model) -> None:
+    _require_draft(model)
+    clean, _ = _prefilled(model, PROMPT[:8])
+    expected = np.concatenate(model.run_prefill_all([clean], [DRAFT]))
+    expected_next = model.run_decode([clean], [PROMPT[8]]).copy()
+    drafted, _ = _prefilled(model, PROMPT[:8])
+    for token in DRAFT:
+        model.run_draft([drafted], [token])
+    assert drafted.length == 8 + len(DRAFT), "a draft step advances its cache by one position, as decode does"
+    model.truncate(drafted, 8)
+    got = np.concatenate(model.run_prefill_all([drafted], [DRAFT]))
+    assert_consistent(expected, got, model, "verification after draft steps against verification alone")
+    got_next = model.run_decode([drafted], [PROMPT[8]])
+    assert_consistent(expected_next, got_next, model, "decode after a verified draft against one never drafted")
+    clean.release()
+    drafted.release()
+
+
+@pytest.mark.certifies("capability:draft")
+def test_draft_steps_give_finite_logits_for_every_row_of_a_batch(model: infer.Model) -> None:
+    _require_draft(model)
+    seqs = [_prefilled(model, PROMPT[:n])[0] for n in (3, 8)]
+    logits = model.run_draft(seqs, [DRAFT[0], DRAFT[1]])
+    assert logits.shape == (2, model.vocab_size)
+    assert np.isfinite(logits).all(), "draft logits must be finite"
+    assert [s.length for s in seqs] == [4, 9]
+    for seq in seqs:
+        seq.release()

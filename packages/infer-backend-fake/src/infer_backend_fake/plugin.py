@@ -210,6 +210,14 @@ class FakeModel(infer.ModelHandle):
         hashes = [h for kv, ids in zip(batch.sequences, batch.tokens, strict=True) for h in _own(kv).hashes(ids)]
         return self.table[[h % _ROWS for h in hashes]]
 
+    def draft(self, batch: infer.Batch) -> npt.NDArray[np.float32]:
+        """A draft step (the ``draft`` capability): one token a row appended like decode, with the
+        logits of a cheaper, imperfect approximation: the model's own on four contexts in five,
+        another row's on the fifth (so drafts are sometimes rejected, deterministically)."""
+        self._fault_injection()
+        hashes = [_own(kv).append(ids) for kv, ids in zip(batch.sequences, batch.tokens, strict=True)]
+        return self.table[[(h if h % 5 else h + 1) % _ROWS for h in hashes]]
+
     def truncate(self, kv: infer.KVCache, length: int) -> bool:
         """Roll ``kv`` back to ``length`` tokens (the ``truncate`` capability)."""
         _own(kv).truncate(length)
@@ -282,6 +290,7 @@ def infer_backend_info() -> infer.BackendInfo:
                 infer.Capability.TRUNCATE,
                 infer.Capability.FORK,
                 infer.Capability.ALL_LOGITS,
+                infer.Capability.DRAFT,
             }
         ),
         max_batch_size=64,
@@ -308,6 +317,11 @@ def infer_decode(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[np
 @infer.hookimpl
 def infer_prefill_all(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[np.float32] | None:
     return model.forward_all(batch) if isinstance(model, FakeModel) else None
+
+
+@infer.hookimpl
+def infer_draft(model: infer.ModelHandle, batch: infer.Batch) -> npt.NDArray[np.float32] | None:
+    return model.draft(batch) if isinstance(model, FakeModel) else None
 
 
 @infer.hookimpl

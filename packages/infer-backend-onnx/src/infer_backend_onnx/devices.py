@@ -72,44 +72,24 @@ def ort_errors() -> tuple[type[Exception], ...]:
     return (RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
 
 
-#: Size of onnxruntime's process-wide thread pool once set up (see :func:`make_session`).
-_shared_threads: int | None = None
-
-
-def make_session(model: Path, device: str, threads: int, *, shared_pool: bool = False) -> ort.InferenceSession:
+def make_session(model: Path, device: str, threads: int, *, spinning: bool = True) -> ort.InferenceSession:
     """An inference session for ``model`` on ``device`` with ``threads`` intra-op threads.
 
     One op at a time (sequential execution, one inter-op thread): decoder graphs are a chain,
     and a second pool would only compete with the first for the same cores.
 
-    ``shared_pool``: run on onnxruntime's process-wide pool instead of a pool of the session's
-    own, for sessions that take turns on the same cores (a model and its draft graph). Two
-    pools of spinning threads taking turns slow each other down: measured on SmolLM2 with two
-    threads, a draft step took ~16 ms beside the model's own pool and ~9 ms on a shared one.
-    The pool is made once per process, at the first such session's thread count.
+    ``spinning=False``: the pool's threads sleep as soon as a step is done instead of spinning
+    for the next one. Sessions that take turns on the same cores (a model and its draft graph)
+    need it: a pool still spinning after its step slows the other session's step down.
     """
     import onnxruntime as ort
 
-    global _shared_threads
     providers = providers_for(device)
     options = ort.SessionOptions()
-    if shared_pool:
-        if _shared_threads is None:
-            from onnxruntime.capi import _pybind_state
-
-            _pybind_state.set_global_thread_pool_sizes(threads, 1)
-            _shared_threads = threads
-        elif _shared_threads != threads:
-            raise InvalidParameterError(
-                "threads",
-                threads,
-                f"{_shared_threads} (models with a draft graph share one thread pool, made with "
-                f"{_shared_threads} threads in this process)",
-            )
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

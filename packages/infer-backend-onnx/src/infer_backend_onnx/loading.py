@@ -127,7 +127,9 @@ def load(spec: LoadSpec, options: Mapping[str, Any]) -> ModelHandle | None:
         return _load_bundle(spec.bundle, spec, opts, device)
     assert export is not None
     if opts.draft != "none":
-        raise InvalidParameterError("draft", opts.draft, "none for an ONNX export (drafts are built from a bundle's weights)")
+        raise InvalidParameterError(
+            "draft", opts.draft, "none for an ONNX export (drafts are built from a bundle's weights)"
+        )
     return load_export(export, spec, device, threads=opts.threads, kv_dtype=opts.kv_dtype)
 
 
@@ -164,15 +166,17 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     # "native" never rounds the weights again: a GGUF's own blocks, or a float bundle's weights
     # as float32 (exact for F32, F16 and BF16 files alike).
     graph_dtype = "fp32" if dtype == "native" and not gguf else dtype
-    config = _graph_config(graph_dtype, opts, kv_precision(opts.kv_dtype, "fp16" if graph_dtype == "fp16" else "fp32", device))
+    config = _graph_config(
+        graph_dtype, opts, kv_precision(opts.kv_dtype, "fp16" if graph_dtype == "fp16" else "fp32", device)
+    )
     draft = _draft_config(opts, config, gguf) if opts.draft != "none" else None
     started = time.perf_counter()
     entry = _built(bundle, config, opts)
     draft_entry = _built(bundle, draft, opts) if draft is not None else None
     prepared = time.perf_counter()
     threads = opts.threads or cpu_budget()
-    # A model and its draft graph take turns on the same cores: one thread pool for both.
-    session = make_session(entry.model_path, device, threads, shared_pool=draft_entry is not None)
+    # A model and its draft graph take turns on the same cores (see make_session).
+    session = make_session(entry.model_path, device, threads, spinning=draft_entry is None)
     s = bundle.spec
     context = min(spec.context_length or s.max_position_embeddings, s.max_position_embeddings)
     model = OnnxModel(
@@ -189,7 +193,7 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         # many: single-row steps are paired with a scratch row (see OnnxModel.pad_single_rows).
         pad_single_rows=config.dtype in ("int4", "native") and opts.batch_invariant,
         draft_session=(
-            make_session(draft_entry.model_path, device, threads, shared_pool=True) if draft_entry is not None else None
+            make_session(draft_entry.model_path, device, threads, spinning=False) if draft_entry is not None else None
         ),
         details={
             "graph": str(entry.model_path),

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import infer
-from infer.contract import BackendInfo, Capability
+from infer.contract import BackendInfo
 
 if TYPE_CHECKING:
     import numpy as np

@@ -80,7 +80,9 @@ class OnnxHandle(ModelHandle):
 
     def draft(self, batch: Batch) -> _Logits:
         """A decode step through the draft graph (contract 1.3)."""
-        raise BackendError(f"{type(self).__name__} has no draft graph: load it with draft='native' or 'int4'", backend="onnx")
+        raise BackendError(
+            f"{type(self).__name__} has no draft graph: load it with draft='native' or 'int4'", backend="onnx"
+        )
 
 
 class _DecodeBinding:
@@ -285,6 +287,7 @@ class OnnxModel(OnnxHandle):
         draft: bool = False,
     ) -> _Logits:
         session, bindings = (self.draft_session, self._draft_io) if draft else (self.session, self._decode_io)
+        assert session is not None  # draft steps are only asked of a model with a draft graph
         d = bindings.get(block)
         if d is None:
             d = bindings[block] = _DecodeBinding(self, block, session)

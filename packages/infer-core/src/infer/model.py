@@ -836,6 +836,19 @@ class Model:
         """
         return self._engine.step_all(self._batch(sequences, tokens))
 
+    def run_draft(self, sequences: Sequence[KVCache], tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        """One draft step, one token per sequence: approximate logits ``[B, vocab]``. The drafted
+        positions must be truncated away and fed again before they count.
+
+        Needs :attr:`Capability.DRAFT` (contract 1.3); raises :class:`BackendError` without it.
+        """
+        return self._engine.step_draft(self._batch(sequences, [[t] for t in tokens]))
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """What this model can do: its backend's declared capabilities, narrowed to this model's."""
+        return self._engine.capabilities
+
     def truncate(self, sequence: KVCache, length: int) -> None:
         """Roll ``sequence`` back to its first ``length`` tokens (needs :attr:`Capability.TRUNCATE`)."""
         self._check_live(sequence)
