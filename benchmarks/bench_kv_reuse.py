@@ -14,6 +14,8 @@ measured in the same run:
 - the limit of speculation: the share of drafted tokens accepted per task, what verifying k
   drafted tokens costs in decode steps, and how far verification logits stray from decode logits
   (exact greedy output needs them equal up to near-ties);
+- with ``--draft native`` (ONNX, float precisions): the same, the model drafting through its
+  GGUF's own blocks as well as by prompt lookup (contract 1.3 draft steps);
 - the same tasks on the anchors, as child processes in the anchor environment
   (benchmarks/onnx/child_lookup.py): llama.cpp on the GGUF, plain and with its prompt-lookup
   drafter (``LlamaPromptLookupDecoding``), and onnxruntime-genai plain (it has no lookup decoding
@@ -118,14 +120,19 @@ def chat(model: Any, cold: Any) -> dict[str, Any]:
 
 
 class StepCounter:
-    """Counts decode steps, verification steps and drafted tokens (a wrapper on the hooks)."""
+    """Counts decode, draft and verification steps and drafted tokens (a wrapper on the hooks)."""
 
     def __init__(self) -> None:
-        self.decode = self.verify = self.drafted = 0
+        self.decode = self.verify = self.drafted = self.draft_steps = 0
 
     @infer.hookimpl(wrapper=True)
     def infer_decode(self, model: Any, batch: Any) -> Any:
         self.decode += 1
+        return (yield)
+
+    @infer.hookimpl(wrapper=True)
+    def infer_draft(self, model: Any, batch: Any) -> Any:
+        self.draft_steps += 1
         return (yield)
 
     @infer.hookimpl(wrapper=True)
@@ -172,6 +179,7 @@ def decode_speed(model: Any, prompts: dict[str, str], spec: str, repeats: int) -
             "identical": tokens[spec] == tokens["off"],
             "tokens": len(tokens["off"]),
             "verify_steps": steps.verify,
+            "draft_steps": steps.draft_steps,
             "drafted": steps.drafted,
             "acceptance": accepted / steps.drafted if steps.drafted else None,
             "tokens_per_step": (n - 1) / max(steps.decode + steps.verify, 1),
@@ -264,6 +272,11 @@ def main() -> None:
     parser.add_argument("--anchor-python", default="/work/.venv-anchors/bin/python", help="'' skips the anchors")
     parser.add_argument("--genai-int4", help="an onnxruntime-genai int4 export of the same model (see ANCHORS.md)")
     parser.add_argument("--anchor-timeout", type=float, default=1800, help="seconds each anchor child may take")
+    parser.add_argument(
+        "--draft",
+        default="none",
+        help="ONNX backend draft graph for float precisions (native, int4): speculation drafts through it too",
+    )
     args = parser.parse_args()
     if not args.model:
         parser.error("give MODEL or set INFER_SMOLLM2_GGUF")
@@ -272,6 +285,8 @@ def main() -> None:
         common = {"backend": args.backend, "dtype": dtype}
         if args.backend == "onnx":
             common["threads"] = args.threads
+            if args.draft != "none" and dtype in ("fp32", "fp16"):
+                common["draft"] = args.draft
         t0 = time.perf_counter()
         model = infer.load(args.model, prefix_cache=True, **common)
         cold = infer.load(args.model, **common)
