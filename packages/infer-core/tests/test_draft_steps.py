@@ -100,3 +100,28 @@ def test_draft_length_grows_while_drafts_are_accepted_and_shrinks_to_what_was():
     steps.update(steps.k, 1)
     assert steps.k == 2
     assert (steps.proposed, steps.accepted) == (2 * start + 2, start + 1)
+
+
+def test_a_lookup_draft_passed_over_still_moves_the_lookup_drafters_acceptance_share():
+    from infer.speculative import NgramDrafter
+
+    drafter = NgramDrafter()
+    drafter.update(4, 0)  # a lookup draft rejected outright: below the share at which it is trusted
+    low = drafter.rate
+    drafter.observe(4, 4)  # scored against what draft steps then emitted: it would have been right
+    assert drafter.rate > low
+    assert (drafter.proposed, drafter.accepted) == (4, 0)  # only verified drafts count as proposed
+
+
+def test_lookup_drafts_regain_the_lead_where_the_text_repeats_the_prompt():
+    from broken_backends import EchoModel, loaded_variant
+
+    with loaded_variant("echo-draft", EchoModel, load={"speculative": "ngram"}) as echo:
+        prompt = "the cat sat on the mat and " * 6
+        with installed(StepCounter()) as counter:
+            fast = echo.generate(prompt, max_tokens=60, temperature=0, ignore_eos=True)
+        plain = echo.generate(prompt, max_tokens=60, temperature=0, ignore_eos=True, speculative="off")
+        assert fast.token_ids == plain.token_ids
+        # the echo continues the repeating prompt, which lookup drafts at length for nothing
+        assert counter.steps["verify"] > 0
+        assert counter.steps["draft"] < counter.steps["verify"] * 2

@@ -164,6 +164,7 @@ class Request:
         "pos",
         "prompt",
         "sampler",
+        "shadow_draft",
         "step_drafter",
         "stops",
         "stream_events",
@@ -213,6 +214,8 @@ class Request:
         self.step_drafter: StepDrafter | None = None
         #: Which of the two made the draft being verified.
         self.draft_source: NgramDrafter | StepDrafter | None = None
+        #: The lookup draft passed over for draft steps, scored once they are verified.
+        self.shadow_draft: npt.NDArray[np.int32] = _NO_DRAFT
         #: Another choice of the same prompt whose prefill this request waits for, to fork its
         #: cache instead of prefilling the prompt again (``n > 1``); ``None`` once served.
         self.parent: Request | None = None
@@ -517,9 +520,9 @@ class Engine:
         draft = drafter.draft(context, limit)
         steps = request.step_drafter
         if steps is not None and limit > 0 and (not len(draft) or drafter.rate < NGRAM_TRUST):
-            request.draft_source = steps
+            request.draft_source, request.shadow_draft = steps, draft
             return self._draft_steps(request, steps, limit)
-        request.draft_source = drafter
+        request.draft_source, request.shadow_draft = drafter, _NO_DRAFT
         return draft
 
     def _draft_steps(self, request: Request, steps: StepDrafter, limit: int) -> npt.NDArray[np.int32]:
@@ -579,6 +582,13 @@ class Engine:
             kept += 1
         if request.draft_source is not None and len(draft):
             request.draft_source.update(len(draft), kept)
+        shadow = request.shadow_draft
+        if len(shadow) and request.drafter is not None:
+            # the lookup draft that was not taken, scored against the tokens this step emitted
+            emitted = np.asarray(request.generated[len(request.generated) - kept - 1 :], np.int32)
+            size = min(len(shadow), len(emitted))
+            wrong = np.flatnonzero(shadow[:size] != emitted[:size])
+            request.drafter.observe(len(shadow), int(wrong[0]) if len(wrong) else size)
 
     def _decode_alone(self, request: Request) -> None:
         """Step a request that decodes alone back to back, while nothing else needs the scheduler.

@@ -136,11 +136,17 @@ class NgramDrafter:
                 return context[follow : follow + min(max(k, matched), limit, MAX_DRAFT)]
         return context[:0]
 
+    def observe(self, drafted: int, accepted: int) -> None:
+        """Fold into the running acceptance share a draft of ``drafted`` tokens of which the first
+        ``accepted`` were right: one verified, or one scored against what another drafter's
+        verification emitted (so the share stays current while draft steps are preferred)."""
+        self.rate = 0.5 * self.rate + 0.5 * accepted / drafted
+
     def update(self, drafted: int, accepted: int) -> None:
         """Adapt ``k`` after a verification that kept ``accepted`` of ``drafted`` tokens."""
         self.proposed += drafted
         self.accepted += accepted
-        self.rate = 0.5 * self.rate + 0.5 * accepted / drafted
+        self.observe(drafted, accepted)
         self.k = min(self.k + 2, MAX_DRAFT) if accepted == drafted else max(1, accepted + 1)
         if self.rate < _MIN_RATE:  # drafts now cost more than they save: stop for a while, longer each time
             self._misses += 1
