@@ -79,11 +79,21 @@ def test_a_draft_that_cannot_be_built_is_refused_with_the_reason(tiny_bundle, bu
         plugin.infer_load(load_spec(tiny_bundle, dtype=dtype), {"cache_dir": build_dir, "threads": 1, "draft": draft})
 
 
-def test_a_model_and_its_draft_graph_run_on_pools_that_do_not_spin(load_tiny: Loader) -> None:
+def test_a_drafted_model_is_one_session_whose_graph_takes_a_use_draft_input(load_tiny: Loader) -> None:
     drafted = load_tiny("fp32", draft="int4")
-    spins = "session.intra_op.allow_spinning"
-    for session in (drafted.session, drafted.draft_session):
-        assert session.get_session_options().get_session_config_entry(spins) == "0"
+    assert drafted.drafted
+    assert "use_draft" in {i.name for i in drafted.session.get_inputs()}
+    assert "+draft-int4" in drafted.details["graph"]
     plain = load_tiny("fp32")
-    with pytest.raises(RuntimeError, match=spins):  # not set: the default, spinning pools
-        plain.session.get_session_options().get_session_config_entry(spins)
+    assert not plain.drafted
+    assert "use_draft" not in {i.name for i in plain.session.get_inputs()}
+
+
+def test_the_models_own_steps_in_a_drafted_graph_equal_a_graph_without_a_draft(load_tiny: Loader) -> None:
+    drafted, plain = load_tiny("fp32", draft="int4"), load_tiny("fp32")
+    a, b = _prefilled(drafted, PROMPT), _prefilled(plain, PROMPT)
+    np.testing.assert_array_equal(
+        plugin.infer_prefill_all(drafted, Batch((a,), token_rows([DRAFTED]))),
+        plugin.infer_prefill_all(plain, Batch((b,), token_rows([DRAFTED]))),
+    )
+    np.testing.assert_array_equal(step(drafted, [a], [[9]], decode=True), step(plain, [b], [[9]], decode=True))

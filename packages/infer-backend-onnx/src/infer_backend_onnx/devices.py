@@ -72,15 +72,11 @@ def ort_errors() -> tuple[type[Exception], ...]:
     return (RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
 
 
-def make_session(model: Path, device: str, threads: int, *, spinning: bool = True) -> ort.InferenceSession:
+def make_session(model: Path, device: str, threads: int) -> ort.InferenceSession:
     """An inference session for ``model`` on ``device`` with ``threads`` intra-op threads.
 
     One op at a time (sequential execution, one inter-op thread): decoder graphs are a chain,
     and a second pool would only compete with the first for the same cores.
-
-    ``spinning=False``: the pool's threads sleep as soon as a step is done instead of spinning
-    for the next one. Sessions that take turns on the same cores (a model and its draft graph)
-    need it: a pool still spinning after its step slows the other session's step down.
     """
     import onnxruntime as ort
 
@@ -88,8 +84,6 @@ def make_session(model: Path, device: str, threads: int, *, spinning: bool = Tru
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

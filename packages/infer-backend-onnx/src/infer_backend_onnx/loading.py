@@ -171,12 +171,10 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
     )
     draft = _draft_config(opts, config, gguf) if opts.draft != "none" else None
     started = time.perf_counter()
-    entry = _built(bundle, config, opts)
-    draft_entry = _built(bundle, draft, opts) if draft is not None else None
+    entry = _built(bundle, config, opts, draft)
     prepared = time.perf_counter()
     threads = opts.threads or cpu_budget()
-    # A model and its draft graph take turns on the same cores (see make_session).
-    session = make_session(entry.model_path, device, threads, spinning=draft_entry is None)
+    session = make_session(entry.model_path, device, threads)
     s = bundle.spec
     context = min(spec.context_length or s.max_position_embeddings, s.max_position_embeddings)
     model = OnnxModel(
@@ -192,9 +190,6 @@ def _load_bundle(bundle: Bundle, spec: LoadSpec, opts: LoadOptions, device: str)
         # int4 MatMulNBits with int8 activations takes another path for a single row than for
         # many: single-row steps are paired with a scratch row (see OnnxModel.pad_single_rows).
         pad_single_rows=config.dtype in ("int4", "native") and opts.batch_invariant,
-        draft_session=(
-            make_session(draft_entry.model_path, device, threads, spinning=False) if draft_entry is not None else None
-        ),
         details={
             "graph": str(entry.model_path),
             "cache_hit": not entry.built,
@@ -244,15 +239,16 @@ def _draft_config(opts: LoadOptions, model: GraphConfig, gguf: bool) -> GraphCon
     return _graph_config(opts.draft, opts, model.cache)
 
 
-def _built(bundle: Bundle, config: GraphConfig, opts: LoadOptions) -> CacheEntry:
-    """``config``'s graph of ``bundle``, from the build cache (built on first use)."""
+def _built(bundle: Bundle, config: GraphConfig, opts: LoadOptions, draft: GraphConfig | None) -> CacheEntry:
+    """``config``'s graph of ``bundle`` (with ``draft``'s beside it), from the build cache (built on first use)."""
     from infer_backend_onnx.build_cache import cache_root, cached_build
     from infer_backend_onnx.graph import BUILDER_VERSION, build_decoder
 
     content = bundle.content_hash()
+    graph = config.key + (f"+draft-{draft.key}" if draft is not None else "")
     return cached_build(
         cache_root(opts.cache_dir),
-        f"{content[:24]}-{config.key}-v{BUILDER_VERSION}",
-        lambda folder: build_decoder(bundle, config, folder),
-        {"bundle": str(bundle.path), "content_hash": content, "graph": config.key, "builder_version": BUILDER_VERSION},
+        f"{content[:24]}-{graph}-v{BUILDER_VERSION}",
+        lambda folder: build_decoder(bundle, config, folder, draft),
+        {"bundle": str(bundle.path), "content_hash": content, "graph": graph, "builder_version": BUILDER_VERSION},
     )

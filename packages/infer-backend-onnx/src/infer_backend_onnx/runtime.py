@@ -13,11 +13,12 @@ block of its own with the prefix copied in (a row copy, as when a newcomer joins
 all-position logits ask the graph's final ``Gather`` for every real position of the chunk instead
 of each row's last one, so no second graph is built.
 
-Contract 1.3: a model loaded with a draft graph (the same weights at a lower precision, e.g. a
-GGUF's own 4-bit blocks under a float32 model) runs draft steps through it on the very same KV
-blocks: the draft session binds the same tensors, so drafting needs no prefill and no copy of
-the prompt's cache, and sees the full-precision keys and values of every verified position. The
-positions a draft step writes are rewritten by the verification step that follows.
+Contract 1.3: a model built with a draft (the same weights at a lower precision, e.g. a GGUF's
+own 4-bit blocks under a float32 model) holds both in one graph, and a step's ``use_draft`` input
+chooses which computes it (see graph._with_draft). Draft steps run on the very same KV blocks,
+so drafting needs no prefill and no copy of the prompt's cache, and sees the full-precision keys
+and values of every verified position; the positions a draft step writes are rewritten by the
+verification step that follows.
 
 Long contexts: a block's capacity costs memory, not time. The attention op reads each row's own
 ``seqlens_k + 1`` keys, so capacity beyond them is never read, and a short row batched with a
@@ -41,6 +42,7 @@ import numpy.typing as npt
 
 from infer.contract import Batch, KVCache, ModelHandle
 from infer.errors import BackendError, ContextLengthError, EmptyPromptError, InvalidTokenError
+from infer_backend_onnx.graph import USE_DRAFT
 from infer_backend_onnx.kv_pool import KVBlock, KVLayout, KVPool, OnnxKVCache, host_zeros
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["LOGITS_ATOL", "OnnxHandle", "OnnxModel", "check_row"]
 
 _Logits = npt.NDArray[np.float32]
+#: The ``use_draft`` input of every step but a draft step (a graph built with a draft).
+_MODEL_STEP: Final = np.array(False)
 #: Largest ratio of padded to real tokens for which first prompts share one padded run.
 _MAX_PADDING = 1.25
 
@@ -92,7 +96,7 @@ class _DecodeBinding:
     new token ids and lengths into them and runs.
     """
 
-    def __init__(self, model: OnnxModel, block: KVBlock, session: ort.InferenceSession) -> None:
+    def __init__(self, model: OnnxModel, block: KVBlock, *, draft: bool = False) -> None:
         import onnxruntime as ort
 
         rows = block.rows
@@ -100,11 +104,13 @@ class _DecodeBinding:
         self.seqlens = np.zeros(rows, np.int32)
         self.total = np.zeros((), np.int32)
         self.last = np.arange(rows, dtype=np.int64)
-        self.io = session.io_binding()
+        self.io = model.session.io_binding()
         self._keep = [self.input_ids, self.seqlens, self.total, self.last]
-        for name, array in zip(
-            ("input_ids", "seqlens_k", "total_sequence_length", "last_token_index"), self._keep, strict=True
-        ):
+        names = ["input_ids", "seqlens_k", "total_sequence_length", "last_token_index"]
+        if model.drafted:
+            self._keep.append(np.array(draft))
+            names.append(USE_DRAFT)
+        for name, array in zip(names, self._keep, strict=True):
             self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.logits: np.ndarray[Any, Any] | None = None
         if model.ort_device == "cpu":
@@ -136,7 +142,6 @@ class OnnxModel(OnnxHandle):
         dtype: str,
         details: Mapping[str, Any],
         pad_single_rows: bool = False,
-        draft_session: ort.InferenceSession | None = None,
     ) -> None:
         from infer_backend_onnx.devices import ort_device
 
@@ -160,8 +165,8 @@ class OnnxModel(OnnxHandle):
         )
         #: The one-token binding of each live block, made at the block's first decode step.
         self._decode_io: weakref.WeakKeyDictionary[KVBlock, _DecodeBinding] = weakref.WeakKeyDictionary()
-        #: The draft graph's session (contract 1.3) and its one-token bindings, on the same blocks.
-        self.draft_session = draft_session
+        #: Whether the graph holds a draft (contract 1.3), and the draft steps' bindings.
+        self.drafted = USE_DRAFT in {i.name for i in session.get_inputs()}
         self._draft_io: weakref.WeakKeyDictionary[KVBlock, _DecodeBinding] = weakref.WeakKeyDictionary()
         #: Measured on SmolLM2 (logits up to ~28): prefill vs prefill+decode differ by 2.9e-5 at
         #: fp32, 0.032 at fp16 and 0.67 at int4 (one-row and many-row kernels round differently).
@@ -188,7 +193,7 @@ class OnnxModel(OnnxHandle):
     def close(self) -> None:
         """Drop the session; caches made from this model must not be used afterwards."""
         self._closed = True
-        self.session = self.draft_session = None
+        self.session = None
 
     def prefill(self, batch: Batch) -> _Logits:
         """Feed each row's tokens; logits of each row's last token, ``[B, vocab]``."""
@@ -200,7 +205,7 @@ class OnnxModel(OnnxHandle):
 
     def draft(self, batch: Batch) -> _Logits:
         """One token a row through the draft graph, on the same caches: approximate next-token logits."""
-        if self.draft_session is None:
+        if not self.drafted:
             return super().draft(batch)
         return self._forward(batch, decode=True, draft=True)
 
@@ -286,11 +291,10 @@ class OnnxModel(OnnxHandle):
         *,
         draft: bool = False,
     ) -> _Logits:
-        session, bindings = (self.draft_session, self._draft_io) if draft else (self.session, self._decode_io)
-        assert session is not None  # draft steps are only asked of a model with a draft graph
+        bindings = self._draft_io if draft else self._decode_io
         d = bindings.get(block)
         if d is None:
-            d = bindings[block] = _DecodeBinding(self, block, session)
+            d = bindings[block] = _DecodeBinding(self, block, draft=draft)
         rows = [s.row for s in seqs]
         ordered = len(rows) == block.rows and rows == list(range(block.rows))
         if not ordered:
@@ -300,7 +304,7 @@ class OnnxModel(OnnxHandle):
         d.input_ids[rows, 0] = [int(t[0]) for t in tokens]
         d.seqlens[rows] = totals - 1
         d.total[()] = totals.max()
-        session.run_with_iobinding(d.io)
+        self.session.run_with_iobinding(d.io)
         logits: _Logits = d.logits if d.logits is not None else d.io.get_outputs()[0].numpy()
         return logits.copy() if ordered else logits[rows]
 
@@ -328,6 +332,8 @@ class OnnxModel(OnnxHandle):
         else:
             picked = (np.arange(rows) * width + sizes - 1).astype(np.int64)
         io.bind_cpu_input("last_token_index", picked)
+        if self.drafted:
+            io.bind_cpu_input(USE_DRAFT, _MODEL_STEP)
         io.bind_output("logits", "cpu")
         block.bind(io)
         self.session.run_with_iobinding(io)
