@@ -90,8 +90,9 @@ _MAX_CANDIDATES: Final = 16
 _MIN_RATE: Final = 0.25
 #: Draft steps: the first draft's length, and the least probability the draft must give its own
 #: next token to go on drafting. Measured on SmolLM2 fp32 drafted by its GGUF's Q4_1 blocks (ONNX
-#: backend, 2 threads): a draft step costs ~0.5 decode steps and its greedy token is the model's
-#: on 95-99% of positions, so drafts of 5-8 tokens paid 1.3-1.9x over plain decoding.
+#: backend, 2 threads): a draft step costs ~0.45 decode steps and its greedy token is the model's
+#: on 95-99% of positions; with these settings 76-88% of drafted tokens were accepted, 4-9 tokens
+#: a model step (benchmarks/README.md, "Draft steps").
 _STEP_K_START: Final = 6
 _MIN_CONFIDENCE: Final = 0.3
 #: Lookup drafts are taken over draft steps while at least this share of them is accepted.
