@@ -156,3 +156,34 @@ def test_smollm2_calls_a_required_tool_with_arguments_that_fit_its_schema(smollm
     (call,) = reply.tool_calls
     assert call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), parameters)
+
+
+def test_fp32_drafted_by_its_int4_weights_speculates_to_the_plain_greedy_tokens(smollm2, goldens):
+    runnable("onnx")
+    from collections import Counter
+
+    from infer.plugins import get_registry
+
+    class Steps:
+        def __init__(self) -> None:
+            self.count: Counter[str] = Counter()
+
+        @infer.hookimpl(wrapper=True)
+        def infer_draft(self, model, batch):
+            self.count["draft"] += 1
+            return (yield)
+
+    with infer.load(smollm2, backend="onnx", dtype="fp32", draft="int4") as model:
+        assert infer.Capability.DRAFT in model.capabilities
+        steps = Steps()
+        get_registry().pm.register(steps)
+        try:
+            for case in goldens["cases"]:
+                expected = case["greedy_ids"][:32]
+                got = model.generate(
+                    case["prompt_ids"], temperature=0, max_tokens=len(expected), ignore_eos=True, speculative="ngram"
+                )
+                assert list(got.token_ids) == expected, f"{case['kind']} prompt {case['prompt_text'][-40:]!r}"
+        finally:
+            get_registry().pm.unregister(steps)
+        assert steps.count["draft"] > 0
