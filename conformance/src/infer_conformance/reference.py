@@ -56,6 +56,9 @@ class ReferenceModel:
             for name in self.spec.expected_shapes()
         }
         s = self.spec
+        #: The layers a forward runs, in order: all of them, unless a measurement of
+        #: layer-skipping drafts narrows it (benchmarks/layer_skip_drafts.py).
+        self.layers: Sequence[int] = range(s.num_hidden_layers)
         if s.fused_projections:
             self._split_fused()
         if s.norm_offset:
@@ -88,7 +91,7 @@ class ReferenceModel:
         s, w = self.spec, self.weights
         x = w["model.embed_tokens.weight"][tokens] * s.embedding_scale
         positions = np.arange(cache.length, cache.length + len(tokens))
-        for n in range(s.num_hidden_layers):
+        for n in self.layers:
             p = f"model.layers.{n}."
             attn = self._attention(n, self._norm(x, p + "input_layernorm"), cache, positions)
             if s.sandwich_norms:
