@@ -24,7 +24,8 @@ HEADS, KV_HEADS, HEAD = 9, 3, 64
 GROUP = HEADS // KV_HEADS
 
 
-def _session(model: Any, threads: int) -> Any:
+def make_session(model: Any, threads: int) -> Any:
+    """A CPU session of ``model`` with ``threads`` intra-op threads, as the backend makes it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -34,19 +35,27 @@ def _session(model: Any, threads: int) -> Any:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def gqa_node(inputs: list[str], **attributes: Any) -> Any:
+    """SmolLM2's ``GroupQueryAttention`` node on ``inputs``, writing ``out`` and the present cache."""
+    from onnx import helper
+
+    return helper.make_node(
+        "GroupQueryAttention",
+        inputs,
+        ["out", "present_key", "present_value"],
+        domain="com.microsoft",
+        num_heads=HEADS,
+        kv_num_heads=KV_HEADS,
+        **attributes,
+    )
+
+
 def gqa_model(capacity: int, dtype: Any) -> Any:
     """The backend's op: q, k, v of one token and the shared cache block in; the attention out."""
     from onnx import TensorProto, helper
 
     t = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    node = helper.make_node(
-        "GroupQueryAttention",
-        ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_len"],
-        ["out", "present_key", "present_value"],
-        domain="com.microsoft",
-        num_heads=HEADS,
-        kv_num_heads=KV_HEADS,
-    )
+    node = gqa_node(["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_len"])
     cache = [1, KV_HEADS, capacity, HEAD]
     graph = helper.make_graph(
         [node],
@@ -115,7 +124,7 @@ def measure(cached: int, dtype: Any, threads: int, repeats: int) -> dict[str, fl
     q = rng.standard_normal((1, 1, HEADS * HEAD)).astype(dtype)
     k = rng.standard_normal((1, 1, KV_HEADS * HEAD)).astype(dtype)
     v = rng.standard_normal((1, 1, KV_HEADS * HEAD)).astype(dtype)
-    gqa = _session(gqa_model(capacity, dtype), threads)
+    gqa = make_session(gqa_model(capacity, dtype), threads)
     feed = {
         "q": q, "k": k, "v": v, "past_key": keys, "past_value": values,
         "seqlens_k": np.array([cached], np.int32), "total_len": np.array(cached + 1, np.int32),
@@ -136,7 +145,7 @@ def measure(cached: int, dtype: Any, threads: int, repeats: int) -> dict[str, fl
     # The plain-ops form reads the same live tokens, the new one appended.
     live_k = np.concatenate([keys[:, :, :cached], k.reshape(1, KV_HEADS, 1, HEAD)], axis=2)
     live_v = np.concatenate([values[:, :, :cached], v.reshape(1, KV_HEADS, 1, HEAD)], axis=2)
-    ops = _session(ops_model(dtype), threads)
+    ops = make_session(ops_model(dtype), threads)
     ops_feed = {
         "q": q.reshape(1, KV_HEADS, GROUP, HEAD),
         "keys_t": np.ascontiguousarray(live_k.transpose(0, 1, 3, 2)),

@@ -18,41 +18,30 @@ import argparse
 from typing import Any
 
 import numpy as np
+from attention_ops import HEAD, HEADS, KV_HEADS, gqa_node, make_session
 
-HEADS, KV_HEADS, HEAD = 9, 3, 64
 WIDTH = (HEADS + 2 * KV_HEADS) * HEAD
 
 
 def _session(capacity: int, threads: int) -> Any:
-    import onnxruntime as ort
+    """The op with q, k and v packed, any number of new tokens, the cache block bound as past."""
     from onnx import TensorProto, helper
 
+    cache = [1, KV_HEADS, capacity, HEAD]
     inputs = [
         helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, "s", WIDTH]),
-        helper.make_tensor_value_info("past_key", TensorProto.FLOAT, [1, KV_HEADS, capacity, HEAD]),
-        helper.make_tensor_value_info("past_value", TensorProto.FLOAT, [1, KV_HEADS, capacity, HEAD]),
+        helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
+        helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total", TensorProto.INT32, []),
     ]
-    node = helper.make_node(
-        "GroupQueryAttention",
-        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"],
-        ["out", "present_key", "present_value"],
-        domain="com.microsoft",
-        num_heads=HEADS,
-        kv_num_heads=KV_HEADS,
-        scale=HEAD**-0.5,
-    )
+    node = gqa_node(["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"], scale=HEAD**-0.5)
     outputs = [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "present_key", "present_value")
     ]
     graph = helper.make_graph([node], "gqa", inputs, outputs)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return make_session(helper.make_model(graph, opset_imports=opsets), threads)
 
 
 def main() -> None:

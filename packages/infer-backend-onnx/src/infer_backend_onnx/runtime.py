@@ -274,8 +274,7 @@ class OnnxModel(OnnxHandle):
         totals = np.array([s.length for s in seqs]) + sizes
         need = int(totals.max())
         if sizes.max() == 1:  # one token a row: its last position is its every position
-            block = self.kv.for_decode(seqs, need)
-            logits = self._run_decode(block, seqs, tokens, totals, draft=draft)
+            logits = self._run_decode(self.kv.for_decode(seqs, need), seqs, tokens, totals, draft=draft)
         else:
             logits = self._run_prefill(self.kv.for_prefill(seqs, need), tokens, sizes, totals, every=every)
         for seq, n in zip(seqs, sizes, strict=True):
